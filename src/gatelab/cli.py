@@ -1,0 +1,189 @@
+"""The `gatelab` command line. Each subcommand has --help; user errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ROUTING_MODES, GatelabError, Routing, load_train_config, write_json
+from .progress import keep_freed_memory
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -> None:
+    p.add_argument("--routing", type=_csv(str), default=[modes_default],
+                   help=f"comma-separated routing modes: {', '.join(ROUTING_MODES)} (default {modes_default})")
+    p.add_argument("--k", type=_csv(int), default=[64], help="comma-separated k values (default 64)")
+    p.add_argument("--soft-mask", choices=("topk-sigmoid", "sigmoid"), default="topk-sigmoid",
+                   help="soft-gate reading (default topk-sigmoid)")
+    p.add_argument("--soft-temperature", type=float, default=1.0)
+    p.add_argument("--soft-renormalize", action="store_true", help="soft-gate: renormalise A*m per row")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of random-topk's fixed subsets")
+
+
+def routings_from_args(args, context: int) -> list[Routing]:
+    out = []
+    for mode in args.routing:
+        ks = [0] if mode == "dense" else args.k
+        for k in ks:
+            r = Routing(mode=mode, k=k or 64, soft_mask=args.soft_mask, soft_temperature=args.soft_temperature,
+                        soft_renormalize=args.soft_renormalize, seed=args.random_seed)
+            out.append(r.validate(context))
+    return out
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+        return "" if v is None else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def cmd_info(args) -> None:
+    from .model import GPT
+    cfg = load_train_config(args.config, args.overrides)
+    if cfg.model.gate == "none":
+        cfg.model.gate = "learned"  # count the gate too
+    model = GPT(cfg.model)
+    dense, gate = model.num_params(), model.num_params(gates=True)
+    print(format_table([dict(part="model (dense)", parameters=f"{dense:,}"),
+                        dict(part=f"gates (d_gate {cfg.model.d_gate})", parameters=f"{gate:,}"),
+                        dict(part="gates / model", parameters=f"{100 * gate / dense:.2f}%")],
+                       ["part", "parameters"]))
+    print(json.dumps(dict(model=cfg.model.__dict__), indent=1))
+
+
+def cmd_prepare(args) -> None:
+    from .data import prepare
+    out = args.out or f"data/prepared/{args.corpus}"
+    meta = prepare(args.corpus, out, source=args.source, force=args.force, progress=not args.quiet)
+    print(f"prepared {args.corpus} in {out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in meta["tokens"].items()))
+
+
+def cmd_train(args) -> None:
+    from .train import train
+    cfg = load_train_config(args.config, args.overrides)
+    resume = "require" if args.resume else "never" if args.fresh else "auto"
+    summary = train(cfg, args.out, resume=resume, progress=not args.quiet)
+    if summary.get("skipped"):
+        print(f"{args.out} is already finished (delete done.json or use --fresh to train again)")
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+def cmd_eval(args) -> None:
+    import torch
+    from .checkpoint import load_model
+    from .data import TokenData
+    from .evaluate import perplexity, resolve_device
+    device = resolve_device(args.device)
+    model, trainer = load_model(args.checkpoint, device=device)
+    if args.gate:
+        from .distill import attach_gate
+        attach_gate(model, args.gate, args.checkpoint, allow_other_base=args.allow_other_base)
+    data_dir = args.data or trainer["config"]["data"]
+    data = TokenData(data_dir, args.split)
+    rows = []
+    torch.manual_seed(args.seed)
+    for routing in routings_from_args(args, model.cfg.context):
+        if routing.needs_gate and not model.gates():
+            raise GatelabError(f"--routing {routing.mode} needs a gate: this checkpoint has none; pass --gate GATE")
+        res = perplexity(model, data, routing, args.batch_size, args.max_tokens, progress=not args.quiet,
+                         desc=routing.label())
+        rows.append(dict(routing=routing.mode, k=None if routing.mode == "dense" else routing.k,
+                         label=routing.label(), ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"]))
+        if not args.quiet:
+            print(f"{routing.label():40s} ppl {res['ppl']:.3f}", file=sys.stderr)
+    print(format_table(rows, ["routing", "k", "ppl", "nll", "tokens"]))
+    if args.json:
+        write_json(args.json, dict(checkpoint=str(args.checkpoint), gate=args.gate, split=args.split,
+                                   data=str(data_dir), device=str(device), results=rows))
+
+
+def cmd_demo(args) -> None:
+    from .experiments import run_demo
+    table = run_demo(args.out, steps=args.steps, progress=not args.quiet)
+    print(table)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gatelab", description="Learned sparse-attention routing, and whether it "
+                                 "beats a random one (reproduces arXiv 2603.02227).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job on the bundled corpus: train a small dense and a soft-gated "
+                       "model, evaluate both under several routings, print a table (minutes on CPU)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=200, help="training steps per model (default 200)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="parameter counts of a model config")
+    p.add_argument("--config", help="JSON or TOML train config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=4")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prepare", help="tokenise a corpus into uint16 token files")
+    p.add_argument("--corpus", default="bundled", choices=("bundled", "wikitext-103", "wikitext-2", "text"))
+    p.add_argument("--source", help="wikitext: folder with wiki.{train,valid,test}.raw; text: a file or folder")
+    p.add_argument("--out", help="output folder (default data/prepared/CORPUS)")
+    p.add_argument("--force", action="store_true", help="tokenise again even if the output is current")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (resumes automatically from a checkpoint in --out)")
+    p.add_argument("--config", help="JSON or TOML train config (see experiments/)")
+    p.add_argument("--out", required=True, help="run directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
+    g.add_argument("--fresh", action="store_true", help="ignore any checkpoint in --out and start over")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=500 routing.mode=soft-gate")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint under one or more routings")
+    p.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoint)")
+    add_routing_args(p)
+    p.add_argument("--gate", help="a distilled gate (from `gatelab distill`) to use for gate routings")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="allow a gate distilled on another checkpoint (the paper's Experiment 3)")
+    p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
+    p.add_argument("--data", help="prepared corpus folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (stochastic routing)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    keep_freed_memory()
+    try:
+        args.func(args)
+    except GatelabError as e:
+        print(f"gatelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gatelab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Bilinear gates and attention under every routing mode of SPEC.md.
+
+All masks are per layer, head and query row, over causal keys only. Rows with k or fewer causal keys keep
+all of them. Hard modes (oracle-topk, gate-topk, random-topk, stochastic) build a boolean keep-mask from
+top-k *indices*, which is piecewise constant: no gradient reaches whatever produced the scores. The soft
+gate multiplies attention by a sigmoid of the gate scores, so gradients do reach the gate.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GatelabError, Routing
+
+
+class BilinearGate(nn.Module):
+    """G[h] = (X W_gq[h]) (X W_gk[h])^T / sqrt(d_gate), per head; X is the normed input of Q/K/V.
+
+    A "random" gate is the same module with the same initialisation, frozen (requires_grad=False).
+    """
+
+    def __init__(self, d_model: int, n_head: int, d_gate: int, init_std: float | None = None,
+                 trainable: bool = True):
+        super().__init__()
+        self.d_gate = d_gate
+        self.init_std = init_std if init_std is not None else 1.0 / math.sqrt(d_model)
+        self.wq = nn.Parameter(torch.empty(n_head, d_model, d_gate), requires_grad=trainable)
+        self.wk = nn.Parameter(torch.empty(n_head, d_model, d_gate), requires_grad=trainable)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.wq, std=self.init_std)
+        nn.init.normal_(self.wk, std=self.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) -> gate scores (B, H, T, T), not yet causally masked."""
+        gq = torch.einsum("btc,hcd->bhtd", x, self.wq.to(x.dtype))
+        gk = torch.einsum("btc,hcd->bhtd", x, self.wk.to(x.dtype))
+        return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)
+
+
+def causal_mask(T: int, device) -> torch.Tensor:
+    """(T, T) bool, True where key j <= query i."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def topk_keep_mask(scores: torch.Tensor, k: int, causal: torch.Tensor) -> torch.Tensor:
+    """Bool mask keeping the k largest causal scores of each row (all causal keys when a row has <= k)."""
+    T = scores.shape[-1]
+    if k >= T:
+        return causal.expand(scores.shape).clone()
+    masked = scores.detach().masked_fill(~causal, float("-inf"))
+    idx = masked.topk(k, dim=-1).indices
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    keep.scatter_(-1, idx, True)
+    return keep & causal  # rows with < k causal keys picked some -inf future keys: drop them
+
+
+def few_keys_rows(T: int, k: int, device) -> torch.Tensor:
+    """(T, 1) bool: query rows with k or fewer causal keys (row i has i + 1 keys)."""
+    return (torch.arange(T, device=device) < k).unsqueeze(-1)
+
+
+def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """The soft gate's multiplicative mask m (or log m when `log`), over causal keys (future entries: 0 / -inf)."""
+    T = G.shape[-1]
+    t = routing.soft_temperature
+    if routing.soft_mask == "topk-sigmoid":
+        if routing.k < T:
+            tau = G.detach().masked_fill(~causal, float("-inf")).topk(routing.k, dim=-1).values[..., -1:]
+            tau = tau.masked_fill(few_keys_rows(T, routing.k, G.device), float("-inf"))
+        else:
+            tau = torch.full_like(G[..., :1], float("-inf"))
+        z = (G - tau) / t
+    else:
+        z = G / t
+    if log:
+        return F.logsigmoid(z).masked_fill(~causal, float("-inf"))
+    return torch.sigmoid(z).masked_fill(~causal, 0.0)
+
+
+class RandomMaskCache:
+    """Fixed random top-k subsets per (layer, head, row), drawn from a seed, cached per size and device."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def get(self, layer: int, n_head: int, T: int, k: int, seed: int, device) -> torch.Tensor:
+        key = (layer, n_head, T, k, seed, str(device))
+        if key not in self._cache:
+            g = torch.Generator().manual_seed(1_000_003 * seed + layer)
+            scores = torch.rand(n_head, T, T, generator=g)
+            self._cache[key] = topk_keep_mask(scores, k, causal_mask(T, "cpu")).to(device)
+        return self._cache[key]
+
+
+def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int = 0,
+                     random_masks: RandomMaskCache | None = None) -> torch.Tensor:
+    """Causal attention of q, k, v (B, H, T, D) under `routing`.
+
+    gate_scores: a callable returning G (B, H, T, T), needed by gate-topk and soft-gate.
+    """
+    B, H, T, D = q.shape
+    mode = routing.mode
+    if mode == "dense":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if routing.needs_gate and gate_scores is None:
+        raise GatelabError(f"routing {mode} needs a gate, and this model has none (load one with --gate, or "
+                           f"build the model with model.gate=learned|random)")
+    causal = causal_mask(T, q.device)
+    if mode == "soft-gate":
+        G = gate_scores().float()
+        if routing.soft_renormalize:  # softmax(S + log m): A * m renormalised
+            bias = soft_gate_mask(G, routing, causal, log=True).to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        S = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)
+        A = torch.softmax(S.masked_fill(~causal, float("-inf")), dim=-1)
+        return (A * soft_gate_mask(G, routing, causal)).to(v.dtype) @ v
+    if mode == "oracle-topk":
+        scores = q @ k.transpose(-1, -2)
+    elif mode == "gate-topk":
+        scores = gate_scores()
+    elif mode == "random-topk":
+        cache = random_masks if random_masks is not None else RandomMaskCache()
+        keep = cache.get(layer, H, T, routing.k, routing.seed, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    elif mode == "stochastic":  # Gumbel top-k on equal logits = a uniformly random k-subset, fresh each call
+        scores = torch.rand(B, H, T, T, device=q.device)
+    else:
+        raise GatelabError(f"unknown routing mode {mode!r}")
+    keep = topk_keep_mask(scores, routing.k, causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)

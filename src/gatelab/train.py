@@ -1,0 +1,171 @@
+"""Training: AdamW, linear warm-up then cosine decay, clipping, periodic validation, exact resume.
+
+A run lives in one directory:
+  config.json      the full TrainConfig
+  metrics.jsonl    one JSON record per log / eval event
+  checkpoint/      the latest checkpoint (see checkpoint.py); a run resumes from it bit-for-bit
+  done.json        written last; a finished run is skipped when started again
+Batches are a pure function of (seed, step), and RNG states are checkpointed, so a run killed at any
+moment and resumed reproduces the uninterrupted run's losses exactly (on the same device).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (OPTIM_FILE, find_checkpoint, load_state, load_optimizer, load_weights, read_trainer,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import GatelabError, TrainConfig, atomic_path, to_dict, write_json
+from .data import TokenData
+from .evaluate import autocast_for, perplexity, resolve_device
+from .model import GPT
+from .progress import progress_bar
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only (frozen gates are never touched, not even by weight decay);
+    weight decay on matrices and embeddings, none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise GatelabError("nothing to train: every parameter is frozen")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
+    torch.manual_seed(cfg.seed)
+    return GPT(cfg.model).to(device)
+
+
+class MetricsLog:
+    """Append-only JSONL, flushed each line; on resume, records past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_until_step: int | None):
+        self.path = path
+        if keep_until_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress: bool = True,
+          stop_after: int | None = None, model: GPT | None = None) -> dict:
+    """Train (or resume, or skip if finished) the run in out_dir. Returns the final summary.
+
+    resume: "auto" continues from a checkpoint when there is one; "require" fails without one;
+    "never" starts over. `stop_after` ends the process early after that many steps (for tests).
+    `model` lets a caller supply a prepared model (e.g. with some parameters frozen).
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = out / "done.json"
+    cfg_dict = to_dict(cfg)
+    if done.is_file() and resume != "never":
+        summary = json.loads(done.read_text())
+        if summary.get("config") != cfg_dict:
+            raise GatelabError(f"{out} holds a finished run with another config; choose another --out")
+        return dict(summary, skipped=True)
+    device = resolve_device(cfg.device)
+    train_data = TokenData(cfg.data, "train")
+    val_data = TokenData(cfg.data, "validation")
+    if train_data.vocab_size > cfg.model.vocab_size:
+        raise GatelabError(f"the corpus's tokenizer has {train_data.vocab_size} tokens but model.vocab_size is "
+                           f"{cfg.model.vocab_size}")
+    model = model.to(device) if model is not None else build_model(cfg, device)
+    opt = make_optimizer(model, cfg, device)
+    step = 0
+    ckpt_dir = out / "checkpoint"
+    found = find_checkpoint(ckpt_dir) if resume != "never" else None
+    if resume == "require" and found is None:
+        raise GatelabError(f"--resume: {out} has no checkpoint to resume from")
+    if found is not None:
+        trainer = read_trainer(found)
+        if trainer["config"] != cfg_dict:
+            raise GatelabError(f"{out} holds a run with another config; resume it with the same config, "
+                               f"or choose another --out")
+        load_weights(model, load_state(found), str(found))
+        load_optimizer(opt, load_state(found, OPTIM_FILE), trainer["optimizer"])
+        set_rng_state(trainer["rng"])
+        step = trainer["step"]
+    write_json(out / "config.json", cfg_dict)
+    log = MetricsLog(out / "metrics.jsonl", keep_until_step=step if found is not None else None)
+    run_model = torch.compile(model) if cfg.compile else model
+    tokens_per_step = cfg.batch_size * cfg.model.context
+    last_val = None
+    bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step", disable=not progress,
+               )
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = train_data.batch(step, cfg.batch_size, cfg.model.context, cfg.seed)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_for(device, cfg.dtype):
+                _, loss = run_model(x, y, routing=cfg.routing)
+            if not torch.isfinite(loss):
+                kept = find_checkpoint(ckpt_dir)
+                where = f"the last good checkpoint (step {read_trainer(kept)['step']}) is kept in {kept}" if kept \
+                    else "no checkpoint had been written yet"
+                raise GatelabError(f"non-finite loss ({loss.item()}) at step {step}; stopping: {where}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            opt.step()
+            step += 1
+            steps_since += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss_v = loss.item()
+                now = time.perf_counter()
+                tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
+                t_last, steps_since = now, 0
+                log.write(dict(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s))
+                bar.set_postfix(loss=f"{loss_v:.3f}", ppl=f"{math.exp(min(loss_v, 50)):.1f}",
+                                tok_s=f"{tok_s:,.0f}", refresh=False)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                res = perplexity(model, val_data, cfg.routing, cfg.batch_size, cfg.eval_tokens, cfg.dtype)
+                last_val = res["ppl"]
+                log.write(dict(step=step, val_loss=res["nll"], val_ppl=res["ppl"], val_tokens=res["tokens"]))
+                bar.write(f"step {step}: validation ppl {res['ppl']:.2f} ({cfg.routing.label()})")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(ckpt_dir, model, dict(config=cfg_dict, step=step, rng=rng_state(),
+                                                      data_position=dict(seed=cfg.seed, next_step=step)), opt)
+            bar.update(1)
+            if stop_after is not None and step >= stop_after and step < cfg.steps:
+                return dict(stopped_at=step)
+    finally:
+        bar.close()
+        log.close()
+    summary = dict(config=cfg_dict, steps=step, final_val_ppl=last_val, device=str(device),
+                   params=model.num_params(), gate_params=model.num_params(gates=True))
+    write_json(done, summary)
+    return summary

@@ -1,0 +1,51 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gatelab.config import ModelConfig, Routing, TrainConfig
+
+TINY_VOCAB = 97
+
+
+def tiny_model_config(**kw) -> ModelConfig:
+    base = dict(n_layer=2, d_model=32, n_head=4, d_mlp=64, context=32, vocab_size=TINY_VOCAB, d_gate=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def write_token_corpus(folder, n_train=20_000, n_val=3_000, n_test=3_000, vocab=TINY_VOCAB, seed=0):
+    """A prepared corpus of a repeating pattern plus noise: learnable, so losses fall."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        base = np.arange(n) % 13 * 7 % vocab
+        noise = rng.integers(0, vocab, size=n)
+        toks = np.where(rng.random(n) < 0.2, noise, base).astype(np.uint16)
+        toks.tofile(folder / f"{split}.bin")
+        counts[split] = n
+    (folder / "meta.json").write_text(json.dumps(dict(corpus="synthetic", vocab_size=vocab, tokens=counts,
+                                                      tokenizer="synthetic", dtype="uint16")))
+    return folder
+
+
+@pytest.fixture
+def token_corpus(tmp_path):
+    return write_token_corpus(tmp_path / "corpus")
+
+
+def tiny_train_config(data, **kw) -> TrainConfig:
+    model = kw.pop("model", tiny_model_config())
+    routing = kw.pop("routing", Routing())
+    base = dict(model=model, routing=routing, data=str(data), steps=12, batch_size=4, lr=3e-3, min_lr=3e-4,
+                warmup_steps=2, eval_every=0, checkpoint_every=4, log_every=1, seed=0, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

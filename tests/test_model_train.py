@@ -1,0 +1,172 @@
+"""Model size, evaluation, training, checkpoints and exact resume."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gatelab.checkpoint import load_model
+from gatelab.config import GatelabError, ModelConfig, Routing, to_dict
+from gatelab.data import TokenData
+from gatelab.evaluate import perplexity
+from gatelab.model import GPT
+from gatelab.train import lr_at, train
+from tests.conftest import TINY_VOCAB, tiny_model_config, tiny_train_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paper_model_parameter_counts():
+    model = GPT(ModelConfig(gate="learned"))
+    assert model.num_params() == 30_601_728  # SPEC: ~30.6M
+    assert model.num_params(gates=True) == 393_216  # 6 x 4 x 2 x 256 x 32
+
+
+def test_width_not_divisible_by_heads():
+    with pytest.raises(GatelabError, match="not divisible"):
+        GPT(ModelConfig(d_model=250, n_head=4))
+
+
+def test_uniform_model_perplexity_is_vocab_size(token_corpus):
+    model = GPT(tiny_model_config())
+    torch.nn.init.zeros_(model.lm_head.weight)
+    res = perplexity(model, TokenData(token_corpus, "validation"), Routing())
+    assert res["tokens"] == 3_000 - 1
+    assert math.isclose(res["ppl"], TINY_VOCAB, rel_tol=1e-5)
+
+
+def test_lr_schedule():
+    from gatelab.config import TrainConfig
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def losses(run: Path) -> list:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_training_lowers_loss_and_matches_reference_values(token_corpus, tmp_path):
+    cfg = tiny_train_config(token_corpus, steps=30, eval_every=10, eval_tokens=512)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    ls = losses(tmp_path / "run")
+    assert len(ls) == 30
+    assert ls[0] == pytest.approx(math.log(TINY_VOCAB), abs=0.1)
+    assert ls[-1] < ls[0] - 1.0
+    assert summary["final_val_ppl"] < TINY_VOCAB / 4
+    # rerunning a finished run skips it
+    again = train(cfg, tmp_path / "run", progress=False)
+    assert again["skipped"]
+
+
+@pytest.mark.parametrize("routing,gate", [(Routing(mode="soft-gate", k=4), "random"),
+                                          (Routing(mode="gate-topk", k=4), "random")])
+def test_frozen_random_gates_are_bit_identical_after_training(token_corpus, tmp_path, routing, gate):
+    cfg = tiny_train_config(token_corpus, model=tiny_model_config(gate=gate), routing=routing, steps=5)
+    torch.manual_seed(cfg.seed)
+    before = [p.detach().clone() for p in GPT(cfg.model).gate_parameters()]
+    train(cfg, tmp_path / "run", progress=False)
+    model, _ = load_model(tmp_path / "run" / "checkpoint")
+    after = model.gate_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # ...while the rest of the model did train
+    torch.manual_seed(cfg.seed)
+    fresh = GPT(cfg.model)
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_learned_soft_gate_trains(token_corpus, tmp_path):
+    cfg = tiny_train_config(token_corpus, model=tiny_model_config(gate="learned"),
+                            routing=Routing(mode="soft-gate", k=4), steps=5)
+    torch.manual_seed(cfg.seed)
+    before = [p.detach().clone() for p in GPT(cfg.model).gate_parameters()]
+    train(cfg, tmp_path / "run", progress=False)
+    model, _ = load_model(tmp_path / "run" / "checkpoint")
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.gate_parameters()))
+
+
+def test_resume_in_process_is_bitwise_identical(token_corpus, tmp_path):
+    cfg = tiny_train_config(token_corpus, routing=Routing(mode="stochastic", k=4), steps=12)
+    train(cfg, tmp_path / "full", progress=False)
+    assert train(cfg, tmp_path / "split", progress=False, stop_after=6) == dict(stopped_at=6)
+    train(cfg, tmp_path / "split", progress=False)
+    assert losses(tmp_path / "full") == losses(tmp_path / "split")
+
+
+def test_sigkill_then_resume_gives_identical_losses(token_corpus, tmp_path):
+    """A real `gatelab train` process killed with SIGKILL mid-run, then resumed with --resume."""
+    steps = 200
+    cfg = tiny_train_config(token_corpus, steps=steps, checkpoint_every=5)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(to_dict(cfg)))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    cmd = [sys.executable, "-m", "gatelab", "train", "--config", str(cfg_file), "--quiet"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until it is past its second checkpoint, then kill it mid-run
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "done.json").exists(), "the run finished before it could be killed"
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "killed"), "--resume"], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert losses(tmp_path / "full") == losses(tmp_path / "killed")
+    assert len(losses(tmp_path / "killed")) == steps
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(token_corpus, tmp_path):
+    cfg = tiny_train_config(token_corpus, steps=20, checkpoint_every=2)
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model)
+    calls = {"n": 0}
+
+    def poison(_module, _inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 6 else output
+    model.lm_head.register_forward_hook(poison)
+    with pytest.raises(GatelabError, match=r"non-finite loss .* at step 5.*step 4"):
+        train(cfg, tmp_path / "run", progress=False, model=model)
+    ckpt = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())
+    assert ckpt["step"] == 4
+    good, _ = load_model(tmp_path / "run" / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_resume_with_another_config_is_refused(token_corpus, tmp_path):
+    cfg = tiny_train_config(token_corpus, steps=4, checkpoint_every=2)
+    train(cfg, tmp_path / "run", progress=False, stop_after=2)
+    other = tiny_train_config(token_corpus, steps=4, checkpoint_every=2, lr=1e-2)
+    with pytest.raises(GatelabError, match="another config"):
+        train(other, tmp_path / "run", progress=False)
+
+
+def test_checkpoint_errors(token_corpus, tmp_path):
+    cfg = tiny_train_config(token_corpus, steps=2)
+    train(cfg, tmp_path / "run", progress=False)
+    ckpt = tmp_path / "run" / "checkpoint"
+    with pytest.raises(GatelabError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    # weights made for another config
+    from gatelab.checkpoint import load_state, load_weights
+    with pytest.raises(GatelabError, match="another model config"):
+        load_weights(GPT(tiny_model_config(d_model=64)), load_state(ckpt), str(ckpt))
+    # a truncated weights file
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(GatelabError, match="corrupt or truncated"):
+        load_model(ckpt)

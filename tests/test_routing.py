@@ -1,0 +1,147 @@
+"""Every routing mode: which keys are kept, and where gradients flow."""
+import math
+
+import pytest
+import torch
+
+from gatelab.config import GatelabError, Routing
+from gatelab.model import GPT
+from gatelab.routing import RandomMaskCache, causal_mask, routed_attention, soft_gate_mask, topk_keep_mask
+from tests.conftest import tiny_model_config
+
+HARD_MODES = ["oracle-topk", "gate-topk", "random-topk", "stochastic"]
+
+
+def attention_weights(mode, k, T=24, B=2, H=3, seed=0, **routing_kw):
+    """Run routed_attention with V = identity, so that each output row *is* that row's attention weights."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, T, generator=g)
+    kk = torch.randn(B, H, T, T, generator=g)
+    v = torch.eye(T).expand(B, H, T, T)
+    G = torch.randn(B, H, T, T, generator=g)
+    return routed_attention(q, kk, v, Routing(mode=mode, k=k, **routing_kw), gate_scores=lambda: G,
+                            random_masks=RandomMaskCache()), q, kk, G
+
+
+@pytest.mark.parametrize("mode", HARD_MODES)
+@pytest.mark.parametrize("k", [1, 5, 8, 23, 24, 40])
+def test_hard_modes_keep_exactly_min_k_causal_keys(mode, k):
+    A, *_ = attention_weights(mode, k)
+    T = A.shape[-1]
+    kept = (A > 0).sum(-1)  # (B, H, T)
+    expected = torch.clamp(torch.arange(T) + 1, max=k)
+    assert torch.equal(kept, expected.expand_as(kept))
+    assert torch.all(A.triu(1) == 0), "a future key received weight"
+    assert torch.allclose(A.sum(-1), torch.ones_like(A.sum(-1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,score_index", [("oracle-topk", 1), ("gate-topk", 3)])
+def test_topk_modes_keep_the_largest_scores(mode, score_index):
+    k, T = 5, 24
+    out = attention_weights(mode, k, T=T)
+    A = out[0]
+    if mode == "oracle-topk":
+        scores = out[1] @ out[2].transpose(-1, -2)
+    else:
+        scores = out[3]
+    masked = scores.masked_fill(~causal_mask(T, "cpu"), float("-inf"))
+    for i in range(k, T):
+        chosen = set(torch.nonzero(A[0, 0, i]).flatten().tolist())
+        best = set(masked[0, 0, i].topk(k).indices.tolist())
+        assert chosen == best
+
+
+def test_random_topk_is_fixed_and_seeded_stochastic_is_fresh():
+    a1, *_ = attention_weights("random-topk", 4)
+    a2, *_ = attention_weights("random-topk", 4)
+    assert torch.equal(a1 > 0, a2 > 0)
+    m0 = RandomMaskCache().get(0, 3, 24, 4, seed=0, device="cpu")
+    m1 = RandomMaskCache().get(0, 3, 24, 4, seed=1, device="cpu")
+    m0_layer1 = RandomMaskCache().get(1, 3, 24, 4, seed=0, device="cpu")
+    assert not torch.equal(m0, m1) and not torch.equal(m0, m0_layer1)
+    s1, *_ = attention_weights("stochastic", 4)
+    s2, *_ = attention_weights("stochastic", 4)
+    assert not torch.equal(s1 > 0, s2 > 0)
+    assert torch.equal((s1 > 0)[..., :4, :], (s2 > 0)[..., :4, :])  # rows with <= k keys keep all
+
+
+def test_oracle_with_k_at_least_context_equals_dense():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config()).eval()
+    x = torch.randint(0, 97, (2, 32))
+    dense, _ = model(x, routing=Routing())
+    for k in (32, 64):
+        oracle, _ = model(x, routing=Routing(mode="oracle-topk", k=k))
+        assert torch.allclose(dense, oracle, atol=1e-5)
+    sparse, _ = model(x, routing=Routing(mode="oracle-topk", k=4))
+    assert not torch.allclose(dense, sparse, atol=1e-3)
+
+
+def _gate_grads(routing, gate="learned"):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(gate=gate))
+    x = torch.randint(0, 97, (2, 32))
+    _, loss = model(x, x, routing=routing)
+    grads = torch.autograd.grad(loss, model.gate_parameters(), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(model.gate_parameters(), grads)]
+
+
+def test_gate_gradient_is_exactly_zero_under_hard_topk_and_nonzero_under_soft():
+    hard = _gate_grads(Routing(mode="gate-topk", k=4))
+    assert all(torch.count_nonzero(g) == 0 for g in hard)
+    for soft_mask in ("topk-sigmoid", "sigmoid"):
+        for renorm in (False, True):
+            soft = _gate_grads(Routing(mode="soft-gate", k=4, soft_mask=soft_mask, soft_renormalize=renorm))
+            assert all(torch.count_nonzero(g) > 0 for g in soft), (soft_mask, renorm)
+
+
+def test_soft_gate_readings():
+    T, k = 16, 4
+    G = torch.randn(2, 3, T, T)
+    causal = causal_mask(T, "cpu")
+    m = soft_gate_mask(G, Routing(mode="soft-gate", k=k), causal)
+    assert torch.all(m[..., :k, :][causal[:k].expand(2, 3, k, T)] == 1.0), "rows with <= k keys keep all"
+    assert torch.all(m.triu(1) == 0)
+    # rows with more than k keys: the k-th largest causal score sits exactly at sigmoid(0) = 0.5
+    for i in range(k, T):
+        row = m[0, 0, i, : i + 1]
+        assert torch.isclose(row.sort(descending=True).values[k - 1], torch.tensor(0.5))
+    plain = soft_gate_mask(G, Routing(mode="soft-gate", k=k, soft_mask="sigmoid", soft_temperature=2.0), causal)
+    assert torch.allclose(plain[causal.expand_as(plain)], torch.sigmoid(G / 2.0)[causal.expand_as(G)])
+    # renormalised reading == softmax(S + log m)
+    q, kk, v = (torch.randn(2, 3, T, 8) for _ in range(3))
+    r = Routing(mode="soft-gate", k=k, soft_renormalize=True)
+    out = routed_attention(q, kk, v, r, gate_scores=lambda: G)
+    S = q @ kk.transpose(-1, -2) / math.sqrt(8)
+    ref = torch.softmax((S + torch.log(soft_gate_mask(G, r, causal))).masked_fill(~causal, float("-inf")), -1) @ v
+    assert torch.allclose(out, ref, atol=1e-5)
+    # not renormalised: softmax(S) * m
+    r = Routing(mode="soft-gate", k=k)
+    out = routed_attention(q, kk, v, r, gate_scores=lambda: G)
+    ref = (torch.softmax(S.masked_fill(~causal, float("-inf")), -1) * soft_gate_mask(G, r, causal)) @ v
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_topk_keep_mask_on_ties_still_keeps_k():
+    scores = torch.zeros(1, 1, 10, 10)
+    keep = topk_keep_mask(scores, 3, causal_mask(10, "cpu"))
+    assert keep.sum(-1).flatten().tolist() == [1, 2, 3] + [3] * 7
+
+
+def test_gate_modes_without_gate_fail_clearly():
+    model = GPT(tiny_model_config())
+    x = torch.randint(0, 97, (1, 8))
+    with pytest.raises(GatelabError, match="needs a gate"):
+        model(x, routing=Routing(mode="gate-topk", k=4))
+
+
+@pytest.mark.parametrize("bad", [dict(mode="sparse"), dict(k=0), dict(soft_mask="relu"),
+                                 dict(soft_temperature=0.0)])
+def test_bad_routing_is_rejected(bad):
+    with pytest.raises(GatelabError):
+        Routing(**bad).validate(32)
+
+
+def test_k_larger_than_context_is_rejected():
+    with pytest.raises(GatelabError, match="larger than the context"):
+        Routing(mode="oracle-topk", k=33).validate(32)
