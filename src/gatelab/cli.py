@@ -32,9 +32,9 @@ def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -
 def routings_from_args(args, context: int) -> list[Routing]:
     out = []
     for mode in args.routing:
-        ks = [0] if mode == "dense" else args.k
+        ks = [Routing.k] if mode == "dense" else args.k
         for k in ks:
-            r = Routing(mode=mode, k=k or 64, soft_mask=args.soft_mask, soft_temperature=args.soft_temperature,
+            r = Routing(mode=mode, k=k, soft_mask=args.soft_mask, soft_temperature=args.soft_temperature,
                         soft_renormalize=args.soft_renormalize, seed=args.random_seed)
             out.append(r.validate(context))
     return out

@@ -27,7 +27,7 @@ def demo_config(data: str, gate: str, routing: Routing, steps: int) -> TrainConf
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int = 200, progress: bool = True,
-             eval_tokens: int = 0) -> str:
+             eval_tokens: int = 32768) -> str:
     out = Path(out)
     data = "data/prepared/bundled"
     prepare("bundled", data, progress=progress)
@@ -53,8 +53,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 200, progress: bool = T
                              desc=f"{name}: {routing.label()}")
             rows.append(dict(model=name, routing=routing.label(), val_ppl=res["ppl"], tokens=res["tokens"]))
     table = format_table(rows, ["model", "routing", "val_ppl", "tokens"])
-    header = (f"gatelab demo: {steps} steps per model on the bundled corpus, model {DEMO_MODEL}, "
-              f"k={DEMO_K}, device {device}\n\n")
+    header = (f"gatelab demo: {steps} steps per model on the bundled corpus, model {DEMO_MODEL}, k={DEMO_K}, "
+              f"device {device}; perplexity over the first {rows[0]['tokens']:,} validation tokens\n\n")
     write_json(out / "results.json", dict(steps=steps, model=DEMO_MODEL, k=DEMO_K, device=str(device), rows=rows))
     write_text(out / "results.md", header + table + "\n")
     return header + table
