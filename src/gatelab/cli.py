@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import ROUTING_MODES, GatelabError, Routing, load_train_config, write_json
 from .progress import keep_freed_memory
@@ -111,6 +112,56 @@ def cmd_eval(args) -> None:
                                    data=str(data_dir), device=str(device), results=rows))
 
 
+def cmd_distill(args) -> None:
+    from .config import apply_overrides, to_dict, train_config_from_dict
+    from .distill import distill_config
+    from .train import build_model, train
+    cfg = distill_config(args.checkpoint, args.loss, k=args.k, d_gate=args.d_gate, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_control=args.random_control,
+                         data=args.data)
+    cfg = train_config_from_dict(apply_overrides(to_dict(cfg), args.overrides)).validate()
+    if args.random_control:  # nothing trains: export the frozen random gate of the same initialisation
+        from .distill import export_gate
+        from .evaluate import resolve_device
+        model = build_model(cfg, resolve_device(cfg.device))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(f"frozen random gate written to {export_gate(model, cfg, args.out)}")
+        return
+    summary = train(cfg, args.out, resume="never" if args.fresh else "auto", progress=not args.quiet)
+    if summary.get("skipped"):
+        print(f"{args.out} is already finished")
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+def cmd_analyze(args) -> None:
+    from .analyze import analyze
+    from .checkpoint import load_model
+    from .data import TokenData
+    from .evaluate import resolve_device
+    device = resolve_device(args.device)
+    model, trainer = load_model(args.checkpoint, device=device)
+    note = "the checkpoint's own gate" if model.gates() else ""
+    if args.gate:
+        from .distill import attach_gate
+        attach_gate(model, args.gate, args.checkpoint, allow_other_base=args.allow_other_base)
+        note = f"gate {args.gate}"
+    elif not model.gates():
+        import torch
+        from .routing import BilinearGate
+        torch.manual_seed(args.seed)
+        for b in model.blocks:  # a fresh gate, only to show where gradients reach it
+            b.attn.gate = BilinearGate(model.cfg.d_model, model.cfg.n_head, model.cfg.d_gate).to(device)
+        note = "a fresh randomly initialised gate (the checkpoint has none); F1 columns describe it"
+    data = TokenData(args.data or trainer["config"]["data"], args.split)
+    for k in args.k:
+        Routing(mode="oracle-topk", k=k).validate(model.cfg.context)
+    out = args.out or str(Path(args.checkpoint).parent / "analysis")
+    res = analyze(model, data, args.k, out, batches=args.batches, batch_size=args.batch_size,
+                  title=str(args.checkpoint), gate_note=note)
+    print((Path(out) / "analysis.md").read_text())
+    print(f"wrote {out}/analysis.json, analysis.md, concentration.png ({res['rows']:,} query rows)")
+
+
 def cmd_demo(args) -> None:
     from .experiments import run_demo
     table = run_demo(args.out, steps=args.steps, progress=not args.quiet)
@@ -168,11 +219,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("distill", help="train fresh gate projections on a frozen checkpoint (post-hoc gates)")
+    p.add_argument("checkpoint", help="the frozen base checkpoint (RUN/checkpoint)")
+    p.add_argument("--loss", choices=("kl", "bce", "task"), default="kl",
+                   help="kl: KL(dense attention || softmax(G)); bce: G vs the oracle top-k mask; "
+                        "task: LM loss through the soft gate (default kl)")
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--d-gate", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="gate initialisation and batch order")
+    p.add_argument("--random-control", action="store_true",
+                   help="task loss control: write the frozen random gate of the same initialisation, train nothing")
+    p.add_argument("--data", help="prepared corpus folder (default: the base checkpoint's)")
+    p.add_argument("--out", required=True, help="run directory; the gate is written to OUT/gate.{json,safetensors}")
+    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", help="train-config overrides, e.g. eval_every=250 device=cpu")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("analyze", help="attention concentration, gate F1 and gate gradients of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--gate", help="a distilled gate to measure instead of the checkpoint's own")
+    p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--k", type=_csv(int), default=[64], help="comma-separated k values (default 64)")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
+    p.add_argument("--data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: next to the checkpoint, analysis/)")
+    p.set_defaults(func=cmd_analyze)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take `key=value` overrides after options that follow another positional; accept them
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     keep_freed_memory()
     try:
         args.func(args)

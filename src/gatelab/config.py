@@ -23,6 +23,7 @@ class GatelabError(Exception):
 ROUTING_MODES = ("dense", "oracle-topk", "gate-topk", "soft-gate", "random-topk", "stochastic")
 SOFT_MASKS = ("topk-sigmoid", "sigmoid")
 GATE_KINDS = ("none", "learned", "random")
+OBJECTIVES = ("lm", "kl", "bce")
 
 
 @dataclass
@@ -123,6 +124,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    # post-hoc gate training (gatelab distill): start from a checkpoint, freeze it, train only the gates
+    objective: str = "lm"  # lm (language-model loss under `routing`) | kl | bce (gate distillation)
+    init_from: str | None = None  # checkpoint directory whose weights (all but gates) initialise the model
+    freeze_model: bool = False  # train only gate projections
 
     def validate(self) -> "TrainConfig":
         self.model.validate()
@@ -132,6 +137,10 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise GatelabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise GatelabError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective != "lm" and self.model.gate != "learned":
+            raise GatelabError(f"objective {self.objective} trains a gate: set model.gate=learned")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise GatelabError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         return self

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (OPTIM_FILE, find_checkpoint, load_state, load_optimizer, load_weights, read_trainer,
+from .checkpoint import (OPTIM_FILE, find_checkpoint, load_optimizer, load_state, load_weights, read_trainer,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import GatelabError, TrainConfig, atomic_path, to_dict, write_json
 from .data import TokenData
@@ -48,8 +48,34 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
+    """A fresh model from cfg.seed; with init_from, every weight but the gates comes from that checkpoint
+    (gates stay freshly initialised), and freeze_model leaves only the gates trainable."""
     torch.manual_seed(cfg.seed)
-    return GPT(cfg.model).to(device)
+    model = GPT(cfg.model)
+    if cfg.init_from:
+        base = find_checkpoint(cfg.init_from)
+        if base is None:
+            raise GatelabError(f"init_from: {cfg.init_from} is not a gatelab checkpoint")
+        state = {k: v for k, v in load_state(base).items() if ".gate." not in k}
+        load_weights(model, state, str(base), strict=False)
+        missing = [k for k in model.state_dict() if k not in state and ".gate." not in k]
+        if missing:
+            raise GatelabError(f"{base} was made for another model config (missing: {', '.join(missing[:3])})")
+    if cfg.freeze_model:
+        gate_ids = {id(p) for p in model.gate_parameters()}
+        for p in model.parameters():
+            if id(p) not in gate_ids:
+                p.requires_grad_(False)
+    return model.to(device)
+
+
+def step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """The training objective for one batch, and extra metrics to log."""
+    if cfg.objective == "lm":
+        return model(x, y, routing=cfg.routing)[1], {}
+    from .distill import distill_loss
+    loss, f1 = distill_loss(model, x, cfg.objective, cfg.routing.k)
+    return loss, dict(f1=f1)
 
 
 class MetricsLog:
@@ -130,7 +156,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
             x, y = train_data.batch(step, cfg.batch_size, cfg.model.context, cfg.seed)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_for(device, cfg.dtype):
-                _, loss = run_model(x, y, routing=cfg.routing)
+                loss, extra = step_loss(run_model, x, y, cfg)
             if not torch.isfinite(loss):
                 kept = find_checkpoint(ckpt_dir)
                 where = f"the last good checkpoint (step {read_trainer(kept)['step']}) is kept in {kept}" if kept \
@@ -148,7 +174,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
                 now = time.perf_counter()
                 tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
                 t_last, steps_since = now, 0
-                log.write(dict(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s))
+                log.write(dict(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                               **extra))
                 bar.set_postfix(loss=f"{loss_v:.3f}", ppl=f"{math.exp(min(loss_v, 50)):.1f}",
                                 tok_s=f"{tok_s:,.0f}", refresh=False)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -167,5 +194,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
         log.close()
     summary = dict(config=cfg_dict, steps=step, final_val_ppl=last_val, device=str(device),
                    params=model.num_params(), gate_params=model.num_params(gates=True))
+    if cfg.freeze_model and model.gates():
+        from .distill import export_gate
+        export_gate(model, cfg, out)
+        summary["gate"] = str(out / "gate.json")
     write_json(done, summary)
     return summary

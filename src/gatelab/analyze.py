@@ -1,0 +1,144 @@
+"""Diagnostics of a checkpoint (and optionally a gate): how concentrated attention is, how well the gate
+finds the oracle's keys, and whether gradients reach the gate under each routing.
+
+- top-k mass: the attention weight the k largest entries of a row carry (the paper's Figure 1), averaged
+  over rows with more than k causal keys (rows with fewer trivially carry all of it);
+- entropy ratio: H(A_row) / log(number of causal keys), over rows with at least 2 keys;
+- gate F1 against the oracle at each k (precision = recall, both sets have k members);
+- the gate's gradient norm under each routing mode (Experiment 2: exactly zero under hard top-k).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .cli import format_table
+from .config import ROUTING_MODES, Routing, write_json, write_text
+from .data import TokenData
+from .distill import attention_logits, gate_f1, layer_inputs
+from .evaluate import autocast_for
+from .routing import causal_mask
+
+
+def validation_batches(data: TokenData, context: int, batches: int, batch_size: int):
+    chunks = [c for c in data.chunks(context) if c[0].numel() == context][: batches * batch_size]
+    return [torch.stack([c[0] for c in chunks[i:i + batch_size]]) for i in range(0, len(chunks), batch_size)], \
+        [torch.stack([c[1] for c in chunks[i:i + batch_size]]) for i in range(0, len(chunks), batch_size)]
+
+
+@torch.no_grad()
+def attention_statistics(model, xs: list[torch.Tensor], ks: list[int]) -> list[dict]:
+    """Per layer: top-k mass for each k, entropy ratio, and (with a gate) F1 for each k."""
+    device = next(model.parameters()).device
+    L = len(model.blocks)
+    sums = [dict(entropy=0.0, n_entropy=0, **{f"mass@{k}": 0.0 for k in ks}, **{f"f1@{k}": 0.0 for k in ks},
+                 n_batches=0) for _ in range(L)]
+    for x in xs:
+        x = x.to(device)
+        T = x.shape[1]
+        causal = causal_mask(T, device)
+        with autocast_for(device):
+            inputs = layer_inputs(model, x)
+        for layer, (block, xn) in enumerate(zip(model.blocks, inputs)):
+            S = attention_logits(block.attn, xn.float())
+            A = torch.softmax(S.masked_fill(~causal, float("-inf")), dim=-1)
+            n_keys = torch.arange(1, T + 1, device=device, dtype=torch.float32)
+            H = -(A * torch.log(A.clamp_min(1e-30))).sum(-1)  # (B, H, T)
+            sums[layer]["entropy"] += float((H[..., 1:] / torch.log(n_keys[1:])).sum())
+            sums[layer]["n_entropy"] += H[..., 1:].numel()
+            for k in ks:
+                if k < T:
+                    sums[layer][f"mass@{k}"] += float(A.topk(k, dim=-1).values.sum(-1)[..., k:].mean())
+                if block.attn.gate is not None:
+                    G = block.attn.gate(xn.float()).float()
+                    sums[layer][f"f1@{k}"] += float(gate_f1(S, G, causal, k))
+            sums[layer]["n_batches"] += 1
+    rows = []
+    for layer, s in enumerate(sums):
+        n = max(s["n_batches"], 1)
+        row = dict(layer=layer, entropy_ratio=s["entropy"] / max(s["n_entropy"], 1))
+        for k in ks:
+            row[f"top{k}_mass"] = s[f"mass@{k}"] / n
+            if model.blocks[layer].attn.gate is not None:
+                row[f"gate_f1@{k}"] = s[f"f1@{k}"] / n
+        rows.append(row)
+    overall = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0] if key != "layer"}
+    rows.append(dict(layer="all", **overall))
+    return rows
+
+
+def gate_gradient_norms(model, x: torch.Tensor, y: torch.Tensor, k: int) -> list[dict]:
+    """The LM loss's gradient norm w.r.t. the gate parameters under each routing mode."""
+    device = next(model.parameters()).device
+    params = model.gate_parameters()
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    out = []
+    try:
+        for mode in ROUTING_MODES:
+            routing = Routing(mode=mode, k=min(k, model.cfg.context))
+            torch.manual_seed(0)
+            with autocast_for(device):
+                _, loss = model(x.to(device), y.to(device), routing=routing)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) or torch.tensor(0.0))
+            connected = any(g is not None for g in grads)
+            out.append(dict(routing=mode, gate_grad_norm=float(norm), exactly_zero=float(norm) == 0.0,
+                            gradient_path=connected))
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    return out
+
+
+def plot_concentration(rows: list[dict], ks: list[int], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = [r for r in rows if r["layer"] != "all"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / (len(ks) + 1)
+    xs = list(range(len(layers)))
+    for i, k in enumerate(ks):
+        ax.bar([x + i * width for x in xs], [100 * r[f"top{k}_mass"] for r in layers], width, label=f"top-{k} mass")
+    ax.bar([x + len(ks) * width for x in xs], [100 * r["entropy_ratio"] for r in layers], width,
+           label="entropy ratio x100", color="grey")
+    ax.set_xticks([x + width * len(ks) / 2 for x in xs], [str(r["layer"]) for r in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("% of attention mass")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def analyze(model, data: TokenData, ks: list[int], out_dir: str | Path, batches: int = 4, batch_size: int = 8,
+            title: str = "", gate_note: str = "") -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    xs, ys = validation_batches(data, model.cfg.context, batches, batch_size)
+    if not xs:
+        from .config import GatelabError
+        raise GatelabError(f"the {data.split} split has no full {model.cfg.context}-token chunk to analyse")
+    stats = attention_statistics(model, xs, ks)
+    grads = gate_gradient_norms(model, xs[0][:2], ys[0][:2], ks[0]) if model.gates() else []
+    result = dict(title=title, ks=ks, rows=sum(x.shape[0] for x in xs) * model.cfg.context, layers=stats,
+                  gate_gradients=grads, gate=gate_note)
+    write_json(out / "analysis.json", result)
+    cols = ["layer", "entropy_ratio"] + [f"top{k}_mass" for k in ks] + \
+        ([f"gate_f1@{k}" for k in ks] if model.gates() else [])
+    md = [f"# Attention analysis: {title}", "", f"{sum(x.shape[0] for x in xs)} validation chunks of "
+          f"{model.cfg.context} tokens. Top-k mass over rows with more than k causal keys.", "",
+          format_table(stats, cols)]
+    if grads:
+        md += ["", f"Gate gradient norm of the LM loss under each routing (k={ks[0]}); {gate_note}", "",
+               format_table(grads, ["routing", "gate_grad_norm", "exactly_zero", "gradient_path"])]
+    write_text(out / "analysis.md", "\n".join(md) + "\n")
+    plot_concentration(stats, ks, out / "concentration.png", title)
+    return result

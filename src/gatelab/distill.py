@@ -1,0 +1,190 @@
+"""Post-hoc gates: train only fresh gate projections on a frozen model, save and attach them.
+
+Objectives (SPEC, paper sections 3.3 and 4.2-4.3), per layer, head and query row over causal keys:
+  kl   KL(A || softmax(G)), A the frozen model's dense attention weights, averaged over rows and layers
+  bce  binary cross-entropy of G (as logits) against the oracle top-k mask of S
+  lm   ("task") the language-model loss through the soft gate, model frozen (the paper's Table 5)
+Distillation is a training run (train.py) with objective kl/bce/lm, init_from the base checkpoint and
+freeze_model=True, so it checkpoints, resumes and skips like any run. A finished run also exports the
+gate alone: RUN/gate.safetensors + RUN/gate.json (base checkpoint, its sha256, d_gate, k, loss).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import MODEL_FILE, find_checkpoint
+from .config import (GatelabError, ModelConfig, Routing, TrainConfig, model_config_from_dict, to_dict,
+                     write_json)
+from .data import sha256_file
+from .routing import BilinearGate, causal_mask, topk_keep_mask
+
+GATE_WEIGHTS, GATE_META = "gate.safetensors", "gate.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the gate learns from
+
+@torch.no_grad()
+def layer_inputs(model, idx: torch.Tensor, routing: Routing | None = None) -> list[torch.Tensor]:
+    """The normed input X of every layer's attention (what Q/K/V and the gate read), under `routing`."""
+    captured = []
+    hooks = [b.attn.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+             for b in model.blocks]
+    try:
+        model.hidden(idx, routing or Routing())
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+@torch.no_grad()
+def attention_logits(attn, x: torch.Tensor) -> torch.Tensor:
+    """S = Q K^T / sqrt(d_head), (B, H, T, T), float32, not masked."""
+    q, k, _ = attn.qkv_heads(x)
+    return (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+
+
+def kl_rows(S: torch.Tensor, G: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(S) || softmax(G)), both over causal keys only."""
+    log_a = torch.log_softmax(S.masked_fill(~causal, float("-inf")), dim=-1)
+    log_p = torch.log_softmax(G.masked_fill(~causal, float("-inf")), dim=-1)
+    terms = torch.where(causal, log_a.exp() * (log_a - log_p), torch.zeros((), device=S.device))
+    return terms.sum(-1).mean()
+
+
+def bce_oracle(S: torch.Tensor, G: torch.Tensor, causal: torch.Tensor, k: int) -> torch.Tensor:
+    """BCE of G as logits against the oracle top-k mask of S, averaged over causal entries."""
+    target = topk_keep_mask(S, k, causal).float()
+    full = causal.expand_as(G)
+    return F.binary_cross_entropy_with_logits(G[full], target[full])
+
+
+def gate_f1(S: torch.Tensor, G: torch.Tensor, causal: torch.Tensor, k: int) -> torch.Tensor:
+    """|TopK(G) n TopK(S)| / k averaged over rows with more than k causal keys (precision = recall = F1).
+    Returns NaN when no row has more than k keys."""
+    T = S.shape[-1]
+    if T <= k:
+        return torch.tensor(float("nan"))
+    both = topk_keep_mask(S, k, causal) & topk_keep_mask(G, k, causal)
+    return (both[..., k:, :].sum(-1).float() / k).mean()
+
+
+def distill_loss(model, x: torch.Tensor, objective: str, k: int) -> tuple[torch.Tensor, float]:
+    """The kl or bce objective summed over layers / n_layer, and the batch's gate F1 at k."""
+    inputs = layer_inputs(model, x)
+    T = x.shape[1]
+    causal = causal_mask(T, x.device)
+    total, f1s = 0.0, []
+    for block, xn in zip(model.blocks, inputs):
+        S = attention_logits(block.attn, xn)
+        G = block.attn.gate(xn).float()
+        total = total + (kl_rows(S, G, causal) if objective == "kl" else bce_oracle(S, G, causal, k))
+        f1s.append(float(gate_f1(S, G.detach(), causal, k)))
+    return total / len(inputs), sum(f1s) / len(f1s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configs
+
+def distill_config(base_checkpoint: str | Path, loss: str, k: int = 64, d_gate: int = 32, steps: int = 1000,
+                   batch_size: int = 16, lr: float = 1e-3, seed: int = 0, random_control: bool = False,
+                   data: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """A TrainConfig that trains fresh gates on the frozen base checkpoint.
+
+    loss: kl | bce | task. `random_control` (task only) freezes the gate too: the frozen random gate of the
+    same initialisation, evaluated as the control (nothing trains, so steps is 0)."""
+    from .checkpoint import read_trainer
+    found = find_checkpoint(base_checkpoint)
+    if found is None:
+        raise GatelabError(f"base checkpoint {base_checkpoint} does not exist or is not a gatelab checkpoint")
+    trainer = read_trainer(found)
+    mcfg: ModelConfig = model_config_from_dict(trainer["config"]["model"])
+    mcfg.gate, mcfg.d_gate = ("random" if random_control else "learned"), d_gate
+    if loss not in ("kl", "bce", "task"):
+        raise GatelabError(f"--loss must be kl, bce or task, got {loss!r}")
+    if random_control and loss != "task":
+        raise GatelabError("--random-control applies to --loss task (a frozen random gate through the soft gate)")
+    objective = "lm" if loss == "task" else loss
+    routing = Routing(mode="soft-gate", k=k) if loss == "task" else Routing(mode="gate-topk", k=k)
+    routing.validate(mcfg.context)
+    cfg = TrainConfig(model=mcfg, routing=routing, data=data or trainer["config"]["data"], steps=steps,
+                      batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10)),
+                      weight_decay=0.0, seed=seed, eval_every=0, checkpoint_every=max(1, min(250, steps)),
+                      objective=objective, init_from=str(Path(base_checkpoint)), freeze_model=True)
+    for key, val in (overrides or {}).items():
+        setattr(cfg, key, val)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gates alone: export, load, attach
+
+def export_gate(model, cfg: TrainConfig, out_dir: str | Path, extra: dict | None = None) -> Path:
+    out = Path(out_dir)
+    state = {f"blocks.{i}.{name}": p.detach().cpu().contiguous()
+             for i, b in enumerate(model.blocks) if b.attn.gate is not None
+             for name, p in (("wq", b.attn.gate.wq), ("wk", b.attn.gate.wk))}
+    base = find_checkpoint(cfg.init_from) if cfg.init_from else None
+    meta = dict(format="gatelab-gate-v1", base_checkpoint=str(cfg.init_from) if cfg.init_from else None,
+                base_sha256=sha256_file(base / MODEL_FILE) if base else None,
+                n_layer=model.cfg.n_layer, n_head=model.cfg.n_head, d_model=model.cfg.d_model,
+                d_gate=model.cfg.d_gate, k=cfg.routing.k, loss={"lm": "task"}.get(cfg.objective, cfg.objective),
+                frozen_random=model.cfg.gate == "random", steps=cfg.steps, seed=cfg.seed,
+                routing=to_dict(cfg.routing), **(extra or {}))
+    tmp = out / (GATE_WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / GATE_WEIGHTS)
+    write_json(out / GATE_META, meta)
+    return out / GATE_META
+
+
+def read_gate(path: str | Path) -> tuple[dict, dict]:
+    path = Path(path)
+    folder = path.parent if path.name in (GATE_META, GATE_WEIGHTS) else path
+    meta_f, weights_f = folder / GATE_META, folder / GATE_WEIGHTS
+    if not meta_f.is_file() or not weights_f.is_file():
+        raise GatelabError(f"{path} is not a gate (needs {GATE_META} and {GATE_WEIGHTS}; `gatelab distill` "
+                           f"writes them into its run directory)")
+    try:
+        return json.loads(meta_f.read_text()), load_file(str(weights_f))
+    except Exception as e:  # noqa: BLE001
+        raise GatelabError(f"gate {folder} is corrupt ({type(e).__name__}: {e})") from None
+
+
+def attach_gate(model, gate_path: str | Path, checkpoint: str | Path | None = None,
+                allow_other_base: bool = False) -> dict:
+    """Replace the model's gates by a saved gate (frozen). Refuses a gate made for another shape; a gate
+    distilled on another checkpoint needs allow_other_base (the paper's Experiment 3 does it on purpose)."""
+    meta, state = read_gate(gate_path)
+    cfg = model.cfg
+    shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model)
+    wrong = {k: (meta.get(k), v) for k, v in shape.items() if meta.get(k) != v}
+    if wrong:
+        diffs = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in wrong.items())
+        raise GatelabError(f"gate {gate_path} was made for a model of another shape ({diffs} in this model)")
+    if checkpoint is not None and meta.get("base_sha256"):
+        found = find_checkpoint(checkpoint)
+        digest = sha256_file(found / MODEL_FILE) if found else None
+        if digest != meta["base_sha256"]:
+            msg = (f"gate {gate_path} was distilled on another checkpoint ({meta.get('base_checkpoint')}), "
+                   f"not on {checkpoint}")
+            if not allow_other_base:
+                raise GatelabError(msg + "; pass --allow-other-base to deploy it anyway (the paper's Experiment 3)")
+            print(f"gatelab: WARNING: {msg}; deploying it anyway because --allow-other-base was given",
+                  file=sys.stderr)
+    device = next(model.parameters()).device
+    for i, block in enumerate(model.blocks):
+        gate = BilinearGate(cfg.d_model, cfg.n_head, int(meta["d_gate"]), trainable=False)
+        gate.wq.data.copy_(state[f"blocks.{i}.wq"])
+        gate.wk.data.copy_(state[f"blocks.{i}.wk"])
+        block.attn.gate = gate.to(device)
+    model.cfg.d_gate = int(meta["d_gate"])
+    return meta
