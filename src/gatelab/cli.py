@@ -162,6 +162,23 @@ def cmd_analyze(args) -> None:
     print(f"wrote {out}/analysis.json, analysis.md, concentration.png ({res['rows']:,} query rows)")
 
 
+def cmd_reproduce(args) -> None:
+    from .reproduce import reproduce
+    status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
+                       progress=not args.quiet, device=args.device, budget_s=args.budget_minutes * 60
+                       if args.budget_minutes else None)
+    for name, state in status.items():
+        print(f"{name:40s} {state}")
+    print(f"report: {args.out or 'results/' + args.protocol}/REPORT.md")
+
+
+def cmd_report(args) -> None:
+    from .reproduce import PROTOCOLS
+    from .report import write_report
+    out = args.out or f"results/{args.protocol}"
+    print(f"wrote {write_report(out, PROTOCOLS[args.protocol])}")
+
+
 def cmd_demo(args) -> None:
     from .experiments import run_demo
     table = run_demo(args.out, steps=args.steps, progress=not args.quiet)
@@ -219,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reproduce", help="every 31M-model experiment of the paper as resumable units, and a report")
+    p.add_argument("--protocol", choices=("paper", "compact", "smoke"), default="compact",
+                   help="paper: SPEC's settings on WikiText-103; compact: the bundled corpus (default); "
+                        "smoke: a tiny model in minutes on CPU")
+    p.add_argument("--only", type=_csv(str), help="comma-separated units or experiments (exp1, exp2, exp3, exp4, "
+                   "table4, table5, figure1, baseline, or unit-name prefixes)")
+    p.add_argument("--seeds", type=int, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
+    p.add_argument("--out", help="results folder (default results/PROTOCOL)")
+    p.add_argument("--runs", help="checkpoint folder, kept out of git (default runs/PROTOCOL)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--budget-minutes", type=float, help="start no new unit after this many minutes")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("report", help="rebuild REPORT.md and plots from a reproduction's per-unit results")
+    p.add_argument("--protocol", choices=("paper", "compact", "smoke"), default="compact")
+    p.add_argument("--out", help="results folder (default results/PROTOCOL)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("distill", help="train fresh gate projections on a frozen checkpoint (post-hoc gates)")
     p.add_argument("checkpoint", help="the frozen base checkpoint (RUN/checkpoint)")

@@ -1,0 +1,317 @@
+"""`gatelab reproduce`: every 31M-model experiment of the paper as resumable units, then a report.
+
+A unit is one training, distillation, evaluation or analysis with a name. Its small outputs (metrics,
+evaluation, result.json) go to `<out>/units/<name>/`; its checkpoints to `<runs>/<name>/` (kept out of git).
+A unit whose result.json exists is skipped; a killed unit resumes from its checkpoint; a unit whose
+dependency's checkpoint is gone (e.g. on a fresh machine) retrains that dependency first.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import GatelabError, ModelConfig, Routing, TrainConfig, to_dict, write_json
+from .data import TokenData, prepare
+
+
+@dataclass
+class Protocol:
+    name: str
+    corpus: str
+    data: str
+    model: dict
+    steps: int  # every end-to-end training run (dense, Experiments 1, 2, 4)
+    batch_size: int
+    k: int
+    seeds: int
+    distill_steps: int  # KL / BCE gates (paper: 1,000)
+    task_steps: int  # gate-only task training (paper's Table 5: 10,000, converged by 500)
+    topk_ks: tuple = (64, 128, 256)
+    eval_tokens: int = 0  # 0 = the whole validation split
+    analysis_batches: int = 8
+    random_mask_seeds: int = 5
+    lr: float = 6e-4
+    warmup_steps: int = 500
+    eval_every: int = 500
+    task_eval_every: int = 100
+    note: str = ""
+
+
+PROTOCOLS = {
+    "paper": Protocol("paper", "wikitext-103", "data/prepared/wikitext-103", {}, steps=50_000, batch_size=16, k=64,
+                      seeds=3, distill_steps=1000, task_steps=10_000, warmup_steps=1000, eval_every=2500,
+                      task_eval_every=500,
+                      note="SPEC's settings on WikiText-103 (run `gatelab prepare --corpus wikitext-103 --source DIR` "
+                           "first)."),
+    "compact": Protocol("compact", "bundled", "data/prepared/bundled", {}, steps=4000, batch_size=16, k=64, seeds=3,
+                        distill_steps=1000, task_steps=1000,
+                        note="The paper's model and batch on the bundled corpus. 4,000 steps: the dense model's "
+                             "validation curve (results/dense-curve/) still falls there and bottoms out near 10,000 "
+                             "steps, so no run overfits; 4,000 is what the GPU budget allowed for 16 runs."),
+    "smoke": Protocol("smoke", "bundled", "data/prepared/bundled",
+                      dict(n_layer=2, d_model=64, n_head=4, d_mlp=128, context=64, d_gate=8), steps=20, batch_size=4,
+                      k=8, seeds=2, distill_steps=10, task_steps=10, topk_ks=(8, 16, 32), eval_tokens=2048,
+                      analysis_batches=1, random_mask_seeds=2, lr=2e-3, warmup_steps=2, eval_every=10,
+                      task_eval_every=5, note="A tiny model for minutes on CPU: checks the pipeline, not the science."),
+}
+
+# The soft-gate readings of SPEC (Routing fields); the first is the default.
+READINGS = {
+    "topk-sigmoid": dict(soft_mask="topk-sigmoid", soft_renormalize=False),
+    "sigmoid": dict(soft_mask="sigmoid", soft_renormalize=False),
+    "topk-sigmoid-renorm": dict(soft_mask="topk-sigmoid", soft_renormalize=True),
+    "sigmoid-renorm": dict(soft_mask="sigmoid", soft_renormalize=True),
+}
+
+
+@dataclass
+class Unit:
+    name: str
+    experiment: str
+    run: Callable[["Suite", "Unit"], dict]
+    needs: list[str] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+
+
+class Suite:
+    def __init__(self, protocol: Protocol, out: str | Path, runs: str | Path, progress: bool = True,
+                 device: str = "auto"):
+        self.p, self.out, self.runs = protocol, Path(out), Path(runs)
+        self.progress, self.device = progress, device
+        self.units: dict[str, Unit] = {}
+        self._build()
+
+    # -------------------------------------------------------------------------------------------------------
+    def train_config(self, gate: str, routing: Routing, seed: int = 0) -> TrainConfig:
+        p = self.p
+        return TrainConfig(model=ModelConfig(**p.model, gate=gate), routing=routing, data=p.data, steps=p.steps,
+                           batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10, warmup_steps=p.warmup_steps,
+                           seed=seed, eval_every=p.eval_every, eval_tokens=p.eval_tokens,
+                           checkpoint_every=max(p.eval_every, p.steps // 8), device=self.device)
+
+    def add(self, name, experiment, run, needs=(), **params):
+        self.units[name] = Unit(name, experiment, run, list(needs), params)
+
+    def _build(self) -> None:
+        p, k = self.p, self.p.k
+        soft = lambda reading: Routing(mode="soft-gate", k=k, **READINGS[reading])  # noqa: E731
+        self.add("dense", "baseline", run_train, cfg=self.train_config("none", Routing()),
+                 evals=[Routing()] + [Routing(mode=m, k=kk) for m in ("oracle-topk", "random-topk")
+                                      for kk in p.topk_ks])
+        self.add("fig1-concentration", "figure1", run_analyze, needs=["dense"], base="dense")
+        for seed in range(p.seeds):
+            for gate in ("learned", "random"):
+                self.add(f"exp1-soft-{gate}-s{seed}", "exp1", run_train,
+                         cfg=self.train_config(gate, soft("topk-sigmoid"), seed), evals=[soft("topk-sigmoid")])
+        for reading in list(READINGS)[1:]:
+            for gate in ("learned", "random"):
+                self.add(f"exp1-{reading}-{gate}-s0", "exp1-readings", run_train,
+                         cfg=self.train_config(gate, soft(reading), 0), evals=[soft(reading)], reading=reading)
+        hard = Routing(mode="gate-topk", k=k)
+        for gate in ("learned", "random"):
+            self.add(f"exp2-hard-{gate}", "exp2", run_train, cfg=self.train_config(gate, hard), evals=[hard])
+        self.add("exp2-gradient-check", "exp2", run_analyze, needs=["exp2-hard-learned"], base="exp2-hard-learned")
+        for base in ("dense", "exp1-soft-learned-s0"):
+            self.add(f"exp3-bce-on-{base}", "exp3", run_distill, needs=[base], base=base, loss="bce", k=k)
+        stoch = Routing(mode="stochastic", k=k)
+        self.add("exp4-stochastic", "exp4", run_train, cfg=self.train_config("none", stoch),
+                 evals=[Routing(), stoch] + [Routing(mode="random-topk", k=k, seed=s)
+                                             for s in range(p.random_mask_seeds)])
+        for kk in p.topk_ks:
+            self.add(f"table4-kl-{kk}", "table4", run_distill, needs=["dense"], base="dense", loss="kl", k=kk)
+        for seed in range(p.seeds):
+            self.add(f"table5-task-learned-s{seed}", "table5", run_distill, needs=["dense"], base="dense",
+                     loss="task", k=k, seed=seed)
+            self.add(f"table5-task-random-s{seed}", "table5", run_distill, needs=["dense"], base="dense",
+                     loss="task", k=k, seed=seed, random_control=True)
+
+    # -------------------------------------------------------------------------------------------------------
+    def unit_dir(self, name: str) -> Path:
+        return self.out / "units" / name
+
+    def is_done(self, name: str) -> bool:
+        return (self.unit_dir(name) / "result.json").is_file()
+
+    def checkpoint(self, name: str) -> Path:
+        """The checkpoint of training unit `name`, retraining it if this machine lacks it."""
+        unit = self.units[name]
+        from .train import train
+        train(unit.params["cfg"], self.runs / name, progress=self.progress)
+        return self.runs / name / "checkpoint"
+
+    def select(self, only: list[str] | None) -> list[Unit]:
+        if not only:
+            return list(self.units.values())
+        chosen = [u for u in self.units.values() if any(u.name == o or u.experiment == o or u.name.startswith(o)
+                                                        for o in only)]
+        if not chosen:
+            raise GatelabError(f"--only {','.join(only)} matches no unit; units: {', '.join(self.units)}; "
+                               f"experiments: {', '.join(sorted({u.experiment for u in self.units.values()}))}")
+        return chosen
+
+    def run(self, only: list[str] | None = None, budget_s: float | None = None) -> dict:
+        """Run the selected units that are not done, in order. Stops starting new units after budget_s."""
+        t0 = time.time()
+        status = {}
+        for unit in self.select(only):
+            if self.is_done(unit.name):
+                status[unit.name] = "done (skipped)"
+                continue
+            if budget_s is not None and time.time() - t0 > budget_s:
+                status[unit.name] = "not started (budget)"
+                continue
+            start = time.time()
+            print(f"[reproduce] {unit.name} ...", flush=True)
+            result = unit.run(self, unit)
+            result.update(name=unit.name, experiment=unit.experiment, wall_s=time.time() - start,
+                          device=_device_name(self.device))
+            write_json(self.unit_dir(unit.name) / "result.json", result)
+            status[unit.name] = f"ran in {time.time() - start:.0f} s"
+        return status
+
+
+def _device_name(device: str) -> str:
+    from .evaluate import resolve_device
+    dev = resolve_device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def _copy(src: Path, dst_dir: Path) -> None:
+    if src.is_file():
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst_dir / src.name)
+
+
+def _evaluate(suite: Suite, model, routings: list[Routing]) -> dict:
+    from .evaluate import perplexity
+    data = TokenData(suite.p.data, "validation")
+    out = {}
+    for r in routings:
+        torch.manual_seed(0)
+        res = perplexity(model, data, r, batch_size=16, max_tokens=suite.p.eval_tokens)
+        key = r.label() + (f"#seed{r.seed}" if r.mode == "random-topk" and r.seed else "")
+        out[key] = res["ppl"]
+    return out
+
+
+def _curve(metrics: Path, key: str = "val_ppl") -> list:
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def _median_tokens_per_s(metrics: Path) -> float | None:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    vals = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][2:]
+    return statistics.median(vals) if vals else None
+
+
+def run_train(suite: Suite, unit: Unit) -> dict:
+    from .checkpoint import load_model
+    from .evaluate import resolve_device
+    ckpt = suite.checkpoint(unit.name)
+    run_dir = ckpt.parent
+    for f in ("metrics.jsonl", "done.json"):
+        _copy(run_dir / f, suite.unit_dir(unit.name))
+    model, _ = load_model(ckpt, device=resolve_device(suite.device))
+    cfg: TrainConfig = unit.params["cfg"]
+    return dict(kind="train", config=to_dict(cfg), evals=_evaluate(suite, model, unit.params["evals"]),
+                curve=_curve(run_dir / "metrics.jsonl"), tokens_per_s=_median_tokens_per_s(run_dir / "metrics.jsonl"),
+                gate_params_unchanged_from_init=_gates_unchanged(model, cfg) if model.gates() else None,
+                **{k: v for k, v in unit.params.items() if k not in ("cfg", "evals")})
+
+
+def _gates_unchanged(model, cfg: TrainConfig) -> bool:
+    from .model import GPT
+    torch.manual_seed(cfg.seed)
+    init = GPT(cfg.model)
+    return all(torch.equal(a.cpu(), b) for a, b in zip(model.gate_parameters(), init.gate_parameters()))
+
+
+def run_distill(suite: Suite, unit: Unit) -> dict:
+    from .analyze import attention_statistics, validation_batches
+    from .checkpoint import load_model
+    from .distill import attach_gate, distill_config
+    from .evaluate import resolve_device
+    from .train import build_model, train
+    prm = unit.params
+    base = suite.checkpoint(prm["base"])
+    steps = suite.p.task_steps if prm["loss"] == "task" else suite.p.distill_steps
+    cfg = distill_config(base, prm["loss"], k=prm["k"], d_gate=ModelConfig(**suite.p.model).d_gate, steps=steps,
+                         batch_size=suite.p.batch_size, seed=prm.get("seed", 0),
+                         random_control=prm.get("random_control", False),
+                         overrides=dict(device=suite.device, eval_tokens=suite.p.eval_tokens,
+                                        eval_every=suite.p.task_eval_every if prm["loss"] == "task" else 0))
+    run_dir = suite.runs / unit.name
+    device = resolve_device(suite.device)
+    if prm.get("random_control"):
+        from .distill import export_gate
+        run_dir.mkdir(parents=True, exist_ok=True)
+        export_gate(build_model(cfg, device), cfg, run_dir)
+    else:
+        train(cfg, run_dir, progress=suite.progress)
+    for f in ("metrics.jsonl", "done.json", "gate.json"):
+        _copy(run_dir / f, suite.unit_dir(unit.name))
+    model, _ = load_model(base, device=device)
+    attach_gate(model, run_dir, base)
+    deploy = Routing(mode="gate-topk", k=prm["k"])
+    routings = [Routing(mode="soft-gate", k=prm["k"])] if prm["loss"] == "task" else [deploy]
+    evals = _evaluate(suite, model, routings)
+    xs, _ = validation_batches(TokenData(suite.p.data, "validation"), model.cfg.context, suite.p.analysis_batches,
+                               8)
+    f1 = attention_statistics(model, xs, [prm["k"]])[-1][f"gate_f1@{prm['k']}"]
+    curve = _curve(run_dir / "metrics.jsonl")
+    return dict(kind="distill", base=prm["base"], loss=prm["loss"], k=prm["k"], seed=prm.get("seed", 0),
+                random_control=prm.get("random_control", False), evals=evals, val_f1=f1, curve=curve,
+                train_f1=_curve(run_dir / "metrics.jsonl", "f1")[-1:] or None)
+
+
+def run_analyze(suite: Suite, unit: Unit) -> dict:
+    from .analyze import analyze
+    from .checkpoint import load_model
+    from .evaluate import resolve_device
+    from .routing import BilinearGate
+    base = suite.checkpoint(unit.params["base"])
+    device = resolve_device(suite.device)
+    model, _ = load_model(base, device=device)
+    note = "the checkpoint's own gate"
+    if not model.gates():
+        torch.manual_seed(0)
+        for b in model.blocks:
+            b.attn.gate = BilinearGate(model.cfg.d_model, model.cfg.n_head, model.cfg.d_gate).to(device)
+        note = "a fresh random gate (the checkpoint has none)"
+    res = analyze(model, TokenData(suite.p.data, "validation"), list(suite.p.topk_ks),
+                  suite.unit_dir(unit.name), batches=suite.p.analysis_batches, batch_size=8, title=unit.name,
+                  gate_note=note)
+    return dict(kind="analyze", base=unit.params["base"], layers=res["layers"], gate_gradients=res["gate_gradients"])
+
+
+def reproduce(protocol: str, out: str | None = None, runs: str | None = None, only: list[str] | None = None,
+              seeds: int | None = None, progress: bool = True, device: str = "auto",
+              budget_s: float | None = None, report: bool = True) -> dict:
+    if protocol not in PROTOCOLS:
+        raise GatelabError(f"unknown protocol {protocol!r}; choose {', '.join(PROTOCOLS)}")
+    p = PROTOCOLS[protocol]
+    if seeds is not None:
+        if seeds < 1:
+            raise GatelabError("--seeds must be >= 1")
+        p = replace(p, seeds=seeds)
+    if p.corpus == "bundled":
+        prepare("bundled", p.data, progress=progress)
+    elif not (Path(p.data) / "meta.json").is_file():
+        raise GatelabError(f"protocol {protocol} needs {p.corpus} prepared in {p.data}: run "
+                           f"`gatelab prepare --corpus {p.corpus} --source DIR` first")
+    suite = Suite(p, out or f"results/{protocol}", runs or f"runs/{protocol}", progress=progress, device=device)
+    status = suite.run(only, budget_s=budget_s)
+    if report:
+        from .report import write_report
+        write_report(suite.out, p)
+    return status
