@@ -108,12 +108,18 @@ def write_report(out: str | Path, protocol) -> Path:
               f"| frozen random soft gate ({len(random_)} seeds) | {_ms(Rd)} | 49.83 +- 0.04 |",
               f"| dense baseline | {_f(dense)} | 37.32 |"]
     if L and Rd and dense:
-        captured = (Rd[0] - L[0]) / (Rd[0] - dense)
-        lines += [f"| share of the random-to-dense gap the learned gate closes | {100 * captured:.1f}% | 9% |"]
-        verdicts.append(("1. Learned gates match random gates (Exp. 1)",
-                         captured < 0.25,
-                         f"learned {L[0]:.2f} vs random {Rd[0]:.2f} (dense {dense:.2f}): the learned gate closes "
-                         f"{100 * captured:.1f}% of the random-to-dense gap (paper: 9%; criterion: < 25%)"))
+        lines += [f"| learned vs random: (random - learned) / random | {100 * (Rd[0] - L[0]) / Rd[0]:+.1f}% | +2.2% |"]
+        if Rd[0] - dense > 0.02 * dense:
+            captured = (Rd[0] - L[0]) / (Rd[0] - dense)
+            lines += [f"| share of the random-to-dense gap the learned gate closes | {100 * captured:.1f}% | 9% |"]
+        unstable = [n for n in R if n.startswith("exp1-soft-") and R[n].get("max_grad_norm", 0) > 1e3]
+        ok = abs(Rd[0] - L[0]) / Rd[0] < 0.05 and not unstable
+        why = (f"learned {L[0]:.2f} vs frozen random {Rd[0]:.2f} (dense {dense:.2f}), "
+               f"{100 * (Rd[0] - L[0]) / Rd[0]:+.1f}% (paper +2.2%; criterion: within 5%, no divergence)")
+        if unstable:
+            why += (f"; the learned runs diverged (gradient norm above 1e3 in {', '.join(sorted(unstable))}), so this "
+                    f"reading does not isolate absorption")
+        verdicts.append(("1. Learned gates match random gates (Exp. 1)", ok, why))
     curves = {n: R[n].get("curve") for n in R if n.startswith("exp1-soft-") or n == "dense"}
     if _plot_curves(curves, out / "exp1_validation_curves.png", "Experiment 1: validation perplexity"):
         lines += ["", "![Experiment 1 validation curves](exp1_validation_curves.png)"]
@@ -125,14 +131,18 @@ def write_report(out: str | Path, protocol) -> Path:
         else:
             lr, rr = R.get(f"exp1-{reading}-learned-s0"), R.get(f"exp1-{reading}-random-s0")
         le, re_ = _eval(lr, "soft-gate"), _eval(rr, "soft-gate")
-        cap = (re_ - le) / (re_ - dense) if le and re_ and dense and re_ != dense else None
+        gap = (re_ - le) / re_ if le and re_ else None
+        diverged = bool(lr and lr.get("max_grad_norm", 0) > 1e3)
+        verdict = "-" if gap is None else "diverged" if diverged else "yes" if abs(gap) < 0.05 else "no"
         rows.append(f"| {reading}{' (default)' if reading == 'topk-sigmoid' else ''} | {_f(le)} | {_f(re_)} | "
-                    f"{_f(None if cap is None else 100 * cap, 1)}{'%' if cap is not None else ''} | "
-                    f"{'yes' if cap is not None and cap < 0.25 else 'no' if cap is not None else '-'} |")
+                    f"{_f(dense)} | {'-' if gap is None else f'{100 * gap:+.1f}%'} | "
+                    f"{_f(lr and lr.get('max_grad_norm'), 1)} | {verdict} |")
     lines += ["", "### Soft-gate readings (seed 0 each)", "",
               "SPEC's readings of \"element-wise multiplication with sigmoid gate scores\". Absorption = the learned "
-              "gate closes less than 25% of the random-to-dense gap.", "",
-              "| reading | learned | random | gap closed | absorption? |", "|---|---|---|---|---|"] + rows
+              "gate ends within 5% of the frozen random one without diverging (max gradient norm of the learned run "
+              "below 1e3).", "",
+              "| reading | learned | random | dense | (random - learned) / random | learned max grad norm | "
+              "absorption? |", "|---|---|---|---|---|---|---|"] + rows
 
     # ---- Experiment 2 ---------------------------------------------------------------------------------
     hl, hr = _eval(R.get("exp2-hard-learned"), "gate-topk"), _eval(R.get("exp2-hard-random"), "gate-topk")
