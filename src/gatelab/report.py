@@ -248,6 +248,9 @@ def write_report(out: str | Path, protocol) -> Path:
         head.append("- no experiment has finished yet.")
     head += ["", f"Units finished: {len(R)}. Wall time of the finished units: {gpu_s / 60:.1f} GPU minutes"
                  f"{f', {cpu_s / 60:.1f} CPU minutes' if cpu_s else ''} on {', '.join(devices)}.", ""]
+    notes = out / "NOTES.md"  # hand-written interpretation of the measured numbers, kept beside the report
+    if notes.is_file():
+        lines += ["", "## Notes (hand-written, from the numbers above)", "", notes.read_text().strip()]
     first_section = next(i for i, line in enumerate(lines) if line.startswith("## "))
     text = "\n".join(lines[:first_section] + head + lines[first_section:]) + "\n"
     write_text(out / "REPORT.md", text)
