@@ -93,6 +93,19 @@ def gate_gradient_norms(model, x: torch.Tensor, y: torch.Tensor, k: int) -> list
     return out
 
 
+def ensure_gate(model, seed: int = 0) -> str:
+    """Give a gate-less model a fresh random gate, only so that gradient flow to a gate can be measured.
+    Returns a note saying which gate the diagnostics describe."""
+    if model.gates():
+        return "the checkpoint's own gate"
+    from .routing import BilinearGate
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    for b in model.blocks:
+        b.attn.gate = BilinearGate(model.cfg.d_model, model.cfg.n_head, model.cfg.d_gate).to(device)
+    return "a fresh randomly initialised gate (the checkpoint has none); F1 columns describe it"
+
+
 def plot_concentration(rows: list[dict], ks: list[int], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")

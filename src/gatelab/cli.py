@@ -77,22 +77,32 @@ def cmd_train(args) -> None:
     from .train import train
     cfg = load_train_config(args.config, args.overrides)
     resume = "require" if args.resume else "never" if args.fresh else "auto"
-    summary = train(cfg, args.out, resume=resume, progress=not args.quiet)
+    print_summary(train(cfg, args.out, resume=resume, progress=not args.quiet), args.out)
+
+
+def print_summary(summary: dict, out: str) -> None:
     if summary.get("skipped"):
-        print(f"{args.out} is already finished (delete done.json or use --fresh to train again)")
+        print(f"{out} is already finished (use --fresh to start over)")
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 
-def cmd_eval(args) -> None:
-    import torch
+def load_for_evaluation(args):
+    """The checkpoint's model on the chosen device, with --gate attached when given."""
     from .checkpoint import load_model
-    from .data import TokenData
-    from .evaluate import perplexity, resolve_device
+    from .evaluate import resolve_device
     device = resolve_device(args.device)
     model, trainer = load_model(args.checkpoint, device=device)
     if args.gate:
         from .distill import attach_gate
         attach_gate(model, args.gate, args.checkpoint, allow_other_base=args.allow_other_base)
+    return model, trainer, device
+
+
+def cmd_eval(args) -> None:
+    import torch
+    from .data import TokenData
+    from .evaluate import perplexity
+    model, trainer, device = load_for_evaluation(args)
     data_dir = args.data or trainer["config"]["data"]
     data = TokenData(data_dir, args.split)
     rows = []
@@ -127,31 +137,14 @@ def cmd_distill(args) -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         print(f"frozen random gate written to {export_gate(model, cfg, args.out)}")
         return
-    summary = train(cfg, args.out, resume="never" if args.fresh else "auto", progress=not args.quiet)
-    if summary.get("skipped"):
-        print(f"{args.out} is already finished")
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    print_summary(train(cfg, args.out, resume="never" if args.fresh else "auto", progress=not args.quiet), args.out)
 
 
 def cmd_analyze(args) -> None:
-    from .analyze import analyze
-    from .checkpoint import load_model
+    from .analyze import analyze, ensure_gate
     from .data import TokenData
-    from .evaluate import resolve_device
-    device = resolve_device(args.device)
-    model, trainer = load_model(args.checkpoint, device=device)
-    note = "the checkpoint's own gate" if model.gates() else ""
-    if args.gate:
-        from .distill import attach_gate
-        attach_gate(model, args.gate, args.checkpoint, allow_other_base=args.allow_other_base)
-        note = f"gate {args.gate}"
-    elif not model.gates():
-        import torch
-        from .routing import BilinearGate
-        torch.manual_seed(args.seed)
-        for b in model.blocks:  # a fresh gate, only to show where gradients reach it
-            b.attn.gate = BilinearGate(model.cfg.d_model, model.cfg.n_head, model.cfg.d_gate).to(device)
-        note = "a fresh randomly initialised gate (the checkpoint has none); F1 columns describe it"
+    model, trainer, _ = load_for_evaluation(args)
+    note = f"gate {args.gate}" if args.gate else ensure_gate(model, args.seed)
     data = TokenData(args.data or trainer["config"]["data"], args.split)
     for k in args.k:
         Routing(mode="oracle-topk", k=k).validate(model.cfg.context)

@@ -276,19 +276,12 @@ def run_distill(suite: Suite, unit: Unit) -> dict:
 
 
 def run_analyze(suite: Suite, unit: Unit) -> dict:
-    from .analyze import analyze
+    from .analyze import analyze, ensure_gate
     from .checkpoint import load_model
     from .evaluate import resolve_device
-    from .routing import BilinearGate
     base = suite.checkpoint(unit.params["base"])
-    device = resolve_device(suite.device)
-    model, _ = load_model(base, device=device)
-    note = "the checkpoint's own gate"
-    if not model.gates():
-        torch.manual_seed(0)
-        for b in model.blocks:
-            b.attn.gate = BilinearGate(model.cfg.d_model, model.cfg.n_head, model.cfg.d_gate).to(device)
-        note = "a fresh random gate (the checkpoint has none)"
+    model, _ = load_model(base, device=resolve_device(suite.device))
+    note = ensure_gate(model)
     res = analyze(model, TokenData(suite.p.data, "validation"), list(suite.p.topk_ks),
                   suite.unit_dir(unit.name), batches=suite.p.analysis_batches, batch_size=8, title=unit.name,
                   gate_note=note)
