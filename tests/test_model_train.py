@@ -170,3 +170,15 @@ def test_checkpoint_errors(token_corpus, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(GatelabError, match="corrupt or truncated"):
         load_model(ckpt)
+
+
+@pytest.mark.parametrize("gate,routing,expected", [
+    ("none", Routing(), [4.6074324, 4.2863202, 4.0368309, 3.9746649]),
+    ("learned", Routing(mode="soft-gate", k=4), [4.5929499, 4.2599916, 4.0105343, 3.9454608]),
+])
+def test_reference_loss_values(token_corpus, tmp_path, gate, routing, expected):
+    """Regression values for a tiny model, seed 0, CPU fp32 (recorded with torch 2.13.0): any change to the
+    model, routing, initialisation, data order or optimiser shows up here."""
+    cfg = tiny_train_config(token_corpus, model=tiny_model_config(gate=gate), routing=routing, steps=10)
+    train(cfg, tmp_path / "run", progress=False)
+    assert losses(tmp_path / "run")[::3] == pytest.approx(expected, abs=1e-4)
