@@ -59,19 +59,16 @@ def topk_keep_mask(scores: torch.Tensor, k: int, causal: torch.Tensor) -> torch.
     return keep & causal  # rows with < k causal keys picked some -inf future keys: drop them
 
 
-def few_keys_rows(T: int, k: int, device) -> torch.Tensor:
-    """(T, 1) bool: query rows with k or fewer causal keys (row i has i + 1 keys)."""
-    return (torch.arange(T, device=device) < k).unsqueeze(-1)
-
-
 def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log: bool = False) -> torch.Tensor:
-    """The soft gate's multiplicative mask m (or log m when `log`), over causal keys (future entries: 0 / -inf)."""
+    """The soft gate's multiplicative mask m (or log m when `log`) over the allowed keys (`causal`: any bool
+    mask broadcastable to G, e.g. causal & not padding); other entries get 0 / -inf."""
     T = G.shape[-1]
     t = routing.soft_temperature
     if routing.soft_mask == "topk-sigmoid":
         if routing.k < T:
             tau = G.detach().masked_fill(~causal, float("-inf")).topk(routing.k, dim=-1).values[..., -1:]
-            tau = tau.masked_fill(few_keys_rows(T, routing.k, G.device), float("-inf"))
+            few_keys = causal.sum(-1, keepdim=True) <= routing.k  # such rows keep all their keys
+            tau = tau.masked_fill(few_keys, float("-inf"))
         else:
             tau = torch.full_like(G[..., :1], float("-inf"))
         z = (G - tau) / t

@@ -1,0 +1,239 @@
+"""Bilinear gates and every gatelab routing mode on Hugging Face causal LMs (Llama, Qwen2/Qwen3, Gemma3...).
+
+No modeling file is copied: gatelab registers one attention function in transformers' attention
+registry (`AttentionInterface`) and switches the model to it. A forward pre-hook on each attention module
+keeps that layer's input hidden states X, which the gate reads.
+
+- The gate reads X, the normed input of q/k/v_proj, *before* RoPE: it scores content, not position.
+- Grouped-query attention: one gate per *query* head; keys and values are repeated to the query heads.
+- The model's own mask (causal, padding, sliding window) defines the allowed keys of each row; every routing
+  mode selects among those, and rows with k or fewer allowed keys keep them all.
+- Gate routings need the full key sequence: with a KV cache (generation), use dense/oracle/random routings.
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    gated = attach_gates(model, d_gate=32, gate="learned")
+    with gated.routing(Routing(mode="gate-topk", k=64)):
+        out = model(input_ids)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import GatelabError, Routing, write_json
+from .routing import BilinearGate, soft_gate_mask, topk_keep_mask
+
+ATTN_NAME = "gatelab"
+GATE_WEIGHTS, GATE_META = "gate.safetensors", "gate.json"
+
+
+def _attention_modules(model) -> list[nn.Module]:
+    mods = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    if not mods:
+        raise GatelabError(f"{type(model).__name__}: no `self_attn` modules found; gatelab.hf supports decoder "
+                           f"models whose layers name their attention `self_attn` (Llama, Qwen2/3, Gemma3, Mistral)")
+    return mods
+
+
+def _allowed_keys(attention_mask, B: int, T: int, S: int, device) -> torch.Tensor:
+    """Bool (B or 1, 1, T, S): the keys each query may see, from the model's own mask."""
+    if attention_mask is None:
+        offset = S - T  # queries are the last T positions
+        return (torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + offset)[None, None]
+    mask = attention_mask[..., :S]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def gatelab_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: the model's attention under the active gatelab routing."""
+    state = module._gatelab
+    routing: Routing = state["controller"].current
+    B, H, T, D = query.shape
+    groups = H // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    S_len = key.shape[2]
+    scaling = scaling if scaling is not None else D ** -0.5
+    allowed = _allowed_keys(attention_mask, B, T, S_len, query.device)
+    S = (query @ key.transpose(-1, -2)).float() * scaling
+    if routing.needs_gate:
+        gate = state.get("gate")
+        if gate is None:
+            raise GatelabError(f"routing {routing.mode} needs gates: attach_gates(..., gate='learned'|'random')")
+        if T != S_len:
+            raise GatelabError("gate routings need the whole key sequence: call the model with use_cache=False")
+        G = gate(state["x"]).float()
+    mode = routing.mode
+    if mode == "soft-gate":
+        if routing.soft_renormalize:
+            logits = S + soft_gate_mask(G, routing, allowed, log=True)
+            weights = torch.softmax(logits, dim=-1)
+        else:
+            weights = torch.softmax(S.masked_fill(~allowed, float("-inf")), dim=-1) * soft_gate_mask(G, routing,
+                                                                                                      allowed)
+    else:
+        keep = allowed
+        if mode == "oracle-topk":
+            keep = topk_keep_mask(S, routing.k, allowed)
+        elif mode == "gate-topk":
+            keep = topk_keep_mask(G, routing.k, allowed)
+        elif mode == "random-topk":
+            g = torch.Generator(device="cpu").manual_seed(1_000_003 * routing.seed + state["layer"])
+            scores = torch.rand(1, H, T, S_len, generator=g).to(query.device)
+            keep = topk_keep_mask(scores, routing.k, allowed)
+        elif mode == "stochastic":
+            keep = topk_keep_mask(torch.rand(B, H, T, S_len, device=query.device), routing.k, allowed)
+        weights = torch.softmax(S.masked_fill(~keep, float("-inf")), dim=-1)
+    weights = torch.nan_to_num(weights, nan=0.0)  # rows with no allowed key (fully padded queries)
+    if dropout and module.training:
+        weights = nn.functional.dropout(weights, p=dropout)
+    out = (weights.to(value.dtype) @ value).transpose(1, 2).contiguous()
+    return out, weights.to(query.dtype)
+
+
+class RoutingController:
+    """Holds the routing every gated attention module uses; switch it with `with gated.routing(r):`."""
+
+    def __init__(self, model, gates: nn.ModuleList | None, d_gate: int, kind: str):
+        self.model, self.gates, self.d_gate, self.kind = model, gates, d_gate, kind
+        self.current = Routing()
+
+    @contextmanager
+    def routing(self, routing: Routing):
+        routing.validate()
+        previous, self.current = self.current, routing
+        try:
+            yield self
+        finally:
+            self.current = previous
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [] if self.gates is None else list(self.gates.parameters())
+
+
+def attach_gates(model, d_gate: int = 32, gate: str = "learned", seed: int = 0,
+                 init_std: float | None = None) -> RoutingController:
+    """Patch `model` (in place) to route attention through gatelab; gate: learned | random | none."""
+    from transformers import AttentionInterface
+    if gate not in ("learned", "random", "none"):
+        raise GatelabError(f"gate must be learned, random or none, got {gate!r}")
+    AttentionInterface.register(ATTN_NAME, gatelab_attention)
+    try:  # transformers builds masks through a registry keyed by the same name: ours are boolean, as for SDPA
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    except ImportError:  # older transformers pass their 4D additive masks directly
+        pass
+    cfg = model.config
+    attns = _attention_modules(model)
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    gates = None
+    if gate != "none":
+        torch.manual_seed(seed)
+        dev = next(model.parameters()).device
+        gates = nn.ModuleList([BilinearGate(hidden, heads, d_gate, init_std, trainable=gate == "learned")
+                               for _ in attns]).to(dev)
+        model.gatelab_gates = gates  # registered, so .to(), state_dict() and optimisers see them
+    controller = RoutingController(model, gates, d_gate, gate)
+    for i, attn in enumerate(attns):
+        attn._gatelab = dict(controller=controller, layer=i, gate=None if gates is None else gates[i], x=None)
+
+        def keep_input(mod, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            mod._gatelab["x"] = x
+        if not getattr(attn, "_gatelab_hooked", False):
+            attn.register_forward_pre_hook(keep_input, with_kwargs=True)
+            attn._gatelab_hooked = True
+    _set_attn_implementation(model, ATTN_NAME)
+    model.gatelab = controller
+    return controller
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "_attn_implementation"):
+            try:
+                c._attn_implementation = name
+            except Exception:  # noqa: BLE001 - some configs guard the setter
+                c._attn_implementation_internal = name
+
+
+def set_trainable(model, layers: list[int] | None = None, gates: bool = True) -> list[str]:
+    """Freeze everything, then unfreeze the gates (if learned) and the q/k/v/o projections of `layers`."""
+    attns = _attention_modules(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for i in layers or []:
+        if not 0 <= i < len(attns):
+            raise GatelabError(f"layer {i} does not exist (the model has {len(attns)})")
+        for pname in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for p in getattr(attns[i], pname).parameters():
+                p.requires_grad_(True)
+            names.append(f"layer {i} {pname}")
+    ctl = getattr(model, "gatelab", None)
+    if gates and ctl is not None and ctl.kind == "learned":
+        for p in ctl.gate_parameters():
+            p.requires_grad_(True)
+        names.append("gates")
+    return names
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over the base model's parameters (gates excluded): which weights a gate was trained on."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name.startswith("gatelab_gates"):
+            continue
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_gates(model, out_dir: str | Path, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+    ctl = getattr(model, "gatelab", None)
+    if ctl is None or ctl.gates is None:
+        raise GatelabError("this model has no gatelab gates to save")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in ctl.gates.state_dict().items()}
+    tmp = out / (GATE_WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / GATE_WEIGHTS)
+    cfg = model.config
+    write_json(out / GATE_META, dict(format="gatelab-hf-gate-v1", base_model=getattr(cfg, "_name_or_path", ""),
+                                     model_type=cfg.model_type, base_sha256=model_fingerprint(model),
+                                     n_layer=len(ctl.gates), n_head=cfg.num_attention_heads,
+                                     d_model=cfg.hidden_size, d_gate=ctl.d_gate, **(extra or {})))
+    return out / GATE_META
+
+
+def load_gates(model, path: str | Path, allow_other_base: bool = False) -> RoutingController:
+    """Attach saved gates (frozen) to `model`; refuses gates made for another model."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not (folder / GATE_META).is_file() or not (folder / GATE_WEIGHTS).is_file():
+        raise GatelabError(f"{path} is not a gatelab HF gate (needs {GATE_META} and {GATE_WEIGHTS})")
+    meta = json.loads((folder / GATE_META).read_text())
+    cfg = model.config
+    n_layer = len(_attention_modules(model))
+    shape = dict(model_type=cfg.model_type, n_layer=n_layer, n_head=cfg.num_attention_heads, d_model=cfg.hidden_size)
+    wrong = [f"{k} {meta.get(k)} vs {v}" for k, v in shape.items() if meta.get(k) != v]
+    if wrong:
+        raise GatelabError(f"gate {path} was made for another model ({', '.join(wrong)} here)")
+    if meta.get("base_sha256") != model_fingerprint(model) and not allow_other_base:
+        raise GatelabError(f"gate {path} was trained on other weights ({meta.get('base_model')}); "
+                           f"pass allow_other_base=True to use it anyway")
+    ctl = attach_gates(model, d_gate=int(meta["d_gate"]), gate="random")
+    ctl.gates.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in load_file(
+        str(folder / GATE_WEIGHTS)).items()})
+    return ctl

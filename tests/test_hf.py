@@ -1,0 +1,125 @@
+"""gatelab.hf on tiny random-weight Llama and Qwen3 models built in code (no downloads)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from gatelab.config import GatelabError, Routing  # noqa: E402
+from gatelab.hf import attach_gates, load_gates, save_gates, set_trainable  # noqa: E402
+
+T = 24
+
+
+def tiny(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3Config(**common, head_dim=16)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    return model.eval()
+
+
+FAMILIES = ["llama", "qwen3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_routing_reproduces_the_unpatched_model(family):
+    model = tiny(family)
+    ids = torch.randint(0, 101, (2, T))
+    with torch.no_grad():
+        reference = model(ids).logits
+        gated = attach_gates(model, d_gate=8)
+        with gated.routing(Routing()):
+            ours = model(ids).logits
+        with gated.routing(Routing(mode="oracle-topk", k=T)):
+            oracle_all = model(ids).logits
+    assert torch.allclose(reference, ours, atol=1e-5)
+    assert torch.allclose(reference, oracle_all, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["oracle-topk", "gate-topk", "random-topk", "stochastic"])
+def test_hard_topk_keeps_exactly_k_allowed_keys(family, mode):
+    model = tiny(family)
+    gated = attach_gates(model, d_gate=8)
+    ids = torch.randint(0, 101, (2, T))
+    k = 5
+    with torch.no_grad(), gated.routing(Routing(mode=mode, k=k)):
+        out = model(ids, output_attentions=True)
+    for A in out.attentions:
+        kept = (A > 0).sum(-1)
+        assert torch.equal(kept, torch.clamp(torch.arange(T) + 1, max=k).expand_as(kept))
+        assert torch.all(A.triu(1) == 0)
+
+
+def test_padding_keys_are_never_selected():
+    model = tiny("llama")
+    gated = attach_gates(model, d_gate=8)
+    ids = torch.randint(0, 101, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :6] = 0  # left padding of the second sequence
+    with torch.no_grad(), gated.routing(Routing(mode="gate-topk", k=4)):
+        out = model(ids, attention_mask=mask, output_attentions=True)
+    for A in out.attentions:
+        assert torch.all(A[1, :, 6:, :6] == 0)
+        kept = (A[1, :, 6:] > 0).sum(-1)
+        assert torch.equal(kept, torch.clamp(torch.arange(T - 6) + 1, max=4).expand_as(kept))
+
+
+def test_gate_gradients_zero_under_hard_topk_nonzero_under_soft():
+    model = tiny("qwen3")
+    gated = attach_gates(model, d_gate=8)
+    set_trainable(model, layers=[])
+    ids = torch.randint(0, 101, (2, T))
+    grads = {}
+    for mode in ("gate-topk", "soft-gate"):
+        with gated.routing(Routing(mode=mode, k=4)):
+            loss = model(ids, labels=ids).loss
+        if not loss.requires_grad:  # no path from the loss to any trainable parameter at all
+            grads[mode] = 0.0
+            continue
+        g = torch.autograd.grad(loss, gated.gate_parameters(), allow_unused=True)
+        grads[mode] = sum(0.0 if x is None else float(x.abs().sum()) for x in g)
+    assert grads["gate-topk"] == 0.0 and grads["soft-gate"] > 0
+
+
+def test_set_trainable_unfreezes_only_the_chosen_layers_and_gates():
+    model = tiny("llama")
+    attach_gates(model, d_gate=8)
+    names = set_trainable(model, layers=[1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith("gatelab_gates") or ".layers.1.self_attn." in n for n in trainable)
+    assert any(".layers.1.self_attn.q_proj" in n for n in trainable) and "gates" in names
+    with pytest.raises(GatelabError, match="does not exist"):
+        set_trainable(model, layers=[7])
+
+
+def test_gates_save_load_roundtrip_and_refuse_other_models(tmp_path):
+    model = tiny("llama")
+    gated = attach_gates(model, d_gate=8, seed=3)
+    ids = torch.randint(0, 101, (1, T))
+    r = Routing(mode="gate-topk", k=4)
+    with torch.no_grad(), gated.routing(r):
+        before = model(ids).logits
+    save_gates(model, tmp_path / "g")
+    fresh = tiny("llama")
+    ctl = load_gates(fresh, tmp_path / "g")
+    with torch.no_grad(), ctl.routing(r):
+        after = fresh(ids).logits
+    assert torch.equal(before, after)
+    with pytest.raises(GatelabError, match="another model"):
+        load_gates(tiny("qwen3"), tmp_path / "g")
+    with pytest.raises(GatelabError, match="other weights"):
+        load_gates(tiny("llama", seed=1), tmp_path / "g")
+    load_gates(tiny("llama", seed=1), tmp_path / "g", allow_other_base=True)
+
+
+def test_gate_routing_without_gates_is_a_clear_error():
+    model = tiny("llama")
+    gated = attach_gates(model, gate="none")
+    with pytest.raises(GatelabError, match="needs gates"), gated.routing(Routing(mode="soft-gate", k=4)):
+        model(torch.randint(0, 101, (1, 8)))
