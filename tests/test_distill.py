@@ -163,3 +163,26 @@ def test_uniform_attention_statistics_are_exact():
     expected = sum(4 / (i + 1) for i in range(4, 32)) / 28  # rows with > 4 keys: top-4 of i+1 equal weights
     assert overall["top4_mass"] == pytest.approx(expected, abs=1e-5)
     assert math.isfinite(overall["top4_mass"])
+
+
+def test_audit_hard_gate_equals_random_and_distilled_gate_beats_it(token_corpus, tmp_path, capsys):
+    from gatelab.config import Routing as R
+    cfg = tiny_train_config(token_corpus, model=tiny_model_config(gate="learned"), routing=R(mode="gate-topk", k=4),
+                            steps=6)
+    train(cfg, tmp_path / "hard", progress=False)
+    assert main(["audit", str(tmp_path / "hard" / "checkpoint"), "--k", "4", "--json", str(tmp_path / "a.json"),
+                 "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "a.json").read_text())
+    # a hard top-k gate never receives a gradient, so the "learned" gate is its frozen initialisation
+    assert res["summary"]["learned_vs_random"] == 0.0
+    assert "frozen random gate" in capsys.readouterr().out
+    dense = tiny_train_config(token_corpus, steps=30)
+    train(dense, tmp_path / "dense", progress=False)
+    base = tmp_path / "dense" / "checkpoint"
+    train(distill_config(base, "kl", k=4, d_gate=8, steps=40, batch_size=8, lr=1e-2, overrides=dict(device="cpu")),
+          tmp_path / "kl", progress=False)
+    assert main(["audit", str(base), "--gate", str(tmp_path / "kl"), "--k", "4", "--json",
+                 str(tmp_path / "b.json"), "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["summary"]["learned_vs_random"] > 0
+    assert main(["audit", str(base), "--k", "4"]) == 2  # no gate: a clear error

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .cli import format_table
-from .config import ROUTING_MODES, Routing, write_json, write_text
+from .config import ROUTING_MODES, GatelabError, Routing, write_json, write_text
 from .data import TokenData
 from .distill import attention_logits, gate_f1, layer_inputs
 from .evaluate import autocast_for
@@ -137,7 +137,6 @@ def analyze(model, data: TokenData, ks: list[int], out_dir: str | Path, batches:
     out.mkdir(parents=True, exist_ok=True)
     xs, ys = validation_batches(data, model.cfg.context, batches, batch_size)
     if not xs:
-        from .config import GatelabError
         raise GatelabError(f"the {data.split} split has no full {model.cfg.context}-token chunk to analyse")
     stats = attention_statistics(model, xs, ks)
     grads = gate_gradient_norms(model, xs[0][:2], ys[0][:2], ks[0]) if model.gates() else []
@@ -155,3 +154,49 @@ def analyze(model, data: TokenData, ks: list[int], out_dir: str | Path, batches:
     write_text(out / "analysis.md", "\n".join(md) + "\n")
     plot_concentration(stats, ks, out / "concentration.png", title)
     return result
+
+
+def audit(model, trainer: dict, data: TokenData, k: int, gate_meta: dict | None = None, max_tokens: int = 0,
+          batch_size: int = 16) -> dict:
+    """Does the learned router beat a random one? Evaluate the model with its learned gate, with a frozen
+    random gate of the same form (the same initialisation the learned gate started from), with the oracle and
+    dense, under hard top-k and under the routing it was trained with."""
+    import copy
+    import dataclasses
+
+    from .config import routing_from_dict
+    from .evaluate import perplexity
+    if not model.gates():
+        raise GatelabError("audit needs a model with a gate: a checkpoint trained with model.gate=learned, "
+                           "or --gate GATE")
+    device = next(model.parameters()).device
+    seed = (gate_meta or {}).get("seed", trainer["config"].get("seed", 0))
+    # training and distillation both built the model right after manual_seed(seed), gates initialised inside:
+    # rebuilding it the same way gives the gate's exact starting point, which we freeze as the random control
+    torch.manual_seed(seed)
+    init = type(model)(dataclasses.replace(model.cfg, gate="random"))
+    random_model = copy.deepcopy(model)
+    for block, init_block in zip(random_model.blocks, init.blocks):
+        block.attn.gate = init_block.attn.gate.to(device)
+    trained = routing_from_dict(trainer["config"]["routing"]) if gate_meta is None else \
+        routing_from_dict(gate_meta.get("routing", {}))
+    routings = [Routing(mode="gate-topk", k=k)]
+    if trained.mode == "soft-gate":
+        routings.insert(0, trained)
+    rows = []
+    for r in routings:
+        for name, m in (("learned gate", model), ("random gate", random_model)):
+            torch.manual_seed(0)
+            rows.append(dict(model=name, routing=r.label(), ppl=perplexity(m, data, r, batch_size, max_tokens)["ppl"]))
+    for r in (Routing(mode="oracle-topk", k=k), Routing(mode="random-topk", k=k), Routing()):
+        rows.append(dict(model="-", routing=r.label(), ppl=perplexity(model, data, r, batch_size, max_tokens)["ppl"]))
+    by = {(row["model"], row["routing"]): row["ppl"] for row in rows}
+    hard = Routing(mode="gate-topk", k=k).label()
+    learned, rand, oracle = by[("learned gate", hard)], by[("random gate", hard)], \
+        by[("-", Routing(mode="oracle-topk", k=k).label())]
+    summary = dict(k=k, learned_vs_random=(rand - learned) / rand,
+                   random_to_oracle_gap_closed=(rand - learned) / (rand - oracle) if rand != oracle else None)
+    if trained.mode == "soft-gate":
+        sl, sr = by[("learned gate", trained.label())], by[("random gate", trained.label())]
+        summary["soft_learned_vs_random"] = (sr - sl) / sr
+    return dict(rows=rows, summary=summary)

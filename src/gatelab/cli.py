@@ -155,6 +155,29 @@ def cmd_analyze(args) -> None:
     print(f"wrote {out}/analysis.json, analysis.md, concentration.png ({res['rows']:,} query rows)")
 
 
+def cmd_audit(args) -> None:
+    from .analyze import audit
+    from .data import TokenData
+    model, trainer, _ = load_for_evaluation(args)
+    Routing(mode="gate-topk", k=args.k).validate(model.cfg.context)
+    meta = None
+    if args.gate:
+        from .distill import read_gate
+        meta = read_gate(args.gate)[0]
+    data = TokenData(args.data or trainer["config"]["data"], args.split)
+    res = audit(model, trainer, data, args.k, gate_meta=meta, max_tokens=args.max_tokens)
+    print(format_table(res["rows"], ["model", "routing", "ppl"]))
+    s = res["summary"]
+    closed = s["random_to_oracle_gap_closed"]
+    print(f"\nhard top-{args.k}: the learned gate is {100 * s['learned_vs_random']:+.1f}% better than a frozen random "
+          f"gate of the same form" + (f" and closes {100 * closed:.1f}% of the random-to-oracle gap" if closed is not
+                                      None else ""))
+    if "soft_learned_vs_random" in s:
+        print(f"under its training routing: {100 * s['soft_learned_vs_random']:+.1f}% better than random")
+    if args.json:
+        write_json(args.json, dict(checkpoint=str(args.checkpoint), gate=args.gate, **res))
+
+
 def cmd_reproduce(args) -> None:
     from .reproduce import reproduce
     status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
@@ -229,6 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("audit", help="does a learned gate beat a frozen random gate of the same form? "
+                       "(learned, random, oracle and dense in one table)")
+    p.add_argument("checkpoint")
+    p.add_argument("--gate", help="audit a distilled gate instead of the checkpoint's own")
+    p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
+    p.add_argument("--data")
+    p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("reproduce", help="every 31M-model experiment of the paper as resumable units, and a report")
     p.add_argument("--protocol", choices=("paper", "compact", "smoke"), default="compact",
