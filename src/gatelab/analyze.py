@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import format_table
+from .report import format_table
 from .config import ROUTING_MODES, GatelabError, Routing, write_json, write_text
 from .data import TokenData
 from .distill import attention_logits, gate_f1, layer_inputs

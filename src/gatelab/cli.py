@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import ROUTING_MODES, GatelabError, Routing, load_train_config, write_json
 from .progress import keep_freed_memory
+from .report import format_table
 
 
 def _csv(kind):
@@ -39,16 +40,6 @@ def routings_from_args(args, context: int) -> list[Routing]:
                         soft_renormalize=args.soft_renormalize, seed=args.random_seed)
             out.append(r.validate(context))
     return out
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-        return "" if v is None else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -97,11 +97,10 @@ def read_wikitext(name: str, source: str | None) -> Iterator[tuple[str, str]]:
             yield split, _read_utf8(folder / fname)
         return
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         raise GatelabError(f"{name}: pass --source DIR holding wiki.train.raw, wiki.valid.raw and wiki.test.raw "
                            f"(from the {name}-raw-v1 zip), or install Hugging Face `datasets` and be online") from None
-    import datasets
     try:
         ds = datasets.load_dataset("wikitext", f"{name}-raw-v1")
     except Exception as e:  # noqa: BLE001 - offline, hub errors...

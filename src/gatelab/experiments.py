@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model
-from .cli import format_table
+from .report import format_table
 from .config import ModelConfig, Routing, TrainConfig, write_json, write_text
 from .data import TokenData, prepare
 from .evaluate import perplexity, resolve_device

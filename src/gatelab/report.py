@@ -23,6 +23,16 @@ PAPER = {
 }
 
 
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+        return "" if v is None else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def load_results(out: Path) -> dict[str, dict]:
     res = {}
     for f in sorted((out / "units").glob("*/result.json")):
@@ -200,7 +210,7 @@ def write_report(out: str | Path, protocol) -> Path:
         lines.append(f"| {kk} | {_f(r and r['val_f1'], 3)} | {_f(g)} | {_f(o)} | {_f(rnd)} | "
                      f"{_f(None if closed is None else 100 * closed, 1)}{'%' if closed is not None else ''} | "
                      f"{'%.3f / %.2f / %.2f' % paper if paper else '-'} |")
-    lines += [f"", f"Dense: {_f(dense)} (paper 37.32). Gap closed = (random - gate) / (random - oracle)."]
+    lines += ["", f"Dense: {_f(dense)} (paper 37.32). Gap closed = (random - gate) / (random - oracle)."]
 
     # ---- Table 5 --------------------------------------------------------------------------------------
     tl = [_eval(R[n], "soft-gate") for n in R if n.startswith("table5-task-learned")]
@@ -231,8 +241,8 @@ def write_report(out: str | Path, protocol) -> Path:
         layers = f1["layers"]
         lines += [f"| layer | top-{kk} mass | entropy ratio |", "|---|---|---|"]
         lines += [f"| {r['layer']} | {100 * r[f'top{kk}_mass']:.1f}% | {r['entropy_ratio']:.3f} |" for r in layers]
-        lines += ["", f"Paper (k=64 of 512): 90.6% over all layers (layer 2: 100%, layer 3: 99.8%); entropy ratio "
-                      f"0.497. Top-k mass is averaged over query rows with more than k causal keys.", "",
+        lines += ["", "Paper (k=64 of 512): 90.6% over all layers (layer 2: 100%, layer 3: 99.8%); entropy ratio "
+                      "0.497. Top-k mass is averaged over query rows with more than k causal keys.", "",
                   "![Figure 1](units/fig1-concentration/concentration.png)"]
     else:
         lines.append("not run")
