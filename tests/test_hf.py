@@ -123,3 +123,50 @@ def test_gate_routing_without_gates_is_a_clear_error():
     gated = attach_gates(model, gate="none")
     with pytest.raises(GatelabError, match="needs gates"), gated.routing(Routing(mode="soft-gate", k=4)):
         model(torch.randint(0, 101, (1, 8)))
+
+
+def test_hf_perplexity_of_a_uniform_model_is_the_vocab_size():
+    from gatelab.hf import hf_perplexity
+    model = tiny("llama")
+    torch.nn.init.zeros_(model.lm_head.weight)
+    ids = torch.randint(0, 101, (300,)).tolist()
+    res = hf_perplexity(model, ids, Routing(), context=64, batch_size=2)
+    assert res["tokens"] == 299
+    assert res["ppl"] == pytest.approx(101, rel=1e-5)
+    with pytest.raises(GatelabError, match="attach_gates"):
+        hf_perplexity(model, ids, Routing(mode="oracle-topk", k=4), context=64)
+    attach_gates(model, gate="none")
+    assert hf_perplexity(model, ids, Routing(mode="oracle-topk", k=4), context=64)["ppl"] == pytest.approx(101,
+                                                                                                          rel=1e-5)
+
+
+def test_hf_perplexity_matches_the_models_own_loss():
+    from gatelab.hf import hf_perplexity
+    model = tiny("qwen3")
+    ids = torch.randint(0, 101, (65,)).tolist()
+    res = hf_perplexity(model, ids, Routing(), context=64)
+    with torch.no_grad():
+        loss = model(torch.tensor([ids[:64]]), labels=torch.tensor([ids[:64]])).loss  # HF shifts the labels
+    x, y = torch.tensor([ids[:64]]), torch.tensor([ids[1:65]])
+    with torch.no_grad():
+        manual = torch.nn.functional.cross_entropy(model(x).logits[0], y[0])
+    assert res["nll"] == pytest.approx(float(manual), abs=1e-5)
+    assert float(loss) > 0
+
+
+def test_encode_corpus_and_load_errors(tmp_path):
+    from gatelab.hf import encode_corpus, load_pretrained
+
+    class WordTokenizer:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [len(w) for w in text.split()]}
+    src = tmp_path / "t.txt"
+    src.write_text("\n\n".join(f"para {i} with some words" for i in range(300)))
+    ids = encode_corpus(WordTokenizer(), "text", "validation", str(src))
+    assert 0 in ids and len(ids) > 10
+    with pytest.raises(GatelabError, match="does not exist"):
+        load_pretrained(tmp_path / "nope")
+    with pytest.raises(GatelabError, match="does not exist"):
+        load_pretrained(tmp_path, gguf_file="missing.gguf")

