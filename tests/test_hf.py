@@ -170,3 +170,55 @@ def test_encode_corpus_and_load_errors(tmp_path):
         load_pretrained(tmp_path / "nope")
     with pytest.raises(GatelabError, match="does not exist"):
         load_pretrained(tmp_path, gguf_file="missing.gguf")
+
+
+def _losses(folder):
+    import json
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss", ["kl", "bce", "task"])
+def test_train_gates_freezes_the_model_and_learns(tmp_path, loss):
+    from gatelab.hf import train_gates
+    model = tiny("llama")
+    attach_gates(model, d_gate=8)
+    set_trainable(model, layers=[])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gatelab")}
+    gates_before = [p.detach().clone() for p in model.gatelab.gate_parameters()]
+    ids = torch.randint(0, 101, (3000,)).tolist()
+    train_gates(model, ids, tmp_path / "g", loss=loss, k=4, steps=25, batch_size=4, context=32, lr=1e-2,
+                progress=False)
+    ls = _losses(tmp_path / "g")
+    assert len(ls) == 25
+    if loss != "task":
+        assert sum(ls[-5:]) < sum(ls[:5])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    assert not any(torch.equal(a, b) for a, b in zip(gates_before, model.gatelab.gate_parameters()))
+    assert (tmp_path / "g" / "gate.json").is_file() and (tmp_path / "g" / "done.json").is_file()
+    assert train_gates(model, ids, tmp_path / "g", loss=loss, k=4, steps=25, context=32, progress=False)["skipped"]
+
+
+def test_train_gates_resumes_exactly_after_an_interruption(tmp_path):
+    from gatelab.hf import train_gates
+    ids = torch.randint(0, 101, (3000,)).tolist()
+    kw = dict(loss="kl", k=4, steps=10, batch_size=2, context=32, lr=1e-2, checkpoint_every=5, progress=False)
+
+    def fresh():
+        model = tiny("qwen3")
+        attach_gates(model, d_gate=8, seed=1)
+        set_trainable(model, layers=[])
+        return model
+    train_gates(fresh(), ids, tmp_path / "full", **kw)
+    model = fresh()
+    calls = {"n": 0}
+
+    def die(*_):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+    hook = model.lm_head.register_forward_hook(die)
+    with pytest.raises(KeyboardInterrupt):
+        train_gates(model, ids, tmp_path / "cut", **kw)
+    hook.remove()
+    train_gates(fresh(), ids, tmp_path / "cut", **kw)
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "cut")

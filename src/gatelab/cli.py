@@ -175,7 +175,10 @@ def cmd_hf_eval(args) -> None:
     model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
     ids = encode_corpus(tok, args.corpus, args.split, args.source)
     routings = routings_from_args(args, args.context)
-    if any(r.mode != "dense" for r in routings):
+    if args.gate:
+        from .hf import load_gates
+        load_gates(model, args.gate, allow_other_base=args.allow_other_base)
+    elif any(r.mode != "dense" for r in routings):
         attach_gates(model, gate="none")
     rows = []
     for r in routings:
@@ -187,6 +190,19 @@ def cmd_hf_eval(args) -> None:
     if args.json:
         write_json(args.json, dict(model=str(args.model), gguf=args.gguf, corpus=args.corpus, split=args.split,
                                    context=args.context, device=str(next(model.parameters()).device), results=rows))
+
+
+def cmd_hf_distill(args) -> None:
+    from .evaluate import resolve_device
+    from .hf import attach_gates, encode_corpus, load_pretrained, set_trainable, train_gates
+    model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
+    ids = encode_corpus(tok, args.corpus, "train", args.source)
+    attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed)
+    unfrozen = set_trainable(model, layers=args.unfreeze_layers or [])
+    print(f"training: {', '.join(unfrozen)}", file=sys.stderr)
+    summary = train_gates(model, ids, args.out, loss=args.loss, k=args.k, steps=args.steps, batch_size=args.batch_size,
+                          context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet)
+    print_summary(summary, args.out)
 
 
 def cmd_reproduce(args) -> None:
@@ -287,10 +303,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
+    p.add_argument("--gate", help="gates saved by `gatelab hf-distill` (for gate-topk / soft-gate routings)")
+    p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_hf_eval)
+
+    p = sub.add_parser("hf-distill", help="train gates on a frozen (or partly unfrozen) Hugging Face causal LM")
+    p.add_argument("--model", required=True)
+    p.add_argument("--gguf")
+    p.add_argument("--loss", choices=("kl", "bce", "task"), default="kl")
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--d-gate", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unfreeze-layers", type=_csv(int), help="layers whose q/k/v/o projections also train "
+                   "(the paper's Tables 7-8)")
+    p.add_argument("--corpus", default="bundled", choices=("bundled", "wikitext-103", "wikitext-2", "text"))
+    p.add_argument("--source")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_hf_distill)
 
     p = sub.add_parser("reproduce", help="every 31M-model experiment of the paper as resumable units, and a report")
     p.add_argument("--protocol", choices=("paper", "compact", "smoke"), default="compact",

@@ -205,6 +205,16 @@ def _source_id(corpus: str, source: str | None) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # reading token files
 
+def sample_windows(tokens, step: int, batch_size: int, context: int, seed: int, rank: int = 0):
+    """(inputs, targets) of `batch_size` random `context`-token windows of a token array, a pure function of
+    (seed, step, rank): a resumed run reads exactly the batches it would have read."""
+    import torch
+    rng = np.random.default_rng([seed, step, rank])
+    starts = rng.integers(0, len(tokens) - context - 1, size=batch_size)
+    win = torch.from_numpy(np.stack([np.asarray(tokens[s:s + context + 1]) for s in starts]).astype(np.int64))
+    return win[:, :-1], win[:, 1:]
+
+
 class TokenData:
     """One split of a prepared corpus, memory-mapped."""
 
@@ -231,13 +241,8 @@ class TokenData:
 
     def batch(self, step: int, batch_size: int, context: int, seed: int, rank: int = 0):
         """Random windows for training step `step`; a pure function of (seed, step, rank)."""
-        import torch
         self._check(context)
-        rng = np.random.default_rng([seed, step, rank])
-        starts = rng.integers(0, len(self.tokens) - context - 1, size=batch_size)
-        win = np.stack([self.tokens[s:s + context + 1] for s in starts]).astype(np.int64)
-        win = torch.from_numpy(win)
-        return win[:, :-1], win[:, 1:]
+        return sample_windows(self.tokens, step, batch_size, context, seed, rank)
 
     def chunks(self, context: int, max_tokens: int = 0) -> Iterable[tuple]:
         """Non-overlapping evaluation chunks: every token after the first is predicted exactly once.

@@ -63,6 +63,9 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
     scaling = scaling if scaling is not None else D ** -0.5
     allowed = _allowed_keys(attention_mask, B, T, S_len, query.device)
     S = (query @ key.transpose(-1, -2)).float() * scaling
+    capture = state["controller"].capture
+    if capture is not None:  # post-hoc training: keep what the gate learns from
+        capture.append(dict(S=S.detach(), allowed=allowed, x=state["x"].detach(), layer=state["layer"]))
     if routing.needs_gate:
         gate = state.get("gate")
         if gate is None:
@@ -104,6 +107,7 @@ class RoutingController:
     def __init__(self, model, gates: nn.ModuleList | None, d_gate: int, kind: str):
         self.model, self.gates, self.d_gate, self.kind = model, gates, d_gate, kind
         self.current = Routing()
+        self.capture: list | None = None
 
     @contextmanager
     def routing(self, routing: Routing):
@@ -316,3 +320,94 @@ def hf_perplexity(model, ids: list[int], routing: Routing, context: int = 512, b
 @contextmanager
 def _nullcontext():
     yield
+
+
+# ------------------------------------------------------------------------------------------------------------
+# post-hoc gate training on a frozen (or partly unfrozen) HF model
+
+def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k: int = 64, steps: int = 1000,
+                batch_size: int = 8, context: int = 512, lr: float = 1e-3, seed: int = 0,
+                checkpoint_every: int = 100, progress: bool = True) -> dict:
+    """Train the attached gates (and whatever else set_trainable unfroze) on windows of `ids`.
+
+    loss: kl (KL(dense attention || softmax(G)) per row), bce (G vs the oracle top-k mask), or task (the LM
+    loss through the soft gate, the paper's Tables 7-8). Resumes from out_dir/checkpoint.pt; writes
+    out_dir/metrics.jsonl and, at the end, the gates (save_gates) and done.json.
+    """
+    import numpy as np
+
+    from .config import TrainConfig, atomic_path
+    from .data import sample_windows
+    from .distill import bce_oracle, gate_f1, kl_rows
+    from .progress import progress_bar
+    from .train import MetricsLog, lr_at
+    ctl = getattr(model, "gatelab", None)
+    if ctl is None or ctl.gates is None or ctl.kind != "learned":
+        raise GatelabError("train_gates needs learned gates: attach_gates(model, gate='learned') first")
+    if loss not in ("kl", "bce", "task"):
+        raise GatelabError(f"loss must be kl, bce or task, got {loss!r}")
+    Routing(mode="gate-topk", k=k).validate(context)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "done.json").is_file():
+        return dict(json.loads((out / "done.json").read_text()), skipped=True)
+    tokens = np.asarray(ids, dtype=np.int64)
+    if len(tokens) < context + 2:
+        raise GatelabError(f"{len(tokens)} tokens are fewer than one {context}-token window")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10)))
+    step, ckpt = 0, out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    device = next(model.parameters()).device
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step if ckpt.is_file() else None)
+    soft = Routing(mode="soft-gate", k=k)
+    bar = progress_bar(total=steps, initial=step, desc=f"gates ({loss})", disable=not progress)
+    value = None
+    while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, sched)
+        x, y = (t.to(device) for t in sample_windows(tokens, step, batch_size, context, seed))
+        f1 = None
+        if loss == "task":
+            with ctl.routing(soft):
+                value = model(x, labels=None, use_cache=False).logits.float()
+            value = torch.nn.functional.cross_entropy(value.reshape(-1, value.shape[-1]), y.reshape(-1))
+        else:
+            ctl.capture = []
+            try:
+                with torch.no_grad(), ctl.routing(Routing()):
+                    model(x, use_cache=False)
+                captured = ctl.capture
+            finally:
+                ctl.capture = None
+            value, f1s = 0.0, []
+            for c in captured:
+                G = ctl.gates[c["layer"]](c["x"]).float()
+                allowed = c["allowed"]
+                value = value + (kl_rows(c["S"], G, allowed) if loss == "kl" else bce_oracle(c["S"], G, allowed, k))
+                f1s.append(float(gate_f1(c["S"], G.detach(), allowed, k)))
+            value = value / len(captured)
+            f1 = sum(f1s) / len(f1s)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        metrics.write(dict(step=step, loss=float(value.detach()), lr=opt.param_groups[0]["lr"],
+                           **({"f1": f1} if f1 is not None else {})))
+        bar.update(1)
+        if step % checkpoint_every == 0 or step == steps:
+            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            with atomic_path(ckpt) as tmp:
+                torch.save(dict(step=step, trainable=trainable, optimizer=opt.state_dict()), tmp)
+    bar.close()
+    metrics.close()
+    save_gates(model, out, extra=dict(loss=loss, k=k, steps=steps, seed=seed, context=context))
+    summary = dict(loss=loss, k=k, steps=steps, final_loss=None if value is None else float(value.detach()))
+    write_json(out / "done.json", summary)
+    return summary
