@@ -26,3 +26,14 @@ def test_smoke_protocol_runs_resumes_and_reports(tmp_path):
     assert hard["gate_params_unchanged_from_init"] is True
     grads = json.loads((out / "units" / "exp2-gradient-check" / "result.json").read_text())["gate_gradients"]
     assert next(g for g in grads if g["routing"] == "gate-topk")["exactly_zero"]
+
+
+def test_demo_main_job_runs(tmp_path, monkeypatch):
+    """The README's main job, shortened: prepare the bundled corpus, train both models, print the table."""
+    from gatelab.experiments import run_demo
+    monkeypatch.chdir(tmp_path)
+    table = run_demo(tmp_path / "demo", steps=2, progress=False, eval_tokens=1024)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "val_ppl" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| dense"] * 3 + ["| soft-gate-learned"] * 5
+    assert (tmp_path / "data" / "prepared" / "bundled" / "train.bin").is_file()
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["rows"][0]["tokens"] == 1024
