@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Training-step, distillation and evaluation throughput of gatelab, side by side with an eager fp32
+reference of the same model, in one run on one device.
+
+    PYTHONPATH=src python benchmarks/bench_train.py                      # the paper's model, on the GPU
+    PYTHONPATH=src python benchmarks/bench_train.py --model tiny --steps 3 --warmup 1   # a CPU smoke
+
+Writes benchmarks/results/<device>.json and .md (device name, torch version, command). Per routing mode and
+batch: tokens/s, median step time, peak memory; "vs reference" is our step time over the eager fp32 dense
+step at the same batch. MFU uses FLOPs/token = 6 N + 12 L T d (N = parameters excluding the embedding
+lookups, i.e. with the untied output head; L layers, T context, d width) against the chip's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from gatelab.config import ModelConfig, Routing, TrainConfig  # noqa: E402
+from gatelab.evaluate import autocast_for  # noqa: E402
+from gatelab.model import GPT  # noqa: E402
+from gatelab.train import make_optimizer  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM datasheet
+MODELS = {"paper": {}, "tiny": dict(n_layer=2, d_model=64, n_head=4, d_mlp=128, context=64, d_gate=8)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_token(model: GPT) -> float:
+    cfg = model.cfg
+    n = model.num_params() - model.wte.weight.numel() - model.wpe.weight.numel()
+    return 6 * n + 12 * cfg.n_layer * cfg.context * cfg.d_model
+
+
+def time_steps(fn, device, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_train(mcfg: dict, routing: Routing, batch: int, device, dtype: str, steps: int, warmup: int) -> dict:
+    gate = "learned" if routing.needs_gate else "none"
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**mcfg, gate=gate)).to(device)
+    cfg = TrainConfig(model=model.cfg, routing=routing, dtype=dtype)
+    opt = make_optimizer(model, cfg, device)
+    T = model.cfg.context
+    x = torch.randint(0, model.cfg.vocab_size, (batch, T), device=device)
+    y = torch.randint(0, model.cfg.vocab_size, (batch, T), device=device)
+
+    def step():
+        with autocast_for(device, dtype):
+            _, loss = model(x, y, routing=routing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, device, steps, warmup)
+    med = statistics.median(times)
+    return dict(kind="train", routing=routing.label(), batch=batch, dtype=dtype, step_ms=1000 * med,
+                tokens_per_s=batch * T / med, flops_per_token=flops_per_token(model),
+                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+
+
+def bench_distill(mcfg: dict, k: int, batch: int, device, steps: int, warmup: int) -> dict:
+    from gatelab.distill import distill_loss
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**mcfg, gate="learned")).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.gate_parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.gate_parameters(), lr=1e-3)
+    x = torch.randint(0, model.cfg.vocab_size, (batch, model.cfg.context), device=device)
+
+    def step():
+        with autocast_for(device):
+            loss, _ = distill_loss(model, x, "kl", min(k, model.cfg.context))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    med = statistics.median(time_steps(step, device, steps, warmup))
+    return dict(kind="distill-kl", routing=f"gate k={k}", batch=batch, steps_per_s=1 / med, step_ms=1000 * med)
+
+
+@torch.no_grad()
+def bench_eval(mcfg: dict, batch: int, device, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**mcfg)).to(device).eval()
+    x = torch.randint(0, model.cfg.vocab_size, (batch, model.cfg.context), device=device)
+
+    def step():
+        with autocast_for(device):
+            model(x, x, reduction="sum")
+    med = statistics.median(time_steps(step, device, steps, warmup))
+    return dict(kind="eval", routing="dense", batch=batch, tokens_per_s=batch * model.cfg.context / med,
+                step_ms=1000 * med)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="paper")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--modes", default="dense,soft-gate,gate-topk,oracle-topk,stochastic")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    mcfg = MODELS[args.model]
+    k = min(args.k, ModelConfig(**mcfg).context)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ref = bench_train(mcfg, Routing(), batch, device, "fp32", args.steps, args.warmup)
+        ref["routing"] = "dense (eager fp32 reference)"
+        rows.append(ref)
+        for mode in args.modes.split(","):
+            r = bench_train(mcfg, Routing(mode=mode, k=k), batch, device, "auto", args.steps, args.warmup)
+            r["vs_reference"] = ref["step_ms"] / r["step_ms"]
+            rows.append(r)
+            print(f"{r['routing']:40s} batch {batch:3d}: {r['tokens_per_s']:12,.0f} tok/s {r['step_ms']:8.1f} ms "
+                  f"({r['vs_reference']:.2f}x the reference)", flush=True)
+    rows.append(bench_distill(mcfg, k, 16, device, args.steps, args.warmup))
+    rows.append(bench_eval(mcfg, 16, device, args.steps, args.warmup))
+    peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
+    for r in rows:
+        if r["kind"] == "train" and peak:
+            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=name, torch=torch.__version__, command=" ".join(sys.argv), model=args.model,
+                peak_bf16_tflops=peak, rows=rows)
+    (out / f"{slug}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
+             "| kind | routing | batch | tokens/s | step ms | vs eager fp32 | peak GiB | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    for r in rows:
+        rate = fmt(r.get("tokens_per_s"), ",.0f") if "tokens_per_s" in r else f"{r['steps_per_s']:.1f} steps/s"
+        ratio = fmt(r.get("vs_reference", 1.0), ".2f") + "x" if r["kind"] == "train" else "-"
+        lines.append(f"| {r['kind']} | {r['routing']} | {r['batch']} | {rate} | {r['step_ms']:.1f} | {ratio} | "
+                     f"{fmt(r.get('peak_mem_gib'), '.2f')} | {fmt(r.get('mfu'), '.1%')} |")
+    (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
