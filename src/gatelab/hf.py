@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .config import GatelabError, Routing, write_json
-from .routing import BilinearGate, soft_gate_mask, topk_keep_mask
+from .routing import BilinearGate, fixed_random_scores, soft_gate_mask, topk_keep_mask
 
 ATTN_NAME = "gatelab"
 GATE_WEIGHTS, GATE_META = "gate.safetensors", "gate.json"
@@ -88,8 +88,7 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
         elif mode == "gate-topk":
             keep = topk_keep_mask(G, routing.k, allowed)
         elif mode == "random-topk":
-            g = torch.Generator(device="cpu").manual_seed(1_000_003 * routing.seed + state["layer"])
-            scores = torch.rand(1, H, T, S_len, generator=g).to(query.device)
+            scores = fixed_random_scores(state["layer"], H, T, S_len, routing.seed)[None].to(query.device)
             keep = topk_keep_mask(scores, routing.k, allowed)
         elif mode == "stochastic":
             keep = topk_keep_mask(torch.rand(B, H, T, S_len, device=query.device), routing.k, allowed)

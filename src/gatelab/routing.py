@@ -79,6 +79,13 @@ def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log:
     return torch.sigmoid(z).masked_fill(~causal, 0.0)
 
 
+def fixed_random_scores(layer: int, n_head: int, T: int, S: int, seed: int) -> torch.Tensor:
+    """(n_head, T, S) uniform scores from (seed, layer) on the CPU generator, identical on every device: their
+    top-k is random-topk's fixed subset."""
+    g = torch.Generator().manual_seed(1_000_003 * seed + layer)
+    return torch.rand(n_head, T, S, generator=g)
+
+
 class RandomMaskCache:
     """Fixed random top-k subsets per (layer, head, row), drawn from a seed, cached per size and device."""
 
@@ -88,8 +95,7 @@ class RandomMaskCache:
     def get(self, layer: int, n_head: int, T: int, k: int, seed: int, device) -> torch.Tensor:
         key = (layer, n_head, T, k, seed, str(device))
         if key not in self._cache:
-            g = torch.Generator().manual_seed(1_000_003 * seed + layer)
-            scores = torch.rand(n_head, T, T, generator=g)
+            scores = fixed_random_scores(layer, n_head, T, T, seed)
             self._cache[key] = topk_keep_mask(scores, k, causal_mask(T, "cpu")).to(device)
         return self._cache[key]
 
