@@ -77,18 +77,21 @@ def gate_f1(S: torch.Tensor, G: torch.Tensor, causal: torch.Tensor, k: int) -> t
     return (both[..., k:, :].sum(-1).float() / k).mean()
 
 
-def distill_loss(model, x: torch.Tensor, objective: str, k: int) -> tuple[torch.Tensor, float]:
-    """The kl or bce objective summed over layers / n_layer, and the batch's gate F1 at k."""
-    inputs = layer_inputs(model, x)
-    T = x.shape[1]
-    causal = causal_mask(T, x.device)
+def gate_objective(layers, objective: str, k: int) -> tuple[torch.Tensor, float]:
+    """The kl or bce objective and the gate F1 at k, each averaged over layers; `layers` yields
+    (S, G, allowed) per layer. Shared by gatelab's GPT and the Hugging Face adapter."""
     total, f1s = 0.0, []
-    for block, xn in zip(model.blocks, inputs):
-        S = attention_logits(block.attn, xn)
-        G = block.attn.gate(xn).float()
-        total = total + (kl_rows(S, G, causal) if objective == "kl" else bce_oracle(S, G, causal, k))
-        f1s.append(float(gate_f1(S, G.detach(), causal, k)))
-    return total / len(inputs), sum(f1s) / len(f1s)
+    for S, G, allowed in layers:
+        total = total + (kl_rows(S, G, allowed) if objective == "kl" else bce_oracle(S, G, allowed, k))
+        f1s.append(float(gate_f1(S, G.detach(), allowed, k)))
+    return total / len(f1s), sum(f1s) / len(f1s)
+
+
+def distill_loss(model, x: torch.Tensor, objective: str, k: int) -> tuple[torch.Tensor, float]:
+    """The kl or bce objective of the model's gates on batch x, and their F1 at k."""
+    causal = causal_mask(x.shape[1], x.device)
+    return gate_objective(((attention_logits(b.attn, xn), b.attn.gate(xn).float(), causal)
+                           for b, xn in zip(model.blocks, layer_inputs(model, x))), objective, k)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,6 +147,13 @@ def export_gate(model, cfg: TrainConfig, out_dir: str | Path, extra: dict | None
     tmp.replace(out / GATE_WEIGHTS)
     write_json(out / GATE_META, meta)
     return out / GATE_META
+
+
+def export_random_control(cfg: TrainConfig, out_dir: str | Path, device) -> Path:
+    """The task loss's control: nothing trains; write the frozen random gate of the same initialisation."""
+    from .train import build_model
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return export_gate(build_model(cfg, device), cfg, out_dir)
 
 
 def read_gate(path: str | Path) -> tuple[dict, dict]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .config import GatelabError, Routing, write_json
-from .routing import BilinearGate, fixed_random_scores, soft_gate_mask, topk_keep_mask
+from .routing import BilinearGate, hard_topk_keep, soft_gate_mask
 
 ATTN_NAME = "gatelab"
 GATE_WEIGHTS, GATE_META = "gate.safetensors", "gate.json"
@@ -82,16 +82,9 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
             weights = torch.softmax(S.masked_fill(~allowed, float("-inf")), dim=-1) * soft_gate_mask(G, routing,
                                                                                                       allowed)
     else:
-        keep = allowed
-        if mode == "oracle-topk":
-            keep = topk_keep_mask(S, routing.k, allowed)
-        elif mode == "gate-topk":
-            keep = topk_keep_mask(G, routing.k, allowed)
-        elif mode == "random-topk":
-            scores = fixed_random_scores(state["layer"], H, T, S_len, routing.seed)[None].to(query.device)
-            keep = topk_keep_mask(scores, routing.k, allowed)
-        elif mode == "stochastic":
-            keep = topk_keep_mask(torch.rand(B, H, T, S_len, device=query.device), routing.k, allowed)
+        keep = allowed if mode == "dense" else hard_topk_keep(
+            routing, allowed, logits=lambda: S, gate_scores=lambda: G, layer=state["layer"], shape=(B, H, T, S_len),
+            device=query.device)
         weights = torch.softmax(S.masked_fill(~keep, float("-inf")), dim=-1)
     weights = torch.nan_to_num(weights, nan=0.0)  # rows with no allowed key (fully padded queries)
     if dropout and module.training:
@@ -337,7 +330,7 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
 
     from .config import TrainConfig, atomic_path
     from .data import sample_windows
-    from .distill import bce_oracle, gate_f1, kl_rows
+    from .distill import gate_objective
     from .progress import progress_bar
     from .train import MetricsLog, lr_at
     ctl = getattr(model, "gatelab", None)
@@ -384,14 +377,8 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
                 captured = ctl.capture
             finally:
                 ctl.capture = None
-            value, f1s = 0.0, []
-            for c in captured:
-                G = ctl.gates[c["layer"]](c["x"]).float()
-                allowed = c["allowed"]
-                value = value + (kl_rows(c["S"], G, allowed) if loss == "kl" else bce_oracle(c["S"], G, allowed, k))
-                f1s.append(float(gate_f1(c["S"], G.detach(), allowed, k)))
-            value = value / len(captured)
-            f1 = sum(f1s) / len(f1s)
+            value, f1 = gate_objective(((c["S"], ctl.gates[c["layer"]](c["x"]).float(), c["allowed"])
+                                        for c in captured), loss, k)
         opt.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

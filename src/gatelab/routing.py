@@ -100,6 +100,26 @@ class RandomMaskCache:
         return self._cache[key]
 
 
+def hard_topk_keep(routing: Routing, allowed: torch.Tensor, *, logits, gate_scores, layer: int, shape,
+                   device) -> torch.Tensor:
+    """The keep-mask of a hard routing mode: the k largest of its scores among the allowed keys.
+    logits / gate_scores: callables returning S / G, called only by the mode that needs them;
+    shape: (B, H, T, S) of the attention scores."""
+    B, H, T, S = shape
+    mode = routing.mode
+    if mode == "oracle-topk":
+        scores = logits()
+    elif mode == "gate-topk":
+        scores = gate_scores()
+    elif mode == "random-topk":
+        scores = fixed_random_scores(layer, H, T, S, routing.seed)[None].to(device)
+    elif mode == "stochastic":  # Gumbel top-k on equal logits = a uniformly random k-subset, fresh each call
+        scores = torch.rand(B, H, T, S, device=device)
+    else:
+        raise GatelabError(f"routing mode {mode!r} is not a hard top-k mode")
+    return topk_keep_mask(scores, routing.k, allowed)
+
+
 def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int = 0,
                      random_masks: RandomMaskCache | None = None) -> torch.Tensor:
     """Causal attention of q, k, v (B, H, T, D) under `routing`.
@@ -122,17 +142,10 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
         S = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)
         A = torch.softmax(S.masked_fill(~causal, float("-inf")), dim=-1)
         return (A * soft_gate_mask(G, routing, causal)).to(v.dtype) @ v
-    if mode == "oracle-topk":
-        scores = q @ k.transpose(-1, -2)
-    elif mode == "gate-topk":
-        scores = gate_scores()
-    elif mode == "random-topk":
+    if mode == "random-topk":  # fixed subsets: cached per layer and size
         cache = random_masks if random_masks is not None else RandomMaskCache()
         keep = cache.get(layer, H, T, routing.k, routing.seed, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-    elif mode == "stochastic":  # Gumbel top-k on equal logits = a uniformly random k-subset, fresh each call
-        scores = torch.rand(B, H, T, T, device=q.device)
     else:
-        raise GatelabError(f"unknown routing mode {mode!r}")
-    keep = topk_keep_mask(scores, routing.k, causal)
+        keep = hard_topk_keep(routing, causal, logits=lambda: q @ k.transpose(-1, -2), gate_scores=gate_scores,
+                              layer=layer, shape=(B, H, T, T), device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
