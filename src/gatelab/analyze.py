@@ -47,11 +47,11 @@ def attention_statistics(model, xs: list[torch.Tensor], ks: list[int]) -> list[d
             H = -(A * torch.log(A.clamp_min(1e-30))).sum(-1)  # (B, H, T)
             sums[layer]["entropy"] += float((H[..., 1:] / torch.log(n_keys[1:])).sum())
             sums[layer]["n_entropy"] += H[..., 1:].numel()
+            G = block.attn.gate(xn.float()).float() if block.attn.gate is not None else None
             for k in ks:
                 if k < T:
                     sums[layer][f"mass@{k}"] += float(A.topk(k, dim=-1).values.sum(-1)[..., k:].mean())
-                if block.attn.gate is not None:
-                    G = block.attn.gate(xn.float()).float()
+                if G is not None:
                     sums[layer][f"f1@{k}"] += float(gate_f1(S, G, causal, k))
             sums[layer]["n_batches"] += 1
     rows = []

@@ -116,17 +116,15 @@ def cmd_eval(args) -> None:
 def cmd_distill(args) -> None:
     from .config import apply_overrides, to_dict, train_config_from_dict
     from .distill import distill_config
-    from .train import build_model, train
+    from .train import train
     cfg = distill_config(args.checkpoint, args.loss, k=args.k, d_gate=args.d_gate, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_control=args.random_control,
                          data=args.data)
     cfg = train_config_from_dict(apply_overrides(to_dict(cfg), args.overrides)).validate()
     if args.random_control:  # nothing trains: export the frozen random gate of the same initialisation
-        from .distill import export_gate
+        from .distill import export_random_control
         from .evaluate import resolve_device
-        model = build_model(cfg, resolve_device(cfg.device))
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        print(f"frozen random gate written to {export_gate(model, cfg, args.out)}")
+        print(f"frozen random gate written to {export_random_control(cfg, args.out, resolve_device(cfg.device))}")
         return
     print_summary(train(cfg, args.out, resume="never" if args.fresh else "auto", progress=not args.quiet), args.out)
 

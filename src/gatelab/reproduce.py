@@ -240,9 +240,9 @@ def _gates_unchanged(model, cfg: TrainConfig) -> bool:
 def run_distill(suite: Suite, unit: Unit) -> dict:
     from .analyze import attention_statistics, validation_batches
     from .checkpoint import load_model
-    from .distill import attach_gate, distill_config
+    from .distill import attach_gate, distill_config, export_random_control
     from .evaluate import resolve_device
-    from .train import build_model, train
+    from .train import train
     prm = unit.params
     base = suite.checkpoint(prm["base"])
     steps = suite.p.task_steps if prm["loss"] == "task" else suite.p.distill_steps
@@ -254,9 +254,7 @@ def run_distill(suite: Suite, unit: Unit) -> dict:
     run_dir = suite.runs / unit.name
     device = resolve_device(suite.device)
     if prm.get("random_control"):
-        from .distill import export_gate
-        run_dir.mkdir(parents=True, exist_ok=True)
-        export_gate(build_model(cfg, device), cfg, run_dir)
+        export_random_control(cfg, run_dir, device)
     else:
         train(cfg, run_dir, progress=suite.progress)
     for f in ("metrics.jsonl", "done.json", "gate.json"):
