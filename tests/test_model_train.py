@@ -138,8 +138,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(token_corpus, tmp_
     def poison(_module, _inputs, output):
         calls["n"] += 1
         return output * float("nan") if calls["n"] == 6 else output
-    model.lm_head.register_forward_hook(poison)
-    with pytest.raises(GatelabError, match=r"non-finite loss .* at step 5.*step 4"):
+    model.ln_f.register_forward_hook(poison)  # feeds the loss on both the fused and the reference path
+    with pytest.raises(GatelabError, match=r"non-finite loss at step 5.*step 4"):
         train(cfg, tmp_path / "run", progress=False, model=model)
     ckpt = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())
     assert ckpt["step"] == 4

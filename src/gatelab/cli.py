@@ -20,6 +20,15 @@ def _csv(kind):
     return parse
 
 
+REFERENCE_OVERRIDES = ["compile=false", "fused_loss=false"]  # --reference: the plain eager path
+
+
+def add_reference_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", action="store_true",
+                   help="plain reference path: no torch.compile, unfused output-head loss (same results to float "
+                        "rounding, slower)")
+
+
 def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -> None:
     p.add_argument("--routing", type=_csv(str), default=[modes_default],
                    help=f"comma-separated routing modes: {', '.join(ROUTING_MODES)} (default {modes_default})")
@@ -66,7 +75,7 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from .train import train
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, list(args.overrides) + (REFERENCE_OVERRIDES if args.reference else []))
     resume = "require" if args.resume else "never" if args.fresh else "auto"
     print_summary(train(cfg, args.out, resume=resume, progress=not args.quiet), args.out)
 
@@ -120,7 +129,8 @@ def cmd_distill(args) -> None:
     cfg = distill_config(args.checkpoint, args.loss, k=args.k, d_gate=args.d_gate, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_control=args.random_control,
                          data=args.data)
-    cfg = train_config_from_dict(apply_overrides(to_dict(cfg), args.overrides)).validate()
+    cfg = train_config_from_dict(apply_overrides(to_dict(cfg), list(args.overrides) +
+                                                 (REFERENCE_OVERRIDES if args.reference else []))).validate()
     if args.random_control:  # nothing trains: export the frozen random gate of the same initialisation
         from .distill import export_random_control
         from .evaluate import resolve_device
@@ -259,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
     g.add_argument("--fresh", action="store_true", help="ignore any checkpoint in --out and start over")
     p.add_argument("--quiet", action="store_true")
+    add_reference_arg(p)
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=500 routing.mode=soft-gate")
     p.set_defaults(func=cmd_train)
 
@@ -364,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory; the gate is written to OUT/gate.{json,safetensors}")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
     p.add_argument("--quiet", action="store_true")
+    add_reference_arg(p)
     p.add_argument("overrides", nargs="*", help="train-config overrides, e.g. eval_every=250 device=cpu")
     p.set_defaults(func=cmd_distill)
 

@@ -123,7 +123,9 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    compile: bool = False
+    # speed only (results agree to float rounding; `gatelab train --reference` turns both off):
+    compile: bool | str = "auto"  # torch.compile the training step's model: auto (on CUDA) | true | false
+    fused_loss: bool = True  # chunked output-head cross-entropy that never materialises the full logits
     # post-hoc gate training (gatelab distill): start from a checkpoint, freeze it, train only the gates
     objective: str = "lm"  # lm (language-model loss under `routing`) | kl | bce (gate distillation)
     init_from: str | None = None  # checkpoint directory whose weights (all but gates) initialise the model
@@ -141,9 +143,22 @@ class TrainConfig:
             raise GatelabError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective != "lm" and self.model.gate != "learned":
             raise GatelabError(f"objective {self.objective} trains a gate: set model.gate=learned")
+        if self.compile not in ("auto", True, False):
+            raise GatelabError(f"compile must be auto, true or false, got {self.compile!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise GatelabError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         return self
+
+
+# Fields that change how fast a run goes, not what it computes: a run may resume, or be recognised as finished,
+# with other values of them (and on another number of GPUs).
+SPEED_FIELDS = ("compile", "fused_loss", "device")
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two TrainConfig dicts describe the same run, ignoring SPEED_FIELDS."""
+    strip = lambda d: {k: v for k, v in d.items() if k not in SPEED_FIELDS}  # noqa: E731
+    return strip(a) == strip(b)
 
 
 # ----------------------------------------------------------------------------------------------------------

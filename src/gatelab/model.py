@@ -117,12 +117,74 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, routing: Routing | None = None,
-                reduction: str = "mean"):
-        """Returns (logits, loss); loss is None without targets. Logits are computed in the autocast dtype."""
+                reduction: str = "mean", fused_loss: bool = False):
+        """Returns (logits, loss); loss is None without targets. Logits are computed in the autocast dtype.
+
+        fused_loss: compute the loss with `linear_cross_entropy` (chunked, never holding the full logits) and
+        return (None, loss); training uses it by default (TrainConfig.fused_loss).
+        """
         h = self.hidden(idx, routing)
+        if fused_loss and targets is not None:
+            return None, linear_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                              reduction=reduction)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    reduction=reduction)
         return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The output head and its loss, fused: the 50K-vocabulary logits of a batch are the largest tensor of a training
+# step (16 x 512 x 50,257 in fp32 is 1.6 GB, plus as much again for their gradient). Computed in row chunks, with
+# the gradient of each chunk formed at once, only one chunk's logits ever exist.
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows: int, reduction: str):
+        w = weight.to(h.dtype)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_rows):
+            hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+            logits = (hc @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total = total + (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
+                g = g.to(h.dtype)
+                if want_h:
+                    grad_h[s:s + chunk_rows] = g @ w
+                if want_w:
+                    grad_w += (g.t() @ hc).float()
+        scale = 1.0 / h.shape[0] if reduction == "mean" else 1.0
+        ctx.scale = scale
+        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        factor = grad_out * ctx.scale
+        return (grad_h * factor.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * factor if grad_w is not None else None, None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                         chunk_rows: int = 2048) -> torch.Tensor:
+    """cross_entropy(h @ weight.T, targets) without materialising the logits: h (N, C), weight (V, C).
+
+    Matches `F.cross_entropy(F.linear(h, weight).float(), targets)` under the same autocast: the matrix products
+    run in the autocast dtype (bf16 on GPU), softmax and log-sum-exp in fp32. The gradients are formed during the
+    forward pass, chunk by chunk, and scaled by the incoming gradient in backward.
+    """
+    if reduction not in ("mean", "sum"):
+        raise GatelabError(f"linear_cross_entropy: reduction must be mean or sum, got {reduction!r}")
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return _LinearCrossEntropy.apply(h.to(dtype), weight, targets, chunk_rows, reduction)

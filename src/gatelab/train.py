@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import (OPTIM_FILE, find_checkpoint, load_optimizer, load_state, load_weights, read_trainer,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import GatelabError, TrainConfig, atomic_path, to_dict, write_json
+from .config import GatelabError, TrainConfig, atomic_path, same_run, to_dict, write_json
 from .data import TokenData
 from .evaluate import autocast_for, perplexity, resolve_device
 from .model import GPT
@@ -69,10 +69,15 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
     return model.to(device)
 
 
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """compile=auto compiles on CUDA only: on CPU the compile time outweighs the gain for short runs."""
+    return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+
+
 def step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """The training objective for one batch, and extra metrics to log."""
     if cfg.objective == "lm":
-        return model(x, y, routing=cfg.routing)[1], {}
+        return model(x, y, routing=cfg.routing, fused_loss=cfg.fused_loss)[1], {}
     from .distill import distill_loss
     loss, f1 = distill_loss(model, x, cfg.objective, cfg.routing.k)
     return loss, dict(f1=f1)
@@ -115,7 +120,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
     cfg_dict = to_dict(cfg)
     if done.is_file() and resume != "never":
         summary = json.loads(done.read_text())
-        if summary.get("config") != cfg_dict:
+        if not same_run(summary.get("config", {}), cfg_dict):
             raise GatelabError(f"{out} holds a finished run with another config; choose another --out")
         return dict(summary, skipped=True)
     device = resolve_device(cfg.device)
@@ -133,7 +138,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
         raise GatelabError(f"--resume: {out} has no checkpoint to resume from")
     if found is not None:
         trainer = read_trainer(found)
-        if trainer["config"] != cfg_dict:
+        if not same_run(trainer["config"], cfg_dict):
             raise GatelabError(f"{out} holds a run with another config; resume it with the same config, "
                                f"or choose another --out")
         load_weights(model, load_state(found), str(found))
@@ -142,12 +147,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
         step = trainer["step"]
     write_json(out / "config.json", cfg_dict)
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=step if found is not None else None)
-    run_model = torch.compile(model) if cfg.compile else model
+    run_model = torch.compile(model) if use_compile(cfg, device) else model
     tokens_per_step = cfg.batch_size * cfg.model.context
     last_val = None
     bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step", disable=not progress,
                )
     t_last, steps_since = time.perf_counter(), 0
+    nonfinite_at = torch.tensor(-1, device=device)
     try:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
@@ -157,11 +163,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_for(device, cfg.dtype):
                 loss, extra = step_loss(run_model, x, y, cfg)
-            if not torch.isfinite(loss):
-                kept = find_checkpoint(ckpt_dir)
-                where = f"the last good checkpoint (step {read_trainer(kept)['step']}) is kept in {kept}" if kept \
-                    else "no checkpoint had been written yet"
-                raise GatelabError(f"non-finite loss ({loss.item()}) at step {step}; stopping: {where}")
+            # The first step with a non-finite loss, tracked on the device (no host sync per step) and checked
+            # before every log and checkpoint, so a bad state is never saved.
+            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(loss.detach()), step, nonfinite_at)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -169,7 +173,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
             opt.step()
             step += 1
             steps_since += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            will_log = step % cfg.log_every == 0 or step == cfg.steps
+            will_save = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if (will_log or will_save or (cfg.eval_every and step % cfg.eval_every == 0)) and nonfinite_at >= 0:
+                kept = find_checkpoint(ckpt_dir)
+                where = f"the last good checkpoint (step {read_trainer(kept)['step']}) is kept in {kept}" if kept \
+                    else "no checkpoint had been written yet"
+                raise GatelabError(f"non-finite loss at step {int(nonfinite_at)}; stopping: {where}")
+            if will_log:
                 loss_v = loss.item()
                 now = time.perf_counter()
                 tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
@@ -183,7 +194,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
                 last_val = res["ppl"]
                 log.write(dict(step=step, val_loss=res["nll"], val_ppl=res["ppl"], val_tokens=res["tokens"]))
                 bar.write(f"step {step}: validation ppl {res['ppl']:.2f} ({cfg.routing.label()})")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if will_save:
                 save_checkpoint(ckpt_dir, model, dict(config=cfg_dict, step=step, rng=rng_state(),
                                                       data_position=dict(seed=cfg.seed, next_step=step)), opt)
             bar.update(1)
