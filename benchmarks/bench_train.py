@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab.config import ModelConfig, Routing, TrainConfig  # noqa: E402
 from gatelab.evaluate import autocast_for  # noqa: E402
 from gatelab.model import GPT  # noqa: E402
-from gatelab.train import make_optimizer  # noqa: E402
+from gatelab.train import make_optimizer, step_loss  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM datasheet
 MODELS = {"paper": {}, "tiny": dict(n_layer=2, d_model=64, n_head=4, d_mlp=128, context=64, d_gate=8)}
@@ -56,28 +56,51 @@ def time_steps(fn, device, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def bench_train(mcfg: dict, routing: Routing, batch: int, device, dtype: str, steps: int, warmup: int) -> dict:
+VARIANTS = {  # name: (dtype, compile, fused_loss)
+    "reference": ("fp32", False, False),  # eager fp32, full logits: the plain reference implementation
+    "eager-bf16": ("auto", False, False),  # gatelab's path before the fast path (bf16 autocast, eager)
+    "fast": ("auto", True, True),  # the default: bf16 autocast, torch.compile, fused output-head loss
+}
+
+
+def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, steps: int, warmup: int,
+                compile_mode: str | None = None) -> dict:
+    """Times gatelab's own training step (train.step_loss, backward, clipping, fused AdamW) on random tokens."""
+    dtype, compiled, fused = VARIANTS[variant]
     gate = "learned" if routing.needs_gate else "none"
     torch.manual_seed(0)
     model = GPT(ModelConfig(**mcfg, gate=gate)).to(device)
-    cfg = TrainConfig(model=model.cfg, routing=routing, dtype=dtype)
+    cfg = TrainConfig(model=model.cfg, routing=routing, dtype=dtype, compile=compiled, fused_loss=fused)
     opt = make_optimizer(model, cfg, device)
+    run_model = torch.compile(model, mode=compile_mode) if compiled else model
     T = model.cfg.context
-    x = torch.randint(0, model.cfg.vocab_size, (batch, T), device=device)
-    y = torch.randint(0, model.cfg.vocab_size, (batch, T), device=device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, model.cfg.vocab_size, (batch, T), generator=g).to(device)
+    y = torch.randint(0, model.cfg.vocab_size, (batch, T), generator=g).to(device)
+    losses = []
 
     def step():
+        torch.manual_seed(0)  # stochastic routing draws the same masks in every variant
         with autocast_for(device, dtype):
-            _, loss = model(x, y, routing=routing)
+            loss, _ = step_loss(run_model, x, y, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
+        losses.append(loss.detach())
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times = time_steps(step, device, steps, warmup)
+    t0 = time.perf_counter()
+    step()  # the first step (compilation included)
+    sync(device)
+    first_s = time.perf_counter() - t0
+    times = time_steps(step, device, steps, max(warmup - 1, 0))
     med = statistics.median(times)
-    return dict(kind="train", routing=routing.label(), batch=batch, dtype=dtype, step_ms=1000 * med,
-                tokens_per_s=batch * T / med, flops_per_token=flops_per_token(model),
+    label = routing.label() + (f" [{compile_mode}]" if compile_mode else "")
+    return dict(kind="train", variant=variant, routing=label, batch=batch, dtype=dtype, compile=compiled,
+                fused_loss=fused, step_ms=1000 * med, first_step_s=first_s, tokens_per_s=batch * T / med,
+                flops_per_token=flops_per_token(model), first_loss=float(losses[0]),
                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 
@@ -124,23 +147,54 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--eager-modes", default="dense,soft-gate",
+                    help="modes also timed on the eager bf16 path, to show what each fast-path part buys")
+    ap.add_argument("--compile-modes", default="",
+                    help="extra torch.compile modes tried for dense at the first batch, e.g. reduce-overhead")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="off: time the fast path without torch.compile (auto: compile on CUDA only)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
+        VARIANTS["fast"] = ("auto", False, True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     mcfg = MODELS[args.model]
     k = min(args.k, ModelConfig(**mcfg).context)
-    rows = []
-    for batch in [int(b) for b in args.batches.split(",")]:
-        ref = bench_train(mcfg, Routing(), batch, device, "fp32", args.steps, args.warmup)
-        ref["routing"] = "dense (eager fp32 reference)"
+    rows, checks = [], []
+    batches = [int(b) for b in args.batches.split(",")]
+
+    def show(r):
+        print(f"{r['variant']:10s} {r['routing']:40s} batch {r['batch']:3d}: {r['tokens_per_s']:12,.0f} tok/s "
+              f"{r['step_ms']:8.2f} ms ({r.get('vs_reference', 1):.2f}x the reference) first step "
+              f"{r['first_step_s']:.1f} s", flush=True)
+    for batch in batches:
+        ref = bench_train(mcfg, Routing(), batch, device, "reference", args.steps, args.warmup)
         rows.append(ref)
+        show(ref)
         for mode in args.modes.split(","):
-            r = bench_train(mcfg, Routing(mode=mode, k=k), batch, device, "auto", args.steps, args.warmup)
-            r["vs_reference"] = ref["step_ms"] / r["step_ms"]
-            rows.append(r)
-            print(f"{r['routing']:40s} batch {batch:3d}: {r['tokens_per_s']:12,.0f} tok/s {r['step_ms']:8.1f} ms "
-                  f"({r['vs_reference']:.2f}x the reference)", flush=True)
+            routing = Routing(mode=mode, k=k)
+            variants = ["fast"] + (["eager-bf16"] if mode in args.eager_modes.split(",") else [])
+            for variant in variants:
+                r = bench_train(mcfg, routing, batch, device, variant, args.steps, args.warmup)
+                r["vs_reference"] = ref["step_ms"] / r["step_ms"]
+                rows.append(r)
+                show(r)
+            eager = next((x for x in rows if x["batch"] == batch and x["routing"] == routing.label()
+                          and x["variant"] == "eager-bf16"), None)
+            fast = next(x for x in rows if x["batch"] == batch and x["routing"] == routing.label()
+                        and x["variant"] == "fast")
+            if mode == "dense" or eager is not None:  # the fast path's first loss against the plain path's
+                other = eager if eager is not None else ref
+                checks.append(dict(routing=routing.label(), batch=batch, fast=fast["first_loss"],
+                                   plain=other["first_loss"], plain_variant=other["variant"],
+                                   ok=abs(fast["first_loss"] - other["first_loss"]) < 2e-2 * abs(other["first_loss"])))
+        if batch == batches[0]:
+            for mode_name in [m for m in args.compile_modes.split(",") if m]:
+                r = bench_train(mcfg, Routing(), batch, device, "fast", args.steps, args.warmup, mode_name)
+                r["vs_reference"] = ref["step_ms"] / r["step_ms"]
+                rows.append(r)
+                show(r)
     rows.append(bench_distill(mcfg, k, 16, device, args.steps, args.warmup))
     rows.append(bench_eval(mcfg, 16, device, args.steps, args.warmup))
     peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
@@ -151,20 +205,33 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=name, torch=torch.__version__, command=" ".join(sys.argv), model=args.model,
-                peak_bf16_tflops=peak, rows=rows)
+                peak_bf16_tflops=peak, checks=checks, rows=rows)
     (out / f"{slug}.json").write_text(json.dumps(meta, indent=1) + "\n")
     lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
-             "| kind | routing | batch | tokens/s | step ms | vs eager fp32 | peak GiB | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Step = gatelab's training step (loss, backward, gradient clipping, AdamW) on random tokens; median of "
+             f"{args.steps} steps after {args.warmup} warm-up steps. *reference*: eager fp32 with full logits; "
+             "*eager-bf16*: bf16 autocast, eager; *fast*: the default (bf16 autocast, torch.compile on CUDA, fused "
+             "output-head loss). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
+             f"({peak} TFLOP/s).", "",
+             "| kind | variant | routing | batch | tokens/s | step ms | vs eager fp32 | first step s | peak GiB | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
     for r in rows:
         rate = fmt(r.get("tokens_per_s"), ",.0f") if "tokens_per_s" in r else f"{r['steps_per_s']:.1f} steps/s"
         ratio = fmt(r.get("vs_reference", 1.0), ".2f") + "x" if r["kind"] == "train" else "-"
-        lines.append(f"| {r['kind']} | {r['routing']} | {r['batch']} | {rate} | {r['step_ms']:.1f} | {ratio} | "
+        lines.append(f"| {r['kind']} | {r.get('variant', '-')} | {r['routing']} | {r['batch']} | {rate} | "
+                     f"{r['step_ms']:.2f} | {ratio} | {fmt(r.get('first_step_s'), '.1f')} | "
                      f"{fmt(r.get('peak_mem_gib'), '.2f')} | {fmt(r.get('mfu'), '.1%')} |")
+    lines += ["", "Fast path vs plain path, loss of the first step on the same weights and batch (bf16 tolerance 2%):",
+              "", "| routing | batch | fast | plain | plain variant | ok |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c['routing']} | {c['batch']} | {c['fast']:.5f} | {c['plain']:.5f} | {c['plain_variant']} | "
+              f"{c['ok']} |" for c in checks]
     (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if not all(c["ok"] for c in checks):
+        sys.exit("fast path disagrees with the plain path (see the table above)")
 
 
 if __name__ == "__main__":

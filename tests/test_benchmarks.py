@@ -14,7 +14,8 @@ def test_bench_train_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "cpu.json").read_text())
     kinds = [(row["kind"], row["routing"]) for row in data["rows"]]
-    assert kinds[0] == ("train", "dense (eager fp32 reference)")
+    assert data["rows"][0]["variant"] == "reference" and kinds[0] == ("train", "dense")
+    assert data["checks"] and all(c["ok"] for c in data["checks"])
     assert ("train", "gate-topk@k=8") in kinds and kinds[-2][0] == "distill-kl" and kinds[-1][0] == "eval"
     assert all(row["step_ms"] > 0 for row in data["rows"])
     assert "vs eager fp32" in (tmp_path / "cpu.md").read_text()

@@ -37,3 +37,33 @@ def test_demo_main_job_runs(tmp_path, monkeypatch):
     assert [r.split(" | ")[0] for r in rows] == ["| dense"] * 3 + ["| soft-gate-learned"] * 5
     assert (tmp_path / "data" / "prepared" / "bundled" / "train.bin").is_file()
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["rows"][0]["tokens"] == 1024
+
+
+def test_sweep_over_two_workers_matches_the_sequential_run(tmp_path):
+    """`--gpus 2 --device cpu`: units as child processes on two workers, each as soon as its dependency is done;
+    the results equal the in-process run's, and a second sweep skips everything."""
+    only = ["baseline", "table4"]
+    seq = reproduce("smoke", out=str(tmp_path / "seq"), runs=str(tmp_path / "seq-runs"), only=only, progress=False,
+                    device="cpu", report=False)
+    par = reproduce("smoke", out=str(tmp_path / "par"), runs=str(tmp_path / "par-runs"), only=only, progress=False,
+                    device="cpu", report=False, gpus=2)
+    assert set(par) == set(seq) == {"dense", "table4-kl-8", "table4-kl-16", "table4-kl-32"}
+    assert all(s.startswith("ran") and s.endswith("on cpu") for s in par.values()), par
+    for name in seq:
+        a = json.loads((tmp_path / "seq" / "units" / name / "result.json").read_text())
+        b = json.loads((tmp_path / "par" / "units" / name / "result.json").read_text())
+        assert a["evals"] == b["evals"], name
+    assert (tmp_path / "par-runs" / "logs" / "table4-kl-8.log").is_file()
+    again = reproduce("smoke", out=str(tmp_path / "par"), runs=str(tmp_path / "par-runs"), only=only, progress=False,
+                      device="cpu", report=False, gpus=2)
+    assert all(s == "done (skipped)" for s in again.values())
+
+
+def test_gpus_beyond_the_visible_ones_is_refused():
+    import pytest
+
+    from gatelab.config import GatelabError
+    from gatelab.reproduce import workers_for
+    with pytest.raises(GatelabError, match="GPU"):
+        workers_for(64, "auto")
+    assert workers_for(3, "cpu") == ["cpu"] * 3 and workers_for(1, "cpu") is None

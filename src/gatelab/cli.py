@@ -74,13 +74,27 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import train
     cfg = load_train_config(args.config, list(args.overrides) + (REFERENCE_OVERRIDES if args.reference else []))
     resume = "require" if args.resume else "never" if args.fresh else "auto"
-    print_summary(train(cfg, args.out, resume=resume, progress=not args.quiet), args.out)
+    print_summary(train_under_torchrun(cfg, args.out, resume=resume, progress=not args.quiet), args.out)
+
+
+def train_under_torchrun(cfg, out, **kw) -> dict:
+    """train(), leaving torchrun's process group (if any) cleanly; only rank 0 prints the summary."""
+    import os
+
+    from . import distributed
+    from .train import train
+    try:
+        summary = train(cfg, out, **kw)
+    finally:
+        distributed.cleanup()
+    return summary if os.environ.get("RANK", "0") == "0" else dict(summary, quiet_rank=True)
 
 
 def print_summary(summary: dict, out: str) -> None:
+    if summary.get("quiet_rank"):
+        return
     if summary.get("skipped"):
         print(f"{out} is already finished (use --fresh to start over)")
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
@@ -125,7 +139,6 @@ def cmd_eval(args) -> None:
 def cmd_distill(args) -> None:
     from .config import apply_overrides, to_dict, train_config_from_dict
     from .distill import distill_config
-    from .train import train
     cfg = distill_config(args.checkpoint, args.loss, k=args.k, d_gate=args.d_gate, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_control=args.random_control,
                          data=args.data)
@@ -136,7 +149,8 @@ def cmd_distill(args) -> None:
         from .evaluate import resolve_device
         print(f"frozen random gate written to {export_random_control(cfg, args.out, resolve_device(cfg.device))}")
         return
-    print_summary(train(cfg, args.out, resume="never" if args.fresh else "auto", progress=not args.quiet), args.out)
+    print_summary(train_under_torchrun(cfg, args.out, resume="never" if args.fresh else "auto",
+                                       progress=not args.quiet), args.out)
 
 
 def cmd_analyze(args) -> None:
@@ -217,10 +231,13 @@ def cmd_reproduce(args) -> None:
     from .reproduce import reproduce
     status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
                        progress=not args.quiet, device=args.device, budget_s=args.budget_minutes * 60
-                       if args.budget_minutes else None)
+                       if args.budget_minutes else None, report=not args.no_report, gpus=args.gpus)
     for name, state in status.items():
         print(f"{name:40s} {state}")
-    print(f"report: {args.out or 'results/' + args.protocol}/REPORT.md")
+    if not args.no_report:
+        print(f"report: {args.out or 'results/' + args.protocol}/REPORT.md")
+    if any(state.startswith(("FAILED", "not started (a unit")) for state in status.values()):
+        raise GatelabError("some units failed; their logs are named above")
 
 
 def cmd_report(args) -> None:
@@ -350,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="checkpoint folder, kept out of git (default runs/PROTOCOL)")
     p.add_argument("--device", default="auto")
     p.add_argument("--budget-minutes", type=float, help="start no new unit after this many minutes")
+    p.add_argument("--gpus", default=None, help="run independent units concurrently, one process per GPU: a number "
+                   "or 'all' visible GPUs (default 1: in this process); with --device cpu, that many CPU processes")
+    p.add_argument("--no-report", action="store_true", help="do not rebuild REPORT.md (gatelab report does)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

@@ -205,12 +205,13 @@ def _source_id(corpus: str, source: str | None) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # reading token files
 
-def sample_windows(tokens, step: int, batch_size: int, context: int, seed: int, rank: int = 0):
+def sample_windows(tokens, step: int, batch_size: int, context: int, seed: int, rows: slice | None = None):
     """(inputs, targets) of `batch_size` random `context`-token windows of a token array, a pure function of
-    (seed, step, rank): a resumed run reads exactly the batches it would have read."""
+    (seed, step): a resumed run reads exactly the batches it would have read. `rows` reads only part of the batch
+    (a data-parallel rank's shard), so the global batch is the same whatever the number of ranks."""
     import torch
-    rng = np.random.default_rng([seed, step, rank])
-    starts = rng.integers(0, len(tokens) - context - 1, size=batch_size)
+    rng = np.random.default_rng([seed, step, 0])
+    starts = rng.integers(0, len(tokens) - context - 1, size=batch_size)[rows if rows is not None else slice(None)]
     win = torch.from_numpy(np.stack([np.asarray(tokens[s:s + context + 1]) for s in starts]).astype(np.int64))
     return win[:, :-1], win[:, 1:]
 
@@ -239,10 +240,10 @@ class TokenData:
             raise GatelabError(f"the {self.split} split has {len(self.tokens)} tokens, fewer than one chunk "
                                f"of {context + 1}")
 
-    def batch(self, step: int, batch_size: int, context: int, seed: int, rank: int = 0):
-        """Random windows for training step `step`; a pure function of (seed, step, rank)."""
+    def batch(self, step: int, batch_size: int, context: int, seed: int, rows: slice | None = None):
+        """Random windows for training step `step`; a pure function of (seed, step). rows: see sample_windows."""
         self._check(context)
-        return sample_windows(self.tokens, step, batch_size, context, seed, rank)
+        return sample_windows(self.tokens, step, batch_size, context, seed, rows)
 
     def chunks(self, context: int, max_tokens: int = 0) -> Iterable[tuple]:
         """Non-overlapping evaluation chunks: every token after the first is predicted exactly once.

@@ -8,8 +8,11 @@ dependency's checkpoint is gone (e.g. on a fresh machine) retrains that dependen
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -149,8 +152,9 @@ class Suite:
     def select(self, only: list[str] | None) -> list[Unit]:
         if not only:
             return list(self.units.values())
-        chosen = [u for u in self.units.values() if any(u.name == o or u.experiment == o or u.name.startswith(o)
-                                                        for o in only)]
+        def matches(u: Unit, o: str) -> bool:  # an exact unit name selects that unit alone
+            return u.name == o if o in self.units else (u.experiment == o or u.name.startswith(o))
+        chosen = [u for u in self.units.values() if any(matches(u, o) for o in only)]
         if not chosen:
             raise GatelabError(f"--only {','.join(only)} matches no unit; units: {', '.join(self.units)}; "
                                f"experiments: {', '.join(sorted({u.experiment for u in self.units.values()}))}")
@@ -175,6 +179,112 @@ class Suite:
             write_json(self.unit_dir(unit.name) / "result.json", result)
             status[unit.name] = f"ran in {time.time() - start:.0f} s"
         return status
+
+
+    def run_parallel(self, workers: list[str], only: list[str] | None = None, budget_s: float | None = None,
+                     extra_args: list[str] = ()) -> dict:
+        """Run the selected units that are not done as child processes, one per worker ("0", "1", ... GPU
+        indices, or "cpu"), each unit as soon as the units it needs are done. Same skip and resume guarantees
+        as `run` (each child is `gatelab reproduce --only UNIT`); one combined progress display; each child's
+        output goes to <runs>/logs/UNIT.log."""
+        from .progress import progress_bar
+        t0 = time.time()
+        selected = self.select(only)
+        status = {u.name: "done (skipped)" for u in selected if self.is_done(u.name)}
+        pending = [u for u in selected if u.name not in status]
+        for u in pending:  # a dependency outside the selection that is not done yet must run first
+            for need in u.needs:
+                if not self.is_done(need) and need not in {x.name for x in pending}:
+                    pending.insert(0, self.units[need])
+        free, running, failed = list(workers), {}, set()
+        logs = self.runs / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        bar = progress_bar(total=len(pending), desc=f"reproduce on {len(workers)} workers", unit="unit",
+                           disable=not self.progress)
+        try:
+            while pending or running:
+                for u in [u for u in pending if any(n in failed for n in u.needs)]:
+                    pending.remove(u)
+                    failed.add(u.name)
+                    status[u.name] = "not started (a unit it needs failed)"
+                    bar.update(1)
+                over_budget = budget_s is not None and time.time() - t0 > budget_s
+                while free and pending and not over_budget:
+                    ready = next((u for u in pending if all(self.is_done(n) for n in u.needs)), None)
+                    if ready is None:
+                        break
+                    pending.remove(ready)
+                    worker = free.pop(0)
+                    env = dict(os.environ, PYTHONUNBUFFERED="1")
+                    device = self.device
+                    if worker != "cpu":
+                        env["CUDA_VISIBLE_DEVICES"] = worker
+                        device = "cuda" if self.device in ("auto", "cuda") else self.device
+                    cmd = [sys.executable, "-m", "gatelab", "reproduce", "--protocol", self.p.name, "--only",
+                           ready.name, "--out", str(self.out), "--runs", str(self.runs), "--device", device,
+                           "--no-report", "--quiet", *extra_args]
+                    log = open(logs / f"{ready.name}.log", "w")
+                    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=_die_with_parent)
+                    running[ready.name] = (proc, worker, time.time(), log)
+                if over_budget:
+                    for u in pending:
+                        status[u.name] = "not started (budget)"
+                        bar.update(1)
+                    pending = []
+                bar.set_postfix_str(" ".join(f"[{w}] {n}" for n, (_, w, _, _) in running.items()), refresh=True)
+                time.sleep(0.2)
+                for name, (proc, worker, start, log) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    del running[name]
+                    free.append(worker)
+                    if proc.returncode == 0 and self.is_done(name):
+                        status[name] = f"ran in {time.time() - start:.0f} s on {_worker_label(worker)}"
+                    else:
+                        failed.add(name)
+                        status[name] = f"FAILED (exit {proc.returncode}; see {logs / (name + '.log')})"
+                    bar.update(1)
+                    bar.write(f"[reproduce] {name}: {status[name]}")
+        finally:
+            for proc, *_ in running.values():
+                proc.terminate()
+            bar.close()
+        return status
+
+
+def _worker_label(worker: str) -> str:
+    return "cpu" if worker == "cpu" else f"GPU {worker}"
+
+
+def _die_with_parent() -> None:
+    """Children end when the sweep's process dies, even by SIGKILL (Linux), so a restarted sweep never races an
+    orphan over the same unit."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def workers_for(gpus: str | int | None, device: str) -> list[str] | None:
+    """The worker list of `--gpus N|all`; None for the plain in-process run. With device=cpu, N CPU processes."""
+    if gpus in (None, 1, "1"):
+        return None
+    if device == "cpu":
+        if gpus == "all":
+            raise GatelabError("--gpus all needs GPUs; with --device cpu give a number of processes")
+        return ["cpu"] * int(gpus)
+    visible = torch.cuda.device_count()
+    n = visible if gpus == "all" else int(gpus)
+    if n < 1:
+        raise GatelabError(f"--gpus must be >= 1 or all, got {gpus}")
+    if n > visible:
+        raise GatelabError(f"--gpus {gpus}: only {visible} GPU(s) are visible (with --device cpu, --gpus N runs "
+                           f"N CPU processes)")
+    return [str(i) for i in range(n)] if n > 1 else None
 
 
 def _device_name(device: str) -> str:
@@ -288,7 +398,7 @@ def run_analyze(suite: Suite, unit: Unit) -> dict:
 
 def reproduce(protocol: str, out: str | None = None, runs: str | None = None, only: list[str] | None = None,
               seeds: int | None = None, progress: bool = True, device: str = "auto",
-              budget_s: float | None = None, report: bool = True) -> dict:
+              budget_s: float | None = None, report: bool = True, gpus: str | int | None = None) -> dict:
     if protocol not in PROTOCOLS:
         raise GatelabError(f"unknown protocol {protocol!r}; choose {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
@@ -302,7 +412,12 @@ def reproduce(protocol: str, out: str | None = None, runs: str | None = None, on
         raise GatelabError(f"protocol {protocol} needs {p.corpus} prepared in {p.data}: run "
                            f"`gatelab prepare --corpus {p.corpus} --source DIR` first")
     suite = Suite(p, out or f"results/{protocol}", runs or f"runs/{protocol}", progress=progress, device=device)
-    status = suite.run(only, budget_s=budget_s)
+    workers = workers_for(gpus, device)
+    if workers:
+        status = suite.run_parallel(workers, only, budget_s=budget_s,
+                                    extra_args=["--seeds", str(seeds)] if seeds is not None else [])
+    else:
+        status = suite.run(only, budget_s=budget_s)
     if report:
         from .report import write_report
         write_report(suite.out, p)

@@ -21,7 +21,7 @@ from .checkpoint import (OPTIM_FILE, find_checkpoint, load_optimizer, load_state
                          rng_state, save_checkpoint, set_rng_state)
 from .config import GatelabError, TrainConfig, atomic_path, same_run, to_dict, write_json
 from .data import TokenData
-from .evaluate import autocast_for, perplexity, resolve_device
+from .evaluate import autocast_for, perplexity
 from .model import GPT
 from .progress import progress_bar
 
@@ -74,13 +74,46 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
 
 
+class TrainingObjective(torch.nn.Module):
+    """The training objective of one batch as a module: what DistributedDataParallel and torch.compile wrap.
+
+    lm: the language-model loss under cfg.routing; kl / bce: gate distillation (extra metric: gate F1).
+    """
+
+    def __init__(self, model: GPT, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        cfg = self.cfg
+        if cfg.objective == "lm":
+            return self.model(x, y, routing=cfg.routing, fused_loss=cfg.fused_loss)[1], {}
+        from .distill import distill_loss
+        loss, f1 = distill_loss(self.model, x, cfg.objective, cfg.routing.k)
+        return loss, dict(f1=f1)
+
+
 def step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """The training objective for one batch, and extra metrics to log."""
-    if cfg.objective == "lm":
-        return model(x, y, routing=cfg.routing, fused_loss=cfg.fused_loss)[1], {}
-    from .distill import distill_loss
-    loss, f1 = distill_loss(model, x, cfg.objective, cfg.routing.k)
-    return loss, dict(f1=f1)
+    """The training objective for one batch, and extra metrics to log. `model`: a GPT (possibly compiled), or a
+    (wrapped) TrainingObjective."""
+    if isinstance(getattr(model, "_orig_mod", model), GPT):
+        model = TrainingObjective(model, cfg)
+    return model(x, y)
+
+
+def _wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
+    """The objective module, in DistributedDataParallel under torchrun, compiled where that applies."""
+    objective = TrainingObjective(model, cfg)
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # trainable gates that the routing never reads (hard top-k under the LM loss) get no gradient
+        unused = cfg.objective == "lm" and cfg.routing.mode != "soft-gate" and any(
+            p.requires_grad for p in model.gate_parameters())
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=unused)
+    if use_compile(cfg, device) and cfg.objective == "lm":
+        objective = torch.compile(objective)
+    return objective
 
 
 class MetricsLog:
@@ -123,7 +156,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
         if not same_run(summary.get("config", {}), cfg_dict):
             raise GatelabError(f"{out} holds a finished run with another config; choose another --out")
         return dict(summary, skipped=True)
-    device = resolve_device(cfg.device)
+    from . import distributed
+    ctx = distributed.setup(cfg.device)
+    device = ctx.device
+    rows = ctx.rows(cfg.batch_size)
     train_data = TokenData(cfg.data, "train")
     val_data = TokenData(cfg.data, "validation")
     if train_data.vocab_size > cfg.model.vocab_size:
@@ -145,13 +181,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
         load_optimizer(opt, load_state(found, OPTIM_FILE), trainer["optimizer"])
         set_rng_state(trainer["rng"])
         step = trainer["step"]
-    write_json(out / "config.json", cfg_dict)
-    log = MetricsLog(out / "metrics.jsonl", keep_until_step=step if found is not None else None)
-    run_model = torch.compile(model) if use_compile(cfg, device) else model
+    if ctx.main:
+        write_json(out / "config.json", cfg_dict)
+        log = MetricsLog(out / "metrics.jsonl", keep_until_step=step if found is not None else None)
+    run_objective = _wrap_for_training(model, cfg, ctx, device)
     tokens_per_step = cfg.batch_size * cfg.model.context
     last_val = None
-    bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step", disable=not progress,
-               )
+    bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {out.name}" + (f" x{ctx.world}" if ctx.world > 1
+                       else ""), unit="step", disable=not (progress and ctx.main))
     t_last, steps_since = time.perf_counter(), 0
     nonfinite_at = torch.tensor(-1, device=device)
     try:
@@ -159,10 +196,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x, y = train_data.batch(step, cfg.batch_size, cfg.model.context, cfg.seed)
+            x, y = train_data.batch(step, cfg.batch_size, cfg.model.context, cfg.seed, rows)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if ctx.world > 1:  # per-rank randomness (stochastic routing) that a resume on the same N reproduces
+                torch.manual_seed(cfg.seed * 1_000_003 + step * 7919 + ctx.rank)
             with autocast_for(device, cfg.dtype):
-                loss, extra = step_loss(run_model, x, y, cfg)
+                loss, extra = run_objective(x, y)
             # The first step with a non-finite loss, tracked on the device (no host sync per step) and checked
             # before every log and checkpoint, so a bad state is never saved.
             nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(loss.detach()), step, nonfinite_at)
@@ -175,39 +214,50 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
             steps_since += 1
             will_log = step % cfg.log_every == 0 or step == cfg.steps
             will_save = step % cfg.checkpoint_every == 0 or step == cfg.steps
-            if (will_log or will_save or (cfg.eval_every and step % cfg.eval_every == 0)) and nonfinite_at >= 0:
-                kept = find_checkpoint(ckpt_dir)
-                where = f"the last good checkpoint (step {read_trainer(kept)['step']}) is kept in {kept}" if kept \
-                    else "no checkpoint had been written yet"
-                raise GatelabError(f"non-finite loss at step {int(nonfinite_at)}; stopping: {where}")
+            will_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if will_log or will_save or will_eval:
+                first_bad = int(ctx.min(torch.where(nonfinite_at >= 0, nonfinite_at, cfg.steps + 1)))
+                if first_bad <= cfg.steps:
+                    kept = find_checkpoint(ckpt_dir)
+                    where = (f"the last good checkpoint (step {read_trainer(kept)['step']}) is kept in {kept}"
+                             if kept else "no checkpoint had been written yet")
+                    raise GatelabError(f"non-finite loss at step {first_bad}; stopping: {where}")
             if will_log:
-                loss_v = loss.item()
+                loss_v = ctx.mean(loss).item()
                 now = time.perf_counter()
                 tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
                 t_last, steps_since = now, 0
-                log.write(dict(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
-                               **extra))
+                if ctx.main:
+                    log.write(dict(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                                   **extra))
                 bar.set_postfix(loss=f"{loss_v:.3f}", ppl=f"{math.exp(min(loss_v, 50)):.1f}",
                                 tok_s=f"{tok_s:,.0f}", refresh=False)
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if will_eval and ctx.main:
                 res = perplexity(model, val_data, cfg.routing, cfg.batch_size, cfg.eval_tokens, cfg.dtype)
                 last_val = res["ppl"]
                 log.write(dict(step=step, val_loss=res["nll"], val_ppl=res["ppl"], val_tokens=res["tokens"]))
                 bar.write(f"step {step}: validation ppl {res['ppl']:.2f} ({cfg.routing.label()})")
-            if will_save:
+            if will_save and ctx.main:
                 save_checkpoint(ckpt_dir, model, dict(config=cfg_dict, step=step, rng=rng_state(),
                                                       data_position=dict(seed=cfg.seed, next_step=step)), opt)
             bar.update(1)
+            if will_save or will_eval:
+                ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
             if stop_after is not None and step >= stop_after and step < cfg.steps:
                 return dict(stopped_at=step)
     finally:
         bar.close()
-        log.close()
+        if ctx.main:
+            log.close()
     summary = dict(config=cfg_dict, steps=step, final_val_ppl=last_val, device=str(device),
-                   params=model.num_params(), gate_params=model.num_params(gates=True))
+                   params=model.num_params(), gate_params=model.num_params(gates=True), world_size=ctx.world)
+    if not ctx.main:
+        ctx.barrier()
+        return summary
     if cfg.freeze_model and model.gates():
         from .distill import export_gate
         export_gate(model, cfg, out)
         summary["gate"] = str(out / "gate.json")
     write_json(done, summary)
+    ctx.barrier()
     return summary
