@@ -80,6 +80,8 @@ def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, 
     losses = []
 
     def step():
+        if compile_mode == "reduce-overhead":  # CUDA graphs: mark the new iteration so outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         torch.manual_seed(0)  # stochastic routing draws the same masks in every variant
         with autocast_for(device, dtype):
             loss, _ = step_loss(run_model, x, y, cfg)
@@ -87,7 +89,7 @@ def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

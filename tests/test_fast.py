@@ -104,3 +104,11 @@ def test_speed_fields_do_not_change_which_run_it_is(token_corpus, tmp_path):
     read = lambda d: [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
                       if "loss" in r]
     assert read(tmp_path / "run") == pytest.approx(read(tmp_path / "ref"), rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_row_topk_by_sort_matches_torch_topk(k):
+    from gatelab.routing import row_topk
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(k))
+    (v1, i1), (v2, i2) = row_topk(x, k, "topk"), row_topk(x, k, "sort")
+    assert torch.equal(v1, v2) and torch.equal(i1, i2)  # no ties among random floats: the same keys

@@ -153,10 +153,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (hc @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             total = total + (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if want_h or want_w:
-                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
-                g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
-                g = g.to(h.dtype)
+            if want_h or want_w:  # d loss / d logits = softmax - onehot (pointwise: torch.compile fuses it)
+                onehot = torch.arange(logits.shape[1], device=h.device)[None, :] == tc[:, None]
+                g = (torch.exp(logits - lse[:, None]) - onehot.float()).to(h.dtype)
                 if want_h:
                     grad_h[s:s + chunk_rows] = g @ w
                 if want_w:

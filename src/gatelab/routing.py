@@ -47,13 +47,29 @@ def causal_mask(T: int, device) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
+def row_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest entries of each row (last dim), largest first.
+
+    method "sort" sorts each row: on CUDA, for rows of attention length, a segmented sort in shared memory is
+    several times faster than torch.topk's radix selection (benchmarks/bench_topk.py); "auto" picks it there.
+    Among tied scores the two methods may keep different (equally valid) keys.
+    """
+    if method == "auto":
+        method = "sort" if scores.is_cuda and scores.shape[-1] <= 4096 else "topk"
+    if method == "sort":
+        values, indices = scores.sort(dim=-1, descending=True)
+        return values[..., :k], indices[..., :k]
+    out = scores.topk(k, dim=-1)
+    return out.values, out.indices
+
+
 def topk_keep_mask(scores: torch.Tensor, k: int, causal: torch.Tensor) -> torch.Tensor:
     """Bool mask keeping the k largest causal scores of each row (all causal keys when a row has <= k)."""
     T = scores.shape[-1]
     if k >= T:
         return causal.expand(scores.shape).clone()
     masked = scores.detach().masked_fill(~causal, float("-inf"))
-    idx = masked.topk(k, dim=-1).indices
+    idx = row_topk(masked, k)[1]
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, idx, True)
     return keep & causal  # rows with < k causal keys picked some -inf future keys: drop them
@@ -66,7 +82,7 @@ def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log:
     t = routing.soft_temperature
     if routing.soft_mask == "topk-sigmoid":
         if routing.k < T:
-            tau = G.detach().masked_fill(~causal, float("-inf")).topk(routing.k, dim=-1).values[..., -1:]
+            tau = row_topk(G.detach().masked_fill(~causal, float("-inf")), routing.k)[0][..., -1:]
             few_keys = causal.sum(-1, keepdim=True) <= routing.k  # such rows keep all their keys
             tau = tau.masked_fill(few_keys, float("-inf"))
         else:
