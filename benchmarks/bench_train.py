@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab.config import ModelConfig, Routing, TrainConfig  # noqa: E402
 from gatelab.evaluate import autocast_for  # noqa: E402
 from gatelab.model import GPT  # noqa: E402
-from gatelab.train import make_optimizer, step_loss  # noqa: E402
+from gatelab.distributed import Context  # noqa: E402
+from gatelab.train import make_optimizer, wrap_for_training  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM datasheet
 MODELS = {"paper": {}, "tiny": dict(n_layer=2, d_model=64, n_head=4, d_mlp=128, context=64, d_gate=8)}
@@ -56,23 +57,27 @@ def time_steps(fn, device, steps: int, warmup: int) -> list[float]:
     return times
 
 
-VARIANTS = {  # name: (dtype, compile, fused_loss)
+VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "reference": ("fp32", False, False),  # eager fp32, full logits: the plain reference implementation
     "eager-bf16": ("auto", False, False),  # gatelab's path before the fast path (bf16 autocast, eager)
-    "fast": ("auto", True, True),  # the default: bf16 autocast, torch.compile, fused output-head loss
+    "compiled": ("auto", "default", True),  # torch.compile without CUDA graphs, fused output-head loss
+    "fast": ("auto", "auto", True),  # the default on one GPU: bf16, torch.compile with CUDA graphs, fused loss
 }
 
 
 def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, steps: int, warmup: int,
-                compile_mode: str | None = None) -> dict:
-    """Times gatelab's own training step (train.step_loss, backward, clipping, fused AdamW) on random tokens."""
+                compile_override: str | None = None) -> dict:
+    """Times gatelab's own training step (the objective module `train` builds, backward, clipping, fused AdamW)
+    on random tokens."""
     dtype, compiled, fused = VARIANTS[variant]
+    compiled = compile_override or compiled
     gate = "learned" if routing.needs_gate else "none"
     torch.manual_seed(0)
     model = GPT(ModelConfig(**mcfg, gate=gate)).to(device)
     cfg = TrainConfig(model=model.cfg, routing=routing, dtype=dtype, compile=compiled, fused_loss=fused)
     opt = make_optimizer(model, cfg, device)
-    run_model = torch.compile(model, mode=compile_mode) if compiled else model
+    run_objective, mode = wrap_for_training(model, cfg, Context(device=device), device)
+    graphs = mode is not None and "reduce-overhead" in mode
     T = model.cfg.context
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, model.cfg.vocab_size, (batch, T), generator=g).to(device)
@@ -80,11 +85,11 @@ def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, 
     losses = []
 
     def step():
-        if compile_mode == "reduce-overhead":  # CUDA graphs: mark the new iteration so outputs may be reused
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         torch.manual_seed(0)  # stochastic routing draws the same masks in every variant
         with autocast_for(device, dtype):
-            loss, _ = step_loss(run_model, x, y, cfg)
+            loss, _ = run_objective(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -99,10 +104,9 @@ def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, 
     first_s = time.perf_counter() - t0
     times = time_steps(step, device, steps, max(warmup - 1, 0))
     med = statistics.median(times)
-    label = routing.label() + (f" [{compile_mode}]" if compile_mode else "")
-    return dict(kind="train", variant=variant, routing=label, batch=batch, dtype=dtype, compile=compiled,
-                fused_loss=fused, step_ms=1000 * med, first_step_s=first_s, tokens_per_s=batch * T / med,
-                flops_per_token=flops_per_token(model), first_loss=float(losses[0]),
+    return dict(kind="train", variant=variant, routing=routing.label(), batch=batch, dtype=dtype,
+                compile=mode or "off", fused_loss=fused, step_ms=1000 * med, first_step_s=first_s,
+                tokens_per_s=batch * T / med, flops_per_token=flops_per_token(model), first_loss=float(losses[0]),
                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 
@@ -151,15 +155,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--eager-modes", default="dense,soft-gate",
                     help="modes also timed on the eager bf16 path, to show what each fast-path part buys")
-    ap.add_argument("--compile-modes", default="",
-                    help="extra torch.compile modes tried for dense at the first batch, e.g. reduce-overhead")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                    help="off: time the fast path without torch.compile (auto: compile on CUDA only)")
+    ap.add_argument("--compiled-modes", default="dense",
+                    help="modes also timed compiled without CUDA graphs, to show what the graphs buy")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
-        VARIANTS["fast"] = ("auto", False, True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     mcfg = MODELS[args.model]
     k = min(args.k, ModelConfig(**mcfg).context)
@@ -176,7 +176,8 @@ def main() -> None:
         show(ref)
         for mode in args.modes.split(","):
             routing = Routing(mode=mode, k=k)
-            variants = ["fast"] + (["eager-bf16"] if mode in args.eager_modes.split(",") else [])
+            variants = ["fast"] + (["eager-bf16"] if mode in args.eager_modes.split(",") else []) + \
+                (["compiled"] if mode in args.compiled_modes.split(",") and device.type == "cuda" else [])
             for variant in variants:
                 r = bench_train(mcfg, routing, batch, device, variant, args.steps, args.warmup)
                 r["vs_reference"] = ref["step_ms"] / r["step_ms"]
@@ -191,12 +192,6 @@ def main() -> None:
                 checks.append(dict(routing=routing.label(), batch=batch, fast=fast["first_loss"],
                                    plain=other["first_loss"], plain_variant=other["variant"],
                                    ok=abs(fast["first_loss"] - other["first_loss"]) < 2e-2 * abs(other["first_loss"])))
-        if batch == batches[0]:
-            for mode_name in [m for m in args.compile_modes.split(",") if m]:
-                r = bench_train(mcfg, Routing(), batch, device, "fast", args.steps, args.warmup, mode_name)
-                r["vs_reference"] = ref["step_ms"] / r["step_ms"]
-                rows.append(r)
-                show(r)
     rows.append(bench_distill(mcfg, k, 16, device, args.steps, args.warmup))
     rows.append(bench_eval(mcfg, 16, device, args.steps, args.warmup))
     peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
@@ -212,11 +207,12 @@ def main() -> None:
     lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
              "Step = gatelab's training step (loss, backward, gradient clipping, AdamW) on random tokens; median of "
              f"{args.steps} steps after {args.warmup} warm-up steps. *reference*: eager fp32 with full logits; "
-             "*eager-bf16*: bf16 autocast, eager; *fast*: the default (bf16 autocast, torch.compile on CUDA, fused "
-             "output-head loss). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
+             "*eager-bf16*: bf16 autocast, eager; *compiled*: bf16, torch.compile (default mode), fused "
+             "output-head loss; *fast*: the default on one GPU, as *compiled* plus CUDA graphs (mode "
+             "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
              f"({peak} TFLOP/s).", "",
-             "| kind | variant | routing | batch | tokens/s | step ms | vs eager fp32 | first step s | peak GiB | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| kind | variant | routing | batch | tokens/s | step ms | vs eager fp32 | compile | first step s | "
+             "peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
@@ -224,7 +220,7 @@ def main() -> None:
         rate = fmt(r.get("tokens_per_s"), ",.0f") if "tokens_per_s" in r else f"{r['steps_per_s']:.1f} steps/s"
         ratio = fmt(r.get("vs_reference", 1.0), ".2f") + "x" if r["kind"] == "train" else "-"
         lines.append(f"| {r['kind']} | {r.get('variant', '-')} | {r['routing']} | {r['batch']} | {rate} | "
-                     f"{r['step_ms']:.2f} | {ratio} | {fmt(r.get('first_step_s'), '.1f')} | "
+                     f"{r['step_ms']:.2f} | {ratio} | {r.get('compile', '-')} | {fmt(r.get('first_step_s'), '.1f')} | "
                      f"{fmt(r.get('peak_mem_gib'), '.2f')} | {fmt(r.get('mfu'), '.1%')} |")
     lines += ["", "Fast path vs plain path, loss of the first step on the same weights and batch (bf16 tolerance 2%):",
               "", "| routing | batch | fast | plain | plain variant | ok |", "|---|---|---|---|---|---|"]

@@ -24,6 +24,7 @@ ROUTING_MODES = ("dense", "oracle-topk", "gate-topk", "soft-gate", "random-topk"
 SOFT_MASKS = ("topk-sigmoid", "sigmoid")
 GATE_KINDS = ("none", "learned", "random")
 OBJECTIVES = ("lm", "kl", "bce")
+COMPILE_CHOICES = ("auto", True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -124,7 +125,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     # speed only (results agree to float rounding; `gatelab train --reference` turns both off):
-    compile: bool | str = "auto"  # torch.compile the training step's model: auto (on CUDA) | true | false
+    # torch.compile of the training objective: auto (CUDA graphs via mode reduce-overhead on one GPU, the default
+    # mode under torchrun, off on CPU) | true (default mode) | false | a torch.compile mode name
+    compile: bool | str = "auto"
     fused_loss: bool = True  # chunked output-head cross-entropy that never materialises the full logits
     # post-hoc gate training (gatelab distill): start from a checkpoint, freeze it, train only the gates
     objective: str = "lm"  # lm (language-model loss under `routing`) | kl | bce (gate distillation)
@@ -143,8 +146,8 @@ class TrainConfig:
             raise GatelabError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective != "lm" and self.model.gate != "learned":
             raise GatelabError(f"objective {self.objective} trains a gate: set model.gate=learned")
-        if self.compile not in ("auto", True, False):
-            raise GatelabError(f"compile must be auto, true or false, got {self.compile!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise GatelabError(f"compile must be one of {', '.join(map(str, COMPILE_CHOICES))}, got {self.compile!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise GatelabError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         return self

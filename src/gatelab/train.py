@@ -69,9 +69,18 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
     return model.to(device)
 
 
-def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """compile=auto compiles on CUDA only: on CPU the compile time outweighs the gain for short runs."""
-    return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+def compile_mode(cfg: TrainConfig, device: torch.device, world: int = 1) -> str | None:
+    """The torch.compile mode of a run, or None for eager. auto: on one GPU, "reduce-overhead" (CUDA graphs: a
+    step of this small model is otherwise bound by kernel-launch overhead, benchmarks/results/); under torchrun,
+    the default mode (DDP's gradient hooks do not go into CUDA graphs); on CPU, eager (compile time outweighs the
+    gain for short runs)."""
+    if cfg.compile is False:
+        return None
+    if cfg.compile == "auto":
+        if device.type != "cuda":
+            return None
+        return "reduce-overhead" if world == 1 else "default"
+    return "default" if cfg.compile is True else cfg.compile
 
 
 class TrainingObjective(torch.nn.Module):
@@ -101,7 +110,7 @@ def step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     return model(x, y)
 
 
-def _wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
+def wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
     """The objective module, in DistributedDataParallel under torchrun, compiled where that applies."""
     objective = TrainingObjective(model, cfg)
     if ctx.world > 1:
@@ -111,9 +120,10 @@ def _wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
             p.requires_grad for p in model.gate_parameters())
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                         find_unused_parameters=unused)
-    if use_compile(cfg, device) and cfg.objective == "lm":
-        objective = torch.compile(objective)
-    return objective
+    mode = compile_mode(cfg, device, ctx.world) if cfg.objective == "lm" else None
+    if mode is not None:
+        objective = torch.compile(objective, mode=None if mode == "default" else mode)
+    return objective, mode
 
 
 class MetricsLog:
@@ -184,7 +194,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
     if ctx.main:
         write_json(out / "config.json", cfg_dict)
         log = MetricsLog(out / "metrics.jsonl", keep_until_step=step if found is not None else None)
-    run_objective = _wrap_for_training(model, cfg, ctx, device)
+    run_objective, mode = wrap_for_training(model, cfg, ctx, device)
+    graphs = mode is not None and "reduce-overhead" in mode
     tokens_per_step = cfg.batch_size * cfg.model.context
     last_val = None
     bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {out.name}" + (f" x{ctx.world}" if ctx.world > 1
@@ -200,6 +211,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if ctx.world > 1:  # per-rank randomness (stochastic routing) that a resume on the same N reproduces
                 torch.manual_seed(cfg.seed * 1_000_003 + step * 7919 + ctx.rank)
+            if graphs:  # a new iteration: CUDA-graph outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast_for(device, cfg.dtype):
                 loss, extra = run_objective(x, y)
             # The first step with a non-finite loss, tracked on the device (no host sync per step) and checked
