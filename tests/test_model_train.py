@@ -182,3 +182,11 @@ def test_reference_loss_values(token_corpus, tmp_path, gate, routing, expected):
     cfg = tiny_train_config(token_corpus, model=tiny_model_config(gate=gate), routing=routing, steps=10)
     train(cfg, tmp_path / "run", progress=False)
     assert losses(tmp_path / "run")[::3] == pytest.approx(expected, abs=1e-4)
+
+
+def test_overrides_parse_values_and_keep_the_word_none():
+    from gatelab.config import load_train_config
+    cfg = load_train_config(None, ["model.gate=none", "steps=7", "compile=false", "routing.soft_temperature=0.5",
+                                   "model.gate_init_std=null", "routing.mode=dense"])
+    assert cfg.model.gate == "none" and cfg.steps == 7 and cfg.compile is False
+    assert cfg.routing.soft_temperature == 0.5 and cfg.model.gate_init_std is None

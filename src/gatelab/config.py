@@ -194,7 +194,7 @@ def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+        return {"true": True, "false": False}.get(text.lower(), text)  # None is written null (JSON)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
