@@ -244,7 +244,7 @@ def cmd_reproduce(args) -> None:
         return
     status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
                        progress=not args.quiet, device=args.device, budget_s=args.budget_minutes * 60
-                       if args.budget_minutes else None, report=not args.no_report, gpus=args.gpus)
+                       if args.budget_minutes else None, report=not args.no_report, gpus=args.gpus, steps=args.steps)
     for name, state in status.items():
         print(f"{name:40s} {state}")
     if not args.no_report:
@@ -381,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="--suite pretrained: a local Hugging Face model folder (or the folder of --gguf)")
     p.add_argument("--gguf", help="--suite pretrained: a GGUF file inside --model, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--seeds", type=int, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
+    p.add_argument("--steps", type=int, help="override the end-to-end training steps of the protocol (a quick look; "
+                   "write it to another --out)")
     p.add_argument("--out", help="results folder (default results/PROTOCOL)")
     p.add_argument("--runs", help="checkpoint folder, kept out of git (default runs/PROTOCOL)")
     p.add_argument("--device", default="auto")

@@ -398,10 +398,17 @@ def run_analyze(suite: Suite, unit: Unit) -> dict:
 
 def reproduce(protocol: str, out: str | None = None, runs: str | None = None, only: list[str] | None = None,
               seeds: int | None = None, progress: bool = True, device: str = "auto",
-              budget_s: float | None = None, report: bool = True, gpus: str | int | None = None) -> dict:
+              budget_s: float | None = None, report: bool = True, gpus: str | int | None = None,
+              steps: int | None = None) -> dict:
+    """steps: override the protocol's end-to-end training steps (a quick look; results then differ from the
+    protocol's, so use another --out)."""
     if protocol not in PROTOCOLS:
         raise GatelabError(f"unknown protocol {protocol!r}; choose {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
+    if steps is not None:
+        if steps < 1:
+            raise GatelabError("--steps must be >= 1")
+        p = replace(p, steps=steps, eval_every=min(p.eval_every, steps), warmup_steps=min(p.warmup_steps, steps // 10))
     if seeds is not None:
         if seeds < 1:
             raise GatelabError("--seeds must be >= 1")
@@ -415,7 +422,8 @@ def reproduce(protocol: str, out: str | None = None, runs: str | None = None, on
     workers = workers_for(gpus, device)
     if workers:
         status = suite.run_parallel(workers, only, budget_s=budget_s,
-                                    extra_args=["--seeds", str(seeds)] if seeds is not None else [])
+                                    extra_args=(["--seeds", str(seeds)] if seeds is not None else []) +
+                                    (["--steps", str(steps)] if steps is not None else []))
     else:
         status = suite.run(only, budget_s=budget_s)
     if report:
