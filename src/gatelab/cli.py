@@ -237,7 +237,8 @@ def cmd_reproduce(args) -> None:
             raise GatelabError("--suite pretrained supports --protocol compact or smoke on one device")
         status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
                                       only=args.only, device=args.device, progress=not args.quiet,
-                                      budget_s=args.budget_minutes * 60 if args.budget_minutes else None)
+                                      budget_s=args.budget_minutes * 60 if args.budget_minutes else None,
+                                      task_steps=args.steps)
         for name, state in status.items():
             print(f"{name:40s} {state}")
         print(f"report: {args.out or 'results/pretrained'}/REPORT.md")

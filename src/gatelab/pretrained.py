@@ -246,12 +246,17 @@ def cached_ids(tokenizer, split: str, cache: Path) -> list[int]:
 
 def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str = "compact",
                          out: str | None = None, runs: str | None = None, only: list[str] | None = None,
-                         device: str = "auto", progress: bool = True, budget_s: float | None = None) -> dict:
+                         device: str = "auto", progress: bool = True, budget_s: float | None = None,
+                         task_steps: int | None = None) -> dict:
+    """task_steps overrides the protocol's training steps of Tables 7-8 (each unit records what it ran)."""
     from .evaluate import resolve_device
     from .hf import load_pretrained
     if protocol not in PROTOCOLS:
         raise GatelabError(f"unknown pretrained protocol {protocol!r}; choose {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
+    if task_steps is not None:
+        from dataclasses import replace
+        p = replace(p, task_steps=task_steps)
     out, runs = Path(out or "results/pretrained"), Path(runs or "runs/pretrained")
     dev = resolve_device(device)
     from transformers import AutoTokenizer
@@ -285,10 +290,14 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
     model = next((r["model"] for r in res.values()), "?")
     device = next((r["device"] for r in res.values()), "?")
     wall = sum(r.get("wall_s", 0) for r in res.values())
+    ran = lambda table, key: sorted({r["protocol"][key] for r in res.values() if r["table"] in table})  # noqa: E731
+    posthoc, task = ran(("table6",), "posthoc_steps") or [p.posthoc_steps], ran(("table7", "table8"), "task_steps") \
+        or [p.task_steps]
     lines = [f"# Pretrained-model experiments ({p.name} protocol): {model}", "",
              f"Regenerate: `gatelab reproduce --suite pretrained --model DIR [--gguf FILE]` (then this report is "
              f"rewritten). Device: {device}; total unit wall time {wall / 60:.1f} min. Paper: Qwen3-1.7B (28 layers), "
-             f"5,000 steps; ours: post-hoc {p.posthoc_steps} steps, task {p.task_steps} steps, batch {p.batch_size} x "
+             f"5,000 steps; ours: post-hoc {'/'.join(map(str, posthoc))} steps, task (Tables 7-8) "
+             f"{'/'.join(map(str, task))} steps, batch {p.batch_size} x "
              f"{p.context}, k = {p.k}. {p.note}", ""]
     t9 = res.get("table9")
     lines += ["## Table 9: oracle top-k vs dense", ""]
