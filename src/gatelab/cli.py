@@ -257,6 +257,10 @@ def cmd_reproduce(args) -> None:
 def cmd_report(args) -> None:
     from .reproduce import PROTOCOLS
     from .report import write_report
+    if args.suite == "pretrained":
+        from .pretrained import PROTOCOLS as PRETRAINED, write_pretrained_report
+        print(f"wrote {write_pretrained_report(args.out or 'results/pretrained', PRETRAINED[args.protocol])}")
+        return
     out = args.out or f"results/{args.protocol}"
     print(f"wrote {write_report(out, PROTOCOLS[args.protocol])}")
 
@@ -396,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild REPORT.md and plots from a reproduction's per-unit results")
     p.add_argument("--protocol", choices=("paper", "compact", "smoke"), default="compact")
+    p.add_argument("--suite", choices=("31m", "pretrained"), default="31m")
     p.add_argument("--out", help="results folder (default results/PROTOCOL)")
     p.set_defaults(func=cmd_report)
 

@@ -330,29 +330,46 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
     if t9:
         rows.append(dict(condition="dense, not fine-tuned", ppl=_f(t9["evals"]["dense"]),
                          paper=str(PAPER["table7"]["dense (not fine-tuned)"])))
-    lines += [format_table(rows, ["condition", "ppl", "paper"]), ""]
+    for r in rows:
+        unit = res.get(f"table7-{r['condition']}")
+        r["train_loss"] = _loss_trend(unit) if unit else "-"
+    lines += [format_table(rows, ["condition", "ppl", "paper", "train_loss"]), ""]
     lines += ["## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers", ""]
     rows, fig = [], []
     for n in p.unfreeze:
         a, b = res.get(f"table8-n{n}-learned"), res.get(f"table8-n{n}-random")
         pl, pr = PAPER["table8"].get(n, (None, None))
         rows.append(dict(n=n, learned=_f(a and a["ppl"]), random=_f(b and b["ppl"]),
-                         gap=_f(b["ppl"] - a["ppl"]) if a and b else "-", paper=f"{pl} / {pr}" if pl else "-"))
+                         gap=_f(b["ppl"] - a["ppl"]) if a and b else "-", paper=f"{pl} / {pr}" if pl else "-",
+                         learned_train_loss=_loss_trend(a), random_train_loss=_loss_trend(b)))
         if a and b:
             fig.append((n, a["ppl"], b["ppl"]))
-    lines += [format_table(rows, ["n", "learned", "random", "gap", "paper"]), ""]
+    lines += [format_table(rows, ["n", "learned", "random", "gap", "paper", "learned_train_loss",
+                                  "random_train_loss"]), "",
+              "Perplexity under the soft gate (random - learned = gap; paper: learned / random). train_loss: the LM "
+              "loss of the first and the last training step; 'diverged' where it ended more than 0.5 nats above "
+              "its start.", ""]
     if len(fig) >= 2:
         _plot_figure3(fig, out / "figure3_gap_vs_unfrozen.png")
         lines += ["![Figure 3](figure3_gap_vs_unfrozen.png)", ""]
         g0, gl = fig[0][2] - fig[0][1], fig[-1][2] - fig[-1][1]
-        lines += [f"Gap learned-vs-random: {g0:.2f} ppl at n = {fig[0][0]}, {gl:.2f} at n = {fig[-1][0]} "
-                  f"({100 * (1 - gl / g0):.0f}% of it closed; paper: 31.6 -> 6.9, 78%).", ""]
+        closed = f" ({100 * (1 - gl / g0):.0f}% of it closed)" if g0 > 0 else ""
+        lines += [f"Gap random - learned: {g0:.2f} ppl at n = {fig[0][0]}, {gl:.2f} at n = {fig[-1][0]}{closed}; "
+                  f"paper: 31.6 -> 6.9 (78% closed).", ""]
     notes = out / "NOTES.md"
     if notes.is_file():
         lines += [notes.read_text()]
     path = out / "REPORT.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _loss_trend(result: dict | None) -> str:
+    curve = (result or {}).get("curve") or []
+    if not curve:
+        return "-" if result is None else "not trained"
+    first, last = curve[0][1], curve[-1][1]
+    return f"{first:.2f} -> {last:.2f}" + (" (diverged)" if last > first + 0.5 else "")
 
 
 def _plot_figure3(points, path: Path) -> None:
@@ -365,6 +382,7 @@ def _plot_figure3(points, path: Path) -> None:
     ax.plot(n, random, "s--", label="frozen random gates")
     ax.set_xlabel("unfrozen layers n (Q/K/V/O)")
     ax.set_ylabel("validation perplexity (soft gate)")
+    ax.set_yscale("log")
     ax.set_title("Absorption gradient (Figure 3)")
     ax.legend()
     fig.tight_layout()
