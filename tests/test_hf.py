@@ -222,3 +222,25 @@ def test_train_gates_resumes_exactly_after_an_interruption(tmp_path):
     hook.remove()
     train_gates(fresh(), ids, tmp_path / "cut", **kw)
     assert _losses(tmp_path / "full") == _losses(tmp_path / "cut")
+
+
+def test_hf_audit_random_control_is_the_gates_exact_initialisation(tmp_path):
+    """An untrained gate audits exactly equal to its random control; a KL-trained one is compared with it."""
+    from gatelab.hf import hf_audit, train_gates
+    ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    model = tiny("llama")
+    attach_gates(model, d_gate=8, gate="learned", seed=3)
+    save_gates(model, tmp_path / "untrained", extra=dict(seed=3))
+    res = hf_audit(model, tmp_path / "untrained", ids, k=4, context=T, batch_size=4, max_tokens=400)
+    assert [r["model"] for r in res["rows"]] == ["learned gate", "random gate", "-", "-", "-"]
+    assert res["rows"][0]["ppl"] == res["rows"][1]["ppl"] and res["summary"]["learned_vs_random"] == 0.0
+
+    model = tiny("llama")
+    attach_gates(model, d_gate=8, gate="learned", seed=3)
+    set_trainable(model, layers=[])
+    train_gates(model, ids, tmp_path / "kl", loss="kl", k=4, steps=30, batch_size=4, context=T, lr=1e-2, seed=3,
+                progress=False)
+    res = hf_audit(model, tmp_path / "kl", ids, k=4, context=T, batch_size=4, max_tokens=400)
+    learned, rand, oracle = (r["ppl"] for r in res["rows"][:3])
+    assert learned != rand and res["summary"]["random_to_oracle_gap_closed"] == pytest.approx(
+        (rand - learned) / (rand - oracle))

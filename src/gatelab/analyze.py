@@ -156,6 +156,13 @@ def analyze(model, data: TokenData, ks: list[int], out_dir: str | Path, batches:
     return result
 
 
+def audit_summary(k: int, learned: float, rand: float, oracle: float) -> dict:
+    """How much better the learned gate is than a frozen random one (relative perplexity), and the share of the
+    random-to-oracle gap it closes."""
+    return dict(k=k, learned_vs_random=(rand - learned) / rand,
+                random_to_oracle_gap_closed=(rand - learned) / (rand - oracle) if rand != oracle else None)
+
+
 def audit(model, trainer: dict, data: TokenData, k: int, gate_meta: dict | None = None, max_tokens: int = 0,
           batch_size: int = 16) -> dict:
     """Does the learned router beat a random one? Evaluate the model with its learned gate, with a frozen
@@ -194,8 +201,7 @@ def audit(model, trainer: dict, data: TokenData, k: int, gate_meta: dict | None 
     hard = Routing(mode="gate-topk", k=k).label()
     learned, rand, oracle = by[("learned gate", hard)], by[("random gate", hard)], \
         by[("-", Routing(mode="oracle-topk", k=k).label())]
-    summary = dict(k=k, learned_vs_random=(rand - learned) / rand,
-                   random_to_oracle_gap_closed=(rand - learned) / (rand - oracle) if rand != oracle else None)
+    summary = audit_summary(k, learned, rand, oracle)
     if trained.mode == "soft-gate":
         sl, sr = by[("learned gate", trained.label())], by[("random gate", trained.label())]
         summary["soft_learned_vs_random"] = (sr - sl) / sr

@@ -171,6 +171,19 @@ def cmd_analyze(args) -> None:
 def cmd_audit(args) -> None:
     from .analyze import audit
     from .data import TokenData
+    if args.model:  # a Hugging Face model with gates saved by hf-distill
+        from .evaluate import resolve_device
+        from .hf import encode_corpus, hf_audit, load_pretrained
+        if not args.gate or args.checkpoint:
+            raise GatelabError("audit --model DIR needs --gate GATES (saved by gatelab hf-distill) and no checkpoint")
+        model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
+        ids = encode_corpus(tok, "bundled", args.split)
+        res = hf_audit(model, args.gate, ids, args.k, max_tokens=args.max_tokens,
+                       allow_other_base=args.allow_other_base, progress=True)
+        _print_audit(res, args)
+        return
+    if not args.checkpoint:
+        raise GatelabError("audit needs a gatelab checkpoint (RUN/checkpoint), or --model DIR --gate GATES")
     model, trainer, _ = load_for_evaluation(args)
     Routing(mode="gate-topk", k=args.k).validate(model.cfg.context)
     meta = None
@@ -179,6 +192,10 @@ def cmd_audit(args) -> None:
         meta = read_gate(args.gate)[0]
     data = TokenData(args.data or trainer["config"]["data"], args.split)
     res = audit(model, trainer, data, args.k, gate_meta=meta, max_tokens=args.max_tokens)
+    _print_audit(res, args)
+
+
+def _print_audit(res: dict, args) -> None:
     print(format_table(res["rows"], ["model", "routing", "ppl"]))
     s = res["summary"]
     closed = s["random_to_oracle_gap_closed"]
@@ -188,7 +205,8 @@ def cmd_audit(args) -> None:
     if "soft_learned_vs_random" in s:
         print(f"under its training routing: {100 * s['soft_learned_vs_random']:+.1f}% better than random")
     if args.json:
-        write_json(args.json, dict(checkpoint=str(args.checkpoint), gate=args.gate, **res))
+        write_json(args.json, dict(checkpoint=args.checkpoint and str(args.checkpoint), model=args.model,
+                                   gate=args.gate, **res))
 
 
 def cmd_hf_eval(args) -> None:
@@ -326,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="does a learned gate beat a frozen random gate of the same form? "
                        "(learned, random, oracle and dense in one table)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="a gatelab checkpoint (RUN/checkpoint); or use --model")
+    p.add_argument("--model", help="a local Hugging Face model folder (with --gate GATES from hf-distill)")
+    p.add_argument("--gguf", help="with --model: a GGUF file inside it")
     p.add_argument("--gate", help="audit a distilled gate instead of the checkpoint's own")
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--k", type=int, default=64)

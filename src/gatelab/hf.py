@@ -414,3 +414,24 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
     summary = dict(loss=loss, k=k, steps=steps, final_loss=None if value is None else float(value.detach()))
     write_json(out / "done.json", summary)
     return summary
+
+
+def hf_audit(model, gate_path: str | Path, ids: list[int], k: int, context: int = 512, batch_size: int = 4,
+             max_tokens: int = 0, allow_other_base: bool = False, progress: bool = False) -> dict:
+    """`gatelab audit` for a Hugging Face model with saved gates: the learned gates, frozen random gates of the
+    same form (the initialisation the learned ones started from: attach_gates with the recorded seed), the oracle,
+    fixed random top-k and dense, all under hard top-k at k."""
+    from .analyze import audit_summary
+    folder = Path(gate_path).parent if Path(gate_path).is_file() else Path(gate_path)
+    meta = json.loads((folder / GATE_META).read_text()) if (folder / GATE_META).is_file() else {}
+    load_gates(model, gate_path, allow_other_base=allow_other_base)
+    ev = lambda r: hf_perplexity(model, ids, r, context=context, batch_size=batch_size,  # noqa: E731
+                                 max_tokens=max_tokens, progress=progress)["ppl"]
+    hard = Routing(mode="gate-topk", k=k)
+    rows = [dict(model="learned gate", routing=hard.label(), ppl=ev(hard))]
+    attach_gates(model, d_gate=int(meta.get("d_gate", 32)), gate="random", seed=int(meta.get("seed", 0)))
+    rows.append(dict(model="random gate", routing=hard.label(), ppl=ev(hard)))
+    for r in (Routing(mode="oracle-topk", k=k), Routing(mode="random-topk", k=k), Routing()):
+        rows.append(dict(model="-", routing=r.label(), ppl=ev(r)))
+    learned, rand, oracle = rows[0]["ppl"], rows[1]["ppl"], rows[2]["ppl"]
+    return dict(rows=rows, summary=audit_summary(k, learned, rand, oracle), gate_meta=meta)
