@@ -64,3 +64,19 @@ def test_units_start_from_pristine_weights(tmp_path):
     assert m2 is m and not hasattr(m2, "gatelab_gates")
     assert all((m2.state_dict()[k] == v).all() for k, v in before.items())
     assert not any(q.requires_grad for q in m2.parameters())
+
+
+def test_another_soft_gate_reading_gets_its_own_units_and_tables(tmp_path):
+    p = PROTOCOLS["smoke"]
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 101, 3000).tolist()
+    args = (p, lambda: tiny("llama"), ids, ids[:600], tmp_path / "out", tmp_path / "runs", "tiny")
+    PretrainedSuite(*args, progress=False).run(only=["table8-n1"])
+    other = PretrainedSuite(*args, progress=False, reading="sigmoid-renorm")
+    assert "table8-n1-learned-sigmoid-renorm" in other.units and "table9" in other.units
+    other.run(only=["table8-n1"])
+    res = json.loads((tmp_path / "out" / "units" / "table8-n1-random-sigmoid-renorm" / "result.json").read_text())
+    assert res["reading"] == "sigmoid-renorm" and "renorm" in next(iter(res["evals"]))
+    report = write_pretrained_report(tmp_path / "out", p).read_text()
+    assert "## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers (soft-gate reading topk-sigmoid)" \
+        in report and "(soft-gate reading sigmoid-renorm)" in report

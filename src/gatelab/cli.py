@@ -256,7 +256,7 @@ def cmd_reproduce(args) -> None:
         status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
                                       only=args.only, device=args.device, progress=not args.quiet,
                                       budget_s=args.budget_minutes * 60 if args.budget_minutes else None,
-                                      task_steps=args.steps)
+                                      task_steps=args.steps, reading=args.reading)
         for name, state in status.items():
             print(f"{name:40s} {state}")
         print(f"report: {args.out or 'results/pretrained'}/REPORT.md")
@@ -405,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Hugging Face causal LM given by --model/--gguf (protocols compact, smoke)")
     p.add_argument("--model", help="--suite pretrained: a local Hugging Face model folder (or the folder of --gguf)")
     p.add_argument("--gguf", help="--suite pretrained: a GGUF file inside --model, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--reading", default="topk-sigmoid",
+                   choices=("topk-sigmoid", "sigmoid", "topk-sigmoid-renorm", "sigmoid-renorm"),
+                   help="--suite pretrained: the soft-gate reading of Tables 7-8 (units of another reading than the "
+                        "default get its name as a suffix, and their own tables in the report)")
     p.add_argument("--seeds", type=int, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
     p.add_argument("--steps", type=int, help="override the end-to-end training steps of the protocol (a quick look; "
                    "write it to another --out)")

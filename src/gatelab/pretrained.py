@@ -60,6 +60,11 @@ PROTOCOLS = {
 }
 
 
+def _reading_tag(reading: str) -> str:
+    """Unit-name suffix of a soft-gate reading: none for the default one (so the default's names stay short)."""
+    return "" if reading == "topk-sigmoid" else f"-{reading}"
+
+
 def middle_layers(n_layers: int, n: int) -> list[int]:
     """n consecutive layers centred in the stack (the paper does not say which layers it unfroze)."""
     start = max(0, (n_layers - n) // 2)
@@ -75,12 +80,17 @@ class Unit:
 
 class PretrainedSuite:
     def __init__(self, protocol: PretrainedProtocol, load: Callable[[], object], train_ids, val_ids,
-                 out: str | Path, runs: str | Path, model_name: str, progress: bool = True):
+                 out: str | Path, runs: str | Path, model_name: str, progress: bool = True,
+                 reading: str = "topk-sigmoid"):
         self.p, self.load, self.out, self.runs = protocol, load, Path(out), Path(runs)
         self.train_ids, self.val_ids, self.model_name, self.progress = train_ids, val_ids, model_name, progress
-        self.model = None
+        from .reproduce import READINGS
+        if reading not in READINGS:
+            raise GatelabError(f"unknown soft-gate reading {reading!r}; choose {', '.join(READINGS)}")
+        self.model, self.reading = None, reading
         self.units: dict[str, Unit] = {}
         p = protocol
+        tag = _reading_tag(reading)
         self.add("table9", "table9")
         for d in p.d_gates:
             self.add(f"table6-kl-d{d}", "table6", loss="kl", d_gate=d, k=p.k, deploy=list(p.ks))
@@ -89,10 +99,11 @@ class PretrainedSuite:
         for d in p.d_gates[1:]:
             self.add(f"table6-bce-d{d}-k{p.k}", "table6", loss="bce", d_gate=d, k=p.k, deploy=[p.k])
         for gate in ("none", "learned", "random"):
-            self.add(f"table7-{gate}", "table7", gate=gate, unfreeze=1, gated_layers="unfrozen")
+            self.add(f"table7-{gate}{tag}", "table7", gate=gate, unfreeze=1, gated_layers="unfrozen", reading=reading)
         for n in p.unfreeze:
             for gate in ("learned", "random"):
-                self.add(f"table8-n{n}-{gate}", "table8", gate=gate, unfreeze=n, gated_layers="all")
+                self.add(f"table8-n{n}-{gate}{tag}", "table8", gate=gate, unfreeze=n, gated_layers="all",
+                         reading=reading)
 
     def add(self, name: str, table: str, **params) -> None:
         self.units[name] = Unit(name, table, params)
@@ -194,7 +205,8 @@ class PretrainedSuite:
         ctl = attach_gates(model, d_gate=self.p.d_gates[0], gate=prm["gate"])
         ctl.layers = set(layers) if prm["gated_layers"] == "unfrozen" else None
         names = set_trainable(model, layers=layers)
-        soft = Routing(mode="soft-gate", k=self.p.k)
+        from .reproduce import READINGS
+        soft = Routing(mode="soft-gate", k=self.p.k, **READINGS[prm["reading"]])
         routing = soft if prm["gate"] != "none" else Routing()
         trained = dict(summary=None, curve=[])
         if any(q.requires_grad for q in model.parameters()):
@@ -202,7 +214,7 @@ class PretrainedSuite:
         evals = {routing.label(): self.ppl(model, routing)}
         if prm["gate"] != "none":
             evals["dense (same weights)"] = self.ppl(model, Routing())
-        return dict(gate=prm["gate"], unfrozen_layers=layers, trained=names, gated_layers=prm["gated_layers"],
+        return dict(gate=prm["gate"], reading=prm["reading"], unfrozen_layers=layers, trained=names, gated_layers=prm["gated_layers"],
                     evals=evals, ppl=evals[routing.label()], **trained)
 
 
@@ -247,7 +259,7 @@ def cached_ids(tokenizer, split: str, cache: Path) -> list[int]:
 def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str = "compact",
                          out: str | None = None, runs: str | None = None, only: list[str] | None = None,
                          device: str = "auto", progress: bool = True, budget_s: float | None = None,
-                         task_steps: int | None = None) -> dict:
+                         task_steps: int | None = None, reading: str = "topk-sigmoid") -> dict:
     """task_steps overrides the protocol's training steps of Tables 7-8 (each unit records what it ran)."""
     from .evaluate import resolve_device
     from .hf import load_pretrained
@@ -265,7 +277,7 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
     val_ids = cached_ids(tok, "validation", runs / "tokens" / "validation.npy")
     name = Path(model_path).name + (f"/{gguf}" if gguf else "")
     suite = PretrainedSuite(p, lambda: load_pretrained(model_path, gguf, device=dev)[0], train_ids, val_ids, out,
-                            runs, name, progress=progress)
+                            runs, name, progress=progress, reading=reading)
     status = suite.run(only, budget_s)
     write_pretrained_report(out, p)
     return status
@@ -324,20 +336,37 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
                              paper_ppl=_f(paper)))
     lines += [format_table(rows, ["loss", "d_gate", "trained_k", "deploy_k", "ppl", "f1", "paper_ppl"]) if rows
               else "not run", ""]
-    lines += ["## Table 7: one middle layer's Q/K/V/O unfrozen, soft gate on that layer", ""]
-    rows = [dict(condition=g, ppl=_f(res[f"table7-{g}"]["ppl"]) if f"table7-{g}" in res else "not run",
+    readings = sorted({r.get("reading", "topk-sigmoid") for r in res.values() if r["table"] in ("table7", "table8")},
+                      key=lambda x: x != "topk-sigmoid") or ["topk-sigmoid"]
+    for reading in readings:
+        lines += _task_tables(res, p, reading, t9, out)
+    notes = out / "NOTES.md"
+    if notes.is_file():
+        lines += [notes.read_text()]
+    path = out / "REPORT.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None, out: Path) -> list[str]:
+    """Tables 7 and 8 (and Figure 3) of one soft-gate reading."""
+    from .report import format_table
+    tag = _reading_tag(reading)
+    title = f" (soft-gate reading {reading})"
+    lines = [f"## Table 7: one middle layer's Q/K/V/O unfrozen, soft gate on that layer{title}", ""]
+    rows = [dict(condition=g, ppl=_f(res[f"table7-{g}{tag}"]["ppl"]) if f"table7-{g}{tag}" in res else "not run",
                  paper=str(PAPER["table7"][g])) for g in ("none", "learned", "random")]
     if t9:
         rows.append(dict(condition="dense, not fine-tuned", ppl=_f(t9["evals"]["dense"]),
                          paper=str(PAPER["table7"]["dense (not fine-tuned)"])))
     for r in rows:
-        unit = res.get(f"table7-{r['condition']}")
+        unit = res.get(f"table7-{r['condition']}{tag}")
         r["train_loss"] = _loss_trend(unit) if unit else "-"
     lines += [format_table(rows, ["condition", "ppl", "paper", "train_loss"]), ""]
-    lines += ["## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers", ""]
+    lines += [f"## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers{title}", ""]
     rows, fig = [], []
     for n in p.unfreeze:
-        a, b = res.get(f"table8-n{n}-learned"), res.get(f"table8-n{n}-random")
+        a, b = res.get(f"table8-n{n}-learned{tag}"), res.get(f"table8-n{n}-random{tag}")
         pl, pr = PAPER["table8"].get(n, (None, None))
         rows.append(dict(n=n, learned=_f(a and a["ppl"]), random=_f(b and b["ppl"]),
                          gap=_f(b["ppl"] - a["ppl"]) if a and b else "-", paper=f"{pl} / {pr}" if pl else "-",
@@ -350,18 +379,13 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
               "loss of the first and the last training step; 'diverged' where it ended more than 0.5 nats above "
               "its start.", ""]
     if len(fig) >= 2:
-        _plot_figure3(fig, out / "figure3_gap_vs_unfrozen.png")
-        lines += ["![Figure 3](figure3_gap_vs_unfrozen.png)", ""]
+        _plot_figure3(fig, out / f"figure3_gap_vs_unfrozen{tag}.png")
+        lines += [f"![Figure 3](figure3_gap_vs_unfrozen{tag}.png)", ""]
         g0, gl = fig[0][2] - fig[0][1], fig[-1][2] - fig[-1][1]
         closed = f" ({100 * (1 - gl / g0):.0f}% of it closed)" if g0 > 0 else ""
         lines += [f"Gap random - learned: {g0:.2f} ppl at n = {fig[0][0]}, {gl:.2f} at n = {fig[-1][0]}{closed}; "
                   f"paper: 31.6 -> 6.9 (78% closed).", ""]
-    notes = out / "NOTES.md"
-    if notes.is_file():
-        lines += [notes.read_text()]
-    path = out / "REPORT.md"
-    write_text(path, "\n".join(lines) + "\n")
-    return path
+    return lines
 
 
 def _loss_trend(result: dict | None) -> str:
