@@ -322,6 +322,22 @@ def _nullcontext():
 # ------------------------------------------------------------------------------------------------------------
 # post-hoc gate training on a frozen (or partly unfrozen) HF model
 
+def captured_gate_objective(model, x: torch.Tensor, objective: str, k: int) -> tuple[torch.Tensor, float]:
+    """The kl or bce objective of the attached gates on batch x, and their F1 at k: one dense forward without
+    gradient captures every layer's attention logits, allowed keys and input; the gates are scored on those."""
+    from .distill import gate_objective
+    ctl = model.gatelab
+    ctl.capture = []
+    try:
+        with torch.no_grad(), ctl.routing(Routing()):
+            model(x, use_cache=False)
+        captured = ctl.capture
+    finally:
+        ctl.capture = None
+    return gate_objective(((c["S"], ctl.gates[c["layer"]](c["x"]).float(), c["allowed"]) for c in captured),
+                          objective, k)
+
+
 def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k: int = 64, steps: int = 1000,
                 batch_size: int = 8, context: int = 512, lr: float = 1e-3, seed: int = 0,
                 checkpoint_every: int = 100, progress: bool = True, model_lr: float | None = None) -> dict:
@@ -335,7 +351,6 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
 
     from .config import TrainConfig, atomic_path
     from .data import sample_windows
-    from .distill import gate_objective
     from .evaluate import autocast_for
     from .progress import progress_bar
     from .train import MetricsLog, lr_at
@@ -386,15 +401,7 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
                     value = model(x, labels=None, use_cache=False).logits.float()
                 value = torch.nn.functional.cross_entropy(value.reshape(-1, value.shape[-1]), y.reshape(-1))
             else:
-                ctl.capture = []
-                try:
-                    with torch.no_grad(), ctl.routing(Routing()):
-                        model(x, use_cache=False)
-                    captured = ctl.capture
-                finally:
-                    ctl.capture = None
-                value, f1 = gate_objective(((c["S"], ctl.gates[c["layer"]](c["x"]).float(), c["allowed"])
-                                            for c in captured), loss, k)
+                value, f1 = captured_gate_objective(model, x, loss, k)
         opt.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import GatelabError, Routing, write_json, write_text
+from .config import GatelabError, Routing, write_text
+from .reproduce import READINGS, UnitSuite
 
 PAPER = {  # Qwen3-1.7B, from SPEC.md
     "table9": {64: (11.57, 11.52), 128: (11.53, 11.52), 256: (11.52, 11.52)},  # oracle, dense
@@ -78,13 +78,14 @@ class Unit:
     params: dict
 
 
-class PretrainedSuite:
+class PretrainedSuite(UnitSuite):
+    label, groups = "reproduce pretrained", "tables"
+
     def __init__(self, protocol: PretrainedProtocol, load: Callable[[], object], train_ids, val_ids,
                  out: str | Path, runs: str | Path, model_name: str, progress: bool = True,
                  reading: str = "topk-sigmoid"):
         self.p, self.load, self.out, self.runs = protocol, load, Path(out), Path(runs)
         self.train_ids, self.val_ids, self.model_name, self.progress = train_ids, val_ids, model_name, progress
-        from .reproduce import READINGS
         if reading not in READINGS:
             raise GatelabError(f"unknown soft-gate reading {reading!r}; choose {', '.join(READINGS)}")
         self.model, self.reading = None, reading
@@ -108,20 +109,8 @@ class PretrainedSuite:
     def add(self, name: str, table: str, **params) -> None:
         self.units[name] = Unit(name, table, params)
 
-    def unit_dir(self, name: str) -> Path:
-        return self.out / "units" / name
-
-    def is_done(self, name: str) -> bool:
-        return (self.unit_dir(name) / "result.json").is_file()
-
-    def select(self, only: list[str] | None) -> list[Unit]:
-        if not only:
-            return list(self.units.values())
-        chosen = [u for u in self.units.values() if any(u.name == o or u.table == o or u.name.startswith(o)
-                                                        for o in only)]
-        if not chosen:
-            raise GatelabError(f"--only {','.join(only)} matches no unit; units: {', '.join(self.units)}")
-        return chosen
+    def group(self, unit: Unit) -> str:
+        return unit.table
 
     # -------------------------------------------------------------------------------------------------------
     def fresh_model(self):
@@ -142,25 +131,11 @@ class PretrainedSuite:
         return hf_perplexity(model, self.val_ids, routing, context=self.p.context, batch_size=self.p.batch_size,
                              max_tokens=self.p.eval_tokens)["ppl"]
 
-    def run(self, only: list[str] | None = None, budget_s: float | None = None) -> dict:
-        t0, status = time.time(), {}
-        for unit in self.select(only):
-            if self.is_done(unit.name):
-                status[unit.name] = "done (skipped)"
-                continue
-            if budget_s is not None and time.time() - t0 > budget_s:
-                status[unit.name] = "not started (budget)"
-                continue
-            start = time.time()
-            print(f"[reproduce pretrained] {unit.name} ...", flush=True)
-            run = {"table9": self.run_table9, "table6": self.run_posthoc}.get(unit.table, self.run_task)
-            result = run(unit)
-            result.update(name=unit.name, table=unit.table, wall_s=time.time() - start, model=self.model_name,
-                          device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                          protocol=asdict(self.p))
-            write_json(self.unit_dir(unit.name) / "result.json", result)
-            status[unit.name] = f"ran in {time.time() - start:.0f} s"
-        return status
+    def run_unit(self, unit: Unit) -> dict:
+        run = {"table9": self.run_table9, "table6": self.run_posthoc}.get(unit.table, self.run_task)
+        return dict(run(unit), table=unit.table, model=self.model_name,
+                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    protocol=asdict(self.p))
 
     def run_table9(self, unit: Unit) -> dict:
         from .hf import attach_gates
@@ -205,7 +180,6 @@ class PretrainedSuite:
         ctl = attach_gates(model, d_gate=self.p.d_gates[0], gate=prm["gate"])
         ctl.layers = set(layers) if prm["gated_layers"] == "unfrozen" else None
         names = set_trainable(model, layers=layers)
-        from .reproduce import READINGS
         soft = Routing(mode="soft-gate", k=self.p.k, **READINGS[prm["reading"]])
         routing = soft if prm["gate"] != "none" else Routing()
         trained = dict(summary=None, curve=[])
@@ -221,24 +195,16 @@ class PretrainedSuite:
 @torch.no_grad()
 def hf_gate_f1(model, ids, k: int, p: PretrainedProtocol) -> float:
     """The attached gates' mean F1 at k against the oracle top-k, on the first validation windows."""
-    from .distill import gate_objective
     from .evaluate import autocast_for
-    ctl = model.gatelab
+    from .hf import captured_gate_objective
     device = next(model.parameters()).device
     t = torch.tensor(ids[: p.f1_batches * p.batch_size * p.context + 1], dtype=torch.long)
     n = (len(t) - 1) // p.context
     x = t[: n * p.context].view(n, p.context).to(device)
     f1s = []
     for i in range(0, n, p.batch_size):
-        ctl.capture = []
-        try:
-            with autocast_for(device), ctl.routing(Routing()):
-                model(x[i:i + p.batch_size], use_cache=False)
-            captured = ctl.capture
-        finally:
-            ctl.capture = None
-        f1s.append(gate_objective(((c["S"], ctl.gates[c["layer"]](c["x"]).float(), c["allowed"])
-                                   for c in captured), "kl", k)[1])
+        with autocast_for(device):
+            f1s.append(captured_gate_objective(model, x[i:i + p.batch_size], "kl", k)[1])
     return float(np.mean(f1s))
 
 

@@ -83,7 +83,62 @@ class Unit:
     params: dict = field(default_factory=dict)
 
 
-class Suite:
+class UnitSuite:
+    """What both reproduction suites share (this one and the pretrained one): named units, each finished once
+    `<out>/units/<name>/result.json` exists; selection by unit name, group or name prefix; and a sequential run
+    that skips finished units and starts no new one after a time budget. Subclasses fill `self.units` and
+    implement `group` and `run_unit` (the unit's result, with whatever the suite records beside it)."""
+
+    out: Path
+    units: dict
+    label = "reproduce"
+    groups = "experiments"
+
+    def group(self, unit) -> str:
+        raise NotImplementedError
+
+    def run_unit(self, unit) -> dict:
+        raise NotImplementedError
+
+    def unit_dir(self, name: str) -> Path:
+        return self.out / "units" / name
+
+    def is_done(self, name: str) -> bool:
+        return (self.unit_dir(name) / "result.json").is_file()
+
+    def select(self, only: list[str] | None) -> list:
+        if not only:
+            return list(self.units.values())
+
+        def matches(u, o: str) -> bool:  # an exact unit name selects that unit alone
+            return u.name == o if o in self.units else (self.group(u) == o or u.name.startswith(o))
+        chosen = [u for u in self.units.values() if any(matches(u, o) for o in only)]
+        if not chosen:
+            raise GatelabError(f"--only {','.join(only)} matches no unit; units: {', '.join(self.units)}; "
+                               f"{self.groups}: {', '.join(sorted({self.group(u) for u in self.units.values()}))}")
+        return chosen
+
+    def run(self, only: list[str] | None = None, budget_s: float | None = None) -> dict:
+        """Run the selected units that are not done, in order. Stops starting new units after budget_s."""
+        t0 = time.time()
+        status = {}
+        for unit in self.select(only):
+            if self.is_done(unit.name):
+                status[unit.name] = "done (skipped)"
+                continue
+            if budget_s is not None and time.time() - t0 > budget_s:
+                status[unit.name] = "not started (budget)"
+                continue
+            start = time.time()
+            print(f"[{self.label}] {unit.name} ...", flush=True)
+            result = self.run_unit(unit)
+            result.update(name=unit.name, wall_s=time.time() - start)
+            write_json(self.unit_dir(unit.name) / "result.json", result)
+            status[unit.name] = f"ran in {time.time() - start:.0f} s"
+        return status
+
+
+class Suite(UnitSuite):
     def __init__(self, protocol: Protocol, out: str | Path, runs: str | Path, progress: bool = True,
                  device: str = "auto"):
         self.p, self.out, self.runs = protocol, Path(out), Path(runs)
@@ -136,11 +191,11 @@ class Suite:
                      loss="task", k=k, seed=seed, random_control=True)
 
     # -------------------------------------------------------------------------------------------------------
-    def unit_dir(self, name: str) -> Path:
-        return self.out / "units" / name
+    def group(self, unit: Unit) -> str:
+        return unit.experiment
 
-    def is_done(self, name: str) -> bool:
-        return (self.unit_dir(name) / "result.json").is_file()
+    def run_unit(self, unit: Unit) -> dict:
+        return dict(unit.run(self, unit), experiment=unit.experiment, device=_device_name(self.device))
 
     def checkpoint(self, name: str) -> Path:
         """The checkpoint of training unit `name`, retraining it if this machine lacks it."""
@@ -148,38 +203,6 @@ class Suite:
         from .train import train
         train(unit.params["cfg"], self.runs / name, progress=self.progress)
         return self.runs / name / "checkpoint"
-
-    def select(self, only: list[str] | None) -> list[Unit]:
-        if not only:
-            return list(self.units.values())
-        def matches(u: Unit, o: str) -> bool:  # an exact unit name selects that unit alone
-            return u.name == o if o in self.units else (u.experiment == o or u.name.startswith(o))
-        chosen = [u for u in self.units.values() if any(matches(u, o) for o in only)]
-        if not chosen:
-            raise GatelabError(f"--only {','.join(only)} matches no unit; units: {', '.join(self.units)}; "
-                               f"experiments: {', '.join(sorted({u.experiment for u in self.units.values()}))}")
-        return chosen
-
-    def run(self, only: list[str] | None = None, budget_s: float | None = None) -> dict:
-        """Run the selected units that are not done, in order. Stops starting new units after budget_s."""
-        t0 = time.time()
-        status = {}
-        for unit in self.select(only):
-            if self.is_done(unit.name):
-                status[unit.name] = "done (skipped)"
-                continue
-            if budget_s is not None and time.time() - t0 > budget_s:
-                status[unit.name] = "not started (budget)"
-                continue
-            start = time.time()
-            print(f"[reproduce] {unit.name} ...", flush=True)
-            result = unit.run(self, unit)
-            result.update(name=unit.name, experiment=unit.experiment, wall_s=time.time() - start,
-                          device=_device_name(self.device))
-            write_json(self.unit_dir(unit.name) / "result.json", result)
-            status[unit.name] = f"ran in {time.time() - start:.0f} s"
-        return status
-
 
     def run_parallel(self, workers: list[str], only: list[str] | None = None, budget_s: float | None = None,
                      extra_args: list[str] = ()) -> dict:
