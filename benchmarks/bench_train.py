@@ -62,15 +62,14 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "eager-bf16": ("auto", False, False),  # gatelab's path before the fast path (bf16 autocast, eager)
     "compiled": ("auto", "default", True),  # torch.compile without CUDA graphs, fused output-head loss
     "fast": ("auto", "auto", True),  # the default on one GPU: bf16, torch.compile with CUDA graphs, fused loss
+    "compiled-unfused": ("auto", "default", False),  # profile_step.py only: what the fused loss replaces
 }
 
 
-def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, steps: int, warmup: int,
-                compile_override: str | None = None) -> dict:
-    """Times gatelab's own training step (the objective module `train` builds, backward, clipping, fused AdamW)
-    on random tokens."""
+def train_step(mcfg: dict, routing: Routing, batch: int, device, variant: str):
+    """gatelab's own training step (the objective module `train` builds, backward, clipping, fused AdamW) on a
+    fixed random batch. Returns (step function, model, torch.compile mode or None, list the losses go to)."""
     dtype, compiled, fused = VARIANTS[variant]
-    compiled = compile_override or compiled
     gate = "learned" if routing.needs_gate else "none"
     torch.manual_seed(0)
     model = GPT(ModelConfig(**mcfg, gate=gate)).to(device)
@@ -95,6 +94,14 @@ def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, 
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         losses.append(loss.detach().clone())
+    return step, model, mode, losses
+
+
+def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, steps: int, warmup: int) -> dict:
+    """Times `train_step` of one variant: the first step (compilation included) and the median of `steps`."""
+    step, model, mode, losses = train_step(mcfg, routing, batch, device, variant)
+    dtype, _, fused = VARIANTS[variant]
+    T = model.cfg.context
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -102,14 +102,6 @@ class TrainingObjective(torch.nn.Module):
         return loss, dict(f1=f1)
 
 
-def step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """The training objective for one batch, and extra metrics to log. `model`: a GPT (possibly compiled), or a
-    (wrapped) TrainingObjective."""
-    if isinstance(getattr(model, "_orig_mod", model), GPT):
-        model = TrainingObjective(model, cfg)
-    return model(x, y)
-
-
 def wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
     """The objective module, in DistributedDataParallel under torchrun, compiled where that applies."""
     objective = TrainingObjective(model, cfg)
