@@ -1,4 +1,5 @@
 """gatelab.hf on tiny random-weight Llama and Qwen3 models built in code (no downloads)."""
+import numpy as np
 import pytest
 import torch
 
@@ -196,6 +197,38 @@ def test_train_gates_freezes_the_model_and_learns(tmp_path, loss):
     assert not any(torch.equal(a, b) for a, b in zip(gates_before, model.gatelab.gate_parameters()))
     assert (tmp_path / "g" / "gate.json").is_file() and (tmp_path / "g" / "done.json").is_file()
     assert train_gates(model, ids, tmp_path / "g", loss=loss, k=4, steps=25, context=32, progress=False)["skipped"]
+
+
+@pytest.mark.parametrize("reading", ["sigmoid-renorm", "topk-sigmoid"])
+def test_task_loss_trains_through_the_reading_it_is_given(tmp_path, reading):
+    """The first logged task loss is the model's loss under that reading on the first batch (and not the other's)."""
+    import json
+
+    from gatelab.data import sample_windows
+    from gatelab.hf import train_gates
+    from gatelab.reproduce import READINGS
+    model = tiny("llama")
+    attach_gates(model, d_gate=8, init_std=1.0)  # large gate scores: the readings give clearly different losses
+    set_trainable(model, layers=[])
+    ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    x, y = sample_windows(np.asarray(ids, dtype=np.int64), 0, 4, 32, 0)
+    expect = {}
+    with torch.no_grad():
+        for name in READINGS:
+            with model.gatelab.routing(Routing(mode="soft-gate", k=4, **READINGS[name])):
+                logits = model(x, use_cache=False).logits
+            expect[name] = float(torch.nn.functional.cross_entropy(logits.reshape(-1, 101), y.reshape(-1)))
+    soft = Routing(mode="soft-gate", k=4, **READINGS[reading])
+    train_gates(model, ids, tmp_path / "g", loss="task", k=4, steps=1, batch_size=4, context=32, progress=False,
+                soft_routing=soft)
+    first = _losses(tmp_path / "g")[0]
+    assert abs(first - expect[reading]) < 5e-5  # the readings' losses lie 4e-4 to 3e-3 apart on this tiny model
+    assert all(abs(first - v) > 2e-4 for name, v in expect.items() if name != reading)
+    assert json.loads((tmp_path / "g" / "gate.json").read_text())["routing"]["soft_renormalize"] == \
+        READINGS[reading]["soft_renormalize"]
+    with pytest.raises(GatelabError, match="soft-gate"):
+        train_gates(model, ids, tmp_path / "h", loss="task", k=4, steps=1, context=32, progress=False,
+                    soft_routing=Routing(mode="gate-topk", k=4))
 
 
 def test_train_gates_resumes_exactly_after_an_interruption(tmp_path):

@@ -80,3 +80,13 @@ def test_another_soft_gate_reading_gets_its_own_units_and_tables(tmp_path):
     report = write_pretrained_report(tmp_path / "out", p).read_text()
     assert "## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers (soft-gate reading topk-sigmoid)" \
         in report and "(soft-gate reading sigmoid-renorm)" in report
+
+
+def test_loss_trend_averages_windows_and_flags_divergence():
+    from gatelab.pretrained import _loss_trend
+    flat = dict(curve=[(i + 1, 5.0 if i < 10 else 4.0) for i in range(100)])
+    assert _loss_trend(flat) == "5.00 -> 4.00 (+0.00)"
+    rising = dict(curve=[(i + 1, 5.0 + i / 50) for i in range(100)])  # first tenth mean 5.09, last 6.89
+    assert _loss_trend(rising) == "5.09 -> 6.89 (+0.20) (diverged)"
+    assert _loss_trend(dict(curve=[])) == "not trained"
+    assert _loss_trend(None) == "-"

@@ -240,8 +240,11 @@ def cmd_hf_distill(args) -> None:
     attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed)
     unfrozen = set_trainable(model, layers=args.unfreeze_layers or [])
     print(f"training: {', '.join(unfrozen)}", file=sys.stderr)
+    from .reproduce import READINGS
+    soft = Routing(mode="soft-gate", k=args.k, **READINGS[args.reading])
     summary = train_gates(model, ids, args.out, loss=args.loss, k=args.k, steps=args.steps, batch_size=args.batch_size,
-                          context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet)
+                          context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet,
+                          soft_routing=soft)
     print_summary(summary, args.out)
 
 
@@ -348,13 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a local Hugging Face model folder (with --gate GATES from hf-distill)")
     p.add_argument("--gguf", help="with --model: a GGUF file inside it")
     p.add_argument("--gate", help="audit a distilled gate instead of the checkpoint's own")
-    p.add_argument("--allow-other-base", action="store_true")
-    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="accept a gate saved for another base model (its fingerprint differs)")
+    p.add_argument("--k", type=int, default=64, help="keys kept per query under hard top-k (default 64)")
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
-    p.add_argument("--data")
-    p.add_argument("--max-tokens", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json")
+    p.add_argument("--data", help="prepared corpus folder (default: the checkpoint's)")
+    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when there is one)")
+    p.add_argument("--json", help="also write the table and the summary to this JSON file")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("hf-eval", help="perplexity of a local Hugging Face causal LM under gatelab routings")
@@ -377,7 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hf-distill", help="train gates on a frozen (or partly unfrozen) Hugging Face causal LM")
     p.add_argument("--model", required=True)
     p.add_argument("--gguf")
-    p.add_argument("--loss", choices=("kl", "bce", "task"), default="kl")
+    p.add_argument("--loss", choices=("kl", "bce", "task"), default="kl",
+                   help="kl: KL(dense attention || softmax(G)); bce: G vs the oracle top-k mask; "
+                        "task: LM loss through the soft gate (default kl)")
+    p.add_argument("--reading", default="topk-sigmoid",
+                   choices=("topk-sigmoid", "sigmoid", "topk-sigmoid-renorm", "sigmoid-renorm"),
+                   help="--loss task: the soft-gate reading trained through (default topk-sigmoid)")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--d-gate", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -340,11 +341,13 @@ def captured_gate_objective(model, x: torch.Tensor, objective: str, k: int) -> t
 
 def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k: int = 64, steps: int = 1000,
                 batch_size: int = 8, context: int = 512, lr: float = 1e-3, seed: int = 0,
-                checkpoint_every: int = 100, progress: bool = True, model_lr: float | None = None) -> dict:
+                checkpoint_every: int = 100, progress: bool = True, model_lr: float | None = None,
+                soft_routing: Routing | None = None) -> dict:
     """Train the attached gates (and whatever else set_trainable unfroze) on windows of `ids`.
 
     loss: kl (KL(dense attention || softmax(G)) per row), bce (G vs the oracle top-k mask), or task (the LM
-    loss through the soft gate, the paper's Tables 7-8). Resumes from out_dir/checkpoint.pt; writes
+    loss through the soft gate, the paper's Tables 7-8). soft_routing: the soft gate (reading) the task loss
+    trains through, the one it will be evaluated under (default: soft-gate at k, the default reading). Resumes from out_dir/checkpoint.pt; writes
     out_dir/metrics.jsonl and, at the end, the gates (save_gates) and done.json.
     """
     import numpy as np
@@ -362,6 +365,10 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
     if not any(p.requires_grad for p in model.parameters()):
         raise GatelabError("nothing to train: set_trainable(model, ...) unfroze no parameter")
     Routing(mode="gate-topk", k=k).validate(context)
+    soft = soft_routing if soft_routing is not None else Routing(mode="soft-gate", k=k)
+    if soft.mode != "soft-gate":
+        raise GatelabError(f"soft_routing must be a soft-gate routing, got {soft.mode}")
+    soft.validate(context)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "done.json").is_file():  # finished: restore what it trained (gates and unfrozen layers)
@@ -387,7 +394,6 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
         step = state["step"]
     device = next(model.parameters()).device
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step if ckpt.is_file() else None)
-    soft = Routing(mode="soft-gate", k=k)
     bar = progress_bar(total=steps, initial=step, desc=f"gates ({loss})", disable=not progress)
     value = None
     while step < steps:
@@ -417,7 +423,8 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
     bar.close()
     metrics.close()
     if ctl.gates is not None:
-        save_gates(model, out, extra=dict(loss=loss, k=k, steps=steps, seed=seed, context=context))
+        save_gates(model, out, extra=dict(loss=loss, k=k, steps=steps, seed=seed, context=context,
+                                          **({"routing": asdict(soft)} if loss == "task" else {})))
     summary = dict(loss=loss, k=k, steps=steps, final_loss=None if value is None else float(value.detach()))
     write_json(out / "done.json", summary)
     return summary

@@ -147,12 +147,12 @@ class PretrainedSuite(UnitSuite):
                 evals[f"{mode}@k={k}"] = self.ppl(model, Routing(mode=mode, k=k))
         return dict(evals=evals)
 
-    def _train(self, unit: Unit, model, loss: str, k: int, steps: int) -> dict:
+    def _train(self, unit: Unit, model, loss: str, k: int, steps: int, soft: Routing | None = None) -> dict:
         from .hf import train_gates
         run_dir = self.runs / unit.name
         summary = train_gates(model, self.train_ids, run_dir, loss=loss, k=k, steps=steps,
                               batch_size=self.p.batch_size, context=self.p.context, lr=self.p.gate_lr,
-                              model_lr=self.p.model_lr, progress=self.progress)
+                              model_lr=self.p.model_lr, progress=self.progress, soft_routing=soft)
         metrics = run_dir / "metrics.jsonl"
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
         self.unit_dir(unit.name).mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ class PretrainedSuite(UnitSuite):
         routing = soft if prm["gate"] != "none" else Routing()
         trained = dict(summary=None, curve=[])
         if any(q.requires_grad for q in model.parameters()):
-            trained = self._train(unit, model, "task", self.p.k, self.p.task_steps)
+            trained = self._train(unit, model, "task", self.p.k, self.p.task_steps, soft=soft)
         evals = {routing.label(): self.ppl(model, routing)}
         if prm["gate"] != "none":
             evals["dense (same weights)"] = self.ppl(model, Routing())
@@ -342,8 +342,8 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
     lines += [format_table(rows, ["n", "learned", "random", "gap", "paper", "learned_train_loss",
                                   "random_train_loss"]), "",
               "Perplexity under the soft gate (random - learned = gap; paper: learned / random). train_loss: the LM "
-              "loss of the first and the last training step; 'diverged' where it ended more than 0.5 nats above "
-              "its start.", ""]
+              "loss averaged over the first and the last tenth of the steps, in brackets its change from the "
+              "tenth before (near 0: flattened); 'diverged' where it ended more than 0.5 nats above its start.", ""]
     if len(fig) >= 2:
         _plot_figure3(fig, out / f"figure3_gap_vs_unfrozen{tag}.png")
         lines += [f"![Figure 3](figure3_gap_vs_unfrozen{tag}.png)", ""]
@@ -355,11 +355,19 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
 
 
 def _loss_trend(result: dict | None) -> str:
+    """'start -> end (last-window change)': means over the first and last tenth of the steps, since one batch's
+    loss is noisy; the change from the second-last to the last tenth says whether the curve has flattened."""
     curve = (result or {}).get("curve") or []
     if not curve:
         return "-" if result is None else "not trained"
-    first, last = curve[0][1], curve[-1][1]
-    return f"{first:.2f} -> {last:.2f}" + (" (diverged)" if last > first + 0.5 else "")
+    losses = [c[1] for c in curve]
+    w = max(1, len(losses) // 10)
+    first, last = sum(losses[:w]) / w, sum(losses[-w:]) / w
+    trend = f"{first:.2f} -> {last:.2f}"
+    if len(losses) >= 2 * w + 1:
+        before = sum(losses[-2 * w:-w]) / w
+        trend += f" ({last - before:+.2f})"
+    return trend + (" (diverged)" if last > first + 0.5 else "")
 
 
 def _plot_figure3(points, path: Path) -> None:
