@@ -176,6 +176,16 @@ def test_audit_hard_gate_equals_random_and_distilled_gate_beats_it(token_corpus,
     # a hard top-k gate never receives a gradient, so the "learned" gate is its frozen initialisation
     assert res["summary"]["learned_vs_random"] == 0.0
     assert "frozen random gate" in capsys.readouterr().out
+    # the paper's control: the same run with its random gate frozen from the start. Hard top-k trains both alike
+    # (the learned gate gets no gradient), so the two models are one and the gap is exactly zero
+    control = tiny_train_config(token_corpus, model=tiny_model_config(gate="random"), routing=R(mode="gate-topk", k=4),
+                                steps=6)
+    train(control, tmp_path / "control", progress=False)
+    assert main(["audit", str(tmp_path / "hard" / "checkpoint"), "--control", str(tmp_path / "control" / "checkpoint"),
+                 "--k", "4", "--json", str(tmp_path / "c.json"), "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert res["summary"]["learned_vs_control"] == {"gate-topk@k=4": 0.0}
+    assert "control trained with a frozen random gate" in capsys.readouterr().out
     dense = tiny_train_config(token_corpus, steps=30)
     train(dense, tmp_path / "dense", progress=False)
     base = tmp_path / "dense" / "checkpoint"
@@ -186,3 +196,5 @@ def test_audit_hard_gate_equals_random_and_distilled_gate_beats_it(token_corpus,
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["summary"]["learned_vs_random"] > 0
     assert main(["audit", str(base), "--k", "4"]) == 2  # no gate: a clear error
+    assert main(["audit", str(tmp_path / "hard" / "checkpoint"), "--control", str(base), "--k", "4",
+                 "--device", "cpu"]) == 2  # a control without a gate: a clear error

@@ -164,10 +164,14 @@ def audit_summary(k: int, learned: float, rand: float, oracle: float) -> dict:
 
 
 def audit(model, trainer: dict, data: TokenData, k: int, gate_meta: dict | None = None, max_tokens: int = 0,
-          batch_size: int = 16) -> dict:
+          batch_size: int = 16, control=None) -> dict:
     """Does the learned router beat a random one? Evaluate the model with its learned gate, with a frozen
     random gate of the same form (the same initialisation the learned gate started from), with the oracle and
-    dense, under hard top-k and under the routing it was trained with."""
+    dense, under hard top-k and under the routing it was trained with.
+
+    Swapping the gate inside one co-trained model asks how much these weights rely on their gate. control (a
+    model trained the same way with its random gate frozen from the start) asks the paper's Experiment 1
+    question instead: did learning the gate beat training with a random one, once Q/K/V have adapted to each?"""
     import copy
     import dataclasses
 
@@ -190,9 +194,15 @@ def audit(model, trainer: dict, data: TokenData, k: int, gate_meta: dict | None 
     routings = [Routing(mode="gate-topk", k=k)]
     if trained.mode == "soft-gate":
         routings.insert(0, trained)
+    if control is not None and not control.gates():
+        raise GatelabError("--control must be a model trained with a gate (model.gate=random), e.g. an Experiment 1 "
+                           "random-gate run")
+    models = [("learned gate", model), ("random gate", random_model)]
+    if control is not None:
+        models.append(("control: trained with random gate", control))
     rows = []
     for r in routings:
-        for name, m in (("learned gate", model), ("random gate", random_model)):
+        for name, m in models:
             torch.manual_seed(0)
             rows.append(dict(model=name, routing=r.label(), ppl=perplexity(m, data, r, batch_size, max_tokens)["ppl"]))
     for r in (Routing(mode="oracle-topk", k=k), Routing(mode="random-topk", k=k), Routing()):
@@ -205,4 +215,8 @@ def audit(model, trainer: dict, data: TokenData, k: int, gate_meta: dict | None 
     if trained.mode == "soft-gate":
         sl, sr = by[("learned gate", trained.label())], by[("random gate", trained.label())]
         summary["soft_learned_vs_random"] = (sr - sl) / sr
+    if control is not None:
+        control_name = "control: trained with random gate"
+        summary["learned_vs_control"] = {r.label(): (by[(control_name, r.label())] - by[("learned gate", r.label())])
+                                         / by[(control_name, r.label())] for r in routings}
     return dict(rows=rows, summary=summary)

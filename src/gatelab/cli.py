@@ -174,6 +174,8 @@ def cmd_audit(args) -> None:
     if args.model:  # a Hugging Face model with gates saved by hf-distill
         from .evaluate import resolve_device
         from .hf import encode_corpus, hf_audit, load_pretrained
+        if args.control:
+            raise GatelabError("--control compares gatelab checkpoints; it does not apply to --model")
         if not args.gate or args.checkpoint:
             raise GatelabError("audit --model DIR needs --gate GATES (saved by gatelab hf-distill) and no checkpoint")
         model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
@@ -190,8 +192,12 @@ def cmd_audit(args) -> None:
     if args.gate:
         from .distill import read_gate
         meta = read_gate(args.gate)[0]
+    control = None
+    if args.control:
+        from .checkpoint import load_model
+        control = load_model(args.control, device=next(model.parameters()).device)[0]
     data = TokenData(args.data or trainer["config"]["data"], args.split)
-    res = audit(model, trainer, data, args.k, gate_meta=meta, max_tokens=args.max_tokens)
+    res = audit(model, trainer, data, args.k, gate_meta=meta, max_tokens=args.max_tokens, control=control)
     _print_audit(res, args)
 
 
@@ -204,6 +210,9 @@ def _print_audit(res: dict, args) -> None:
                                       None else ""))
     if "soft_learned_vs_random" in s:
         print(f"under its training routing: {100 * s['soft_learned_vs_random']:+.1f}% better than random")
+    for routing, gain in s.get("learned_vs_control", {}).items():
+        print(f"{routing}: the learned-gate model is {100 * gain:+.1f}% better than the control trained with a "
+              f"frozen random gate")
     if args.json:
         write_json(args.json, dict(checkpoint=args.checkpoint and str(args.checkpoint), model=args.model,
                                    gate=args.gate, **res))
@@ -351,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a local Hugging Face model folder (with --gate GATES from hf-distill)")
     p.add_argument("--gguf", help="with --model: a GGUF file inside it")
     p.add_argument("--gate", help="audit a distilled gate instead of the checkpoint's own")
+    p.add_argument("--control", help="a checkpoint trained the same way with a frozen random gate (e.g. "
+                   "runs/compact/exp1-soft-random-s0/checkpoint): also compare against it, the paper's Experiment 1")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept a gate saved for another base model (its fingerprint differs)")
     p.add_argument("--k", type=int, default=64, help="keys kept per query under hard top-k (default 64)")
