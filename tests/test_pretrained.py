@@ -82,11 +82,14 @@ def test_another_soft_gate_reading_gets_its_own_units_and_tables(tmp_path):
         in report and "(soft-gate reading sigmoid-renorm)" in report
 
 
-def test_loss_trend_averages_windows_and_flags_divergence():
-    from gatelab.pretrained import _loss_trend
+def test_loss_trend_and_paired_gap_average_tenths_and_flag_divergence():
+    from gatelab.pretrained import _loss_trend, _paired_gap
     flat = dict(curve=[(i + 1, 5.0 if i < 10 else 4.0) for i in range(100)])
-    assert _loss_trend(flat) == "5.00 -> 4.00 (+0.00)"
+    assert _loss_trend(flat) == "5.00 -> 4.00"
     rising = dict(curve=[(i + 1, 5.0 + i / 50) for i in range(100)])  # first tenth mean 5.09, last 6.89
-    assert _loss_trend(rising) == "5.09 -> 6.89 (+0.20) (diverged)"
-    assert _loss_trend(dict(curve=[])) == "not trained"
-    assert _loss_trend(None) == "-"
+    assert _loss_trend(rising) == "5.09 -> 6.89 (diverged)"
+    assert _loss_trend(dict(curve=[])) == "not trained" and _loss_trend(None) == "-"
+    # the paired gap (random - learned) by tenth: rising - flat
+    assert _paired_gap(flat, rising).split() == ["0.090", "1.290", "1.490", "1.690", "1.890", "2.090", "2.290",
+                                                 "2.490", "2.690", "2.890"]
+    assert _paired_gap(flat, dict(curve=[])) == "-"

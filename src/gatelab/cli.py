@@ -201,21 +201,26 @@ def cmd_audit(args) -> None:
     _print_audit(res, args)
 
 
+def _better(gain: float) -> str:
+    """'+17.3% better' / '361.4% worse' for a relative perplexity gain."""
+    return f"{100 * gain:.1f}% better" if gain >= 0 else f"{-100 * gain:.1f}% worse"
+
+
 def _print_audit(res: dict, args) -> None:
     print(format_table(res["rows"], ["model", "routing", "ppl"]))
     s = res["summary"]
     closed = s["random_to_oracle_gap_closed"]
-    print(f"\nhard top-{args.k}: the learned gate is {100 * s['learned_vs_random']:+.1f}% better than a frozen random "
+    print(f"\nhard top-{args.k}: the learned gate is {_better(s['learned_vs_random'])} than a frozen random "
           f"gate of the same form" + (f" and closes {100 * closed:.1f}% of the random-to-oracle gap" if closed is not
                                       None else ""))
     if "soft_learned_vs_random" in s:
-        print(f"under its training routing: {100 * s['soft_learned_vs_random']:+.1f}% better than random")
+        print(f"under its training routing: {_better(s['soft_learned_vs_random'])} than random")
     for routing, gain in s.get("learned_vs_control", {}).items():
-        print(f"{routing}: the learned-gate model is {100 * gain:+.1f}% better than the control trained with a "
+        print(f"{routing}: the learned-gate model is {_better(gain)} than the control trained with a "
               f"frozen random gate")
     if args.json:
         write_json(args.json, dict(checkpoint=args.checkpoint and str(args.checkpoint), model=args.model,
-                                   gate=args.gate, **res))
+                                   gate=args.gate, control=getattr(args, "control", None), **res))
 
 
 def cmd_hf_eval(args) -> None:

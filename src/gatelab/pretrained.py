@@ -300,6 +300,7 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
                              ppl=_f(r["evals"][f"gate-topk@k={k}"]), f1=_f(r["val_f1"][str(k)] if str(k) in r["val_f1"]
                                                                        else r["val_f1"].get(k), ".3f"),
                              paper_ppl=_f(paper)))
+    rows.sort(key=lambda r: (r["loss"] != "kl", r["d_gate"], r["trained_k"], r["deploy_k"]))
     lines += [format_table(rows, ["loss", "d_gate", "trained_k", "deploy_k", "ppl", "f1", "paper_ppl"]) if rows
               else "not run", ""]
     readings = sorted({r.get("reading", "topk-sigmoid") for r in res.values() if r["table"] in ("table7", "table8")},
@@ -328,7 +329,8 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
     for r in rows:
         unit = res.get(f"table7-{r['condition']}{tag}")
         r["train_loss"] = _loss_trend(unit) if unit else "-"
-    lines += [format_table(rows, ["condition", "ppl", "paper", "train_loss"]), ""]
+        r["steps"] = _steps(unit)
+    lines += [format_table(rows, ["condition", "ppl", "paper", "steps", "train_loss"]), ""]
     lines += [f"## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers{title}", ""]
     rows, fig = [], []
     for n in p.unfreeze:
@@ -336,16 +338,19 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
         pl, pr = PAPER["table8"].get(n, (None, None))
         rows.append(dict(n=n, learned=_f(a and a["ppl"]), random=_f(b and b["ppl"]),
                          gap=_f(b["ppl"] - a["ppl"]) if a and b else "-", paper=f"{pl} / {pr}" if pl else "-",
-                         learned_train_loss=_loss_trend(a), random_train_loss=_loss_trend(b)))
+                         steps=_steps(a), learned_train_loss=_loss_trend(a), random_train_loss=_loss_trend(b),
+                         train_gap_by_tenth=_paired_gap(a, b)))
         if a and b:
             fig.append((n, a["ppl"], b["ppl"]))
-    lines += [format_table(rows, ["n", "learned", "random", "gap", "paper", "learned_train_loss",
-                                  "random_train_loss"]), "",
+    lines += [format_table(rows, ["n", "learned", "random", "gap", "paper", "steps", "learned_train_loss",
+                                  "random_train_loss", "train_gap_by_tenth"]), "",
               "Perplexity under the soft gate (random - learned = gap; paper: learned / random). train_loss: the LM "
-              "loss averaged over the first and the last tenth of the steps, in brackets its change from the "
-              "tenth before (near 0: flattened); 'diverged' where it ended more than 0.5 nats above its start.", ""]
+              "loss averaged over the first and the last tenth of the steps; 'diverged' where it ended more than 0.5 nats "
+              "above its start. train_gap_by_tenth: the training loss of random minus learned (nats), averaged over "
+              "each tenth of the steps; both see the same batches, so this shows whether the gap still moves at the "
+              "end.", ""]
     if len(fig) >= 2:
-        _plot_figure3(fig, out / f"figure3_gap_vs_unfrozen{tag}.png")
+        _plot_figure3(fig, out / f"figure3_gap_vs_unfrozen{tag}.png", f", {reading}")
         lines += [f"![Figure 3](figure3_gap_vs_unfrozen{tag}.png)", ""]
         g0, gl = fig[0][2] - fig[0][1], fig[-1][2] - fig[-1][1]
         closed = f" ({100 * (1 - gl / g0):.0f}% of it closed)" if g0 > 0 else ""
@@ -354,23 +359,36 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
     return lines
 
 
+def _steps(result: dict | None) -> str:
+    return str(((result or {}).get("summary") or {}).get("steps", "-"))
+
+
+def _tenths(losses: list[float]) -> list[float]:
+    """Mean loss over each tenth of the steps (one batch's loss is noisy)."""
+    w = max(1, len(losses) // 10)
+    return [sum(losses[i:i + w]) / len(losses[i:i + w]) for i in range(0, len(losses) - w + 1, w)]
+
+
 def _loss_trend(result: dict | None) -> str:
-    """'start -> end (last-window change)': means over the first and last tenth of the steps, since one batch's
-    loss is noisy; the change from the second-last to the last tenth says whether the curve has flattened."""
+    """'start -> end': the mean loss over the first and the last tenth of the steps."""
     curve = (result or {}).get("curve") or []
     if not curve:
         return "-" if result is None else "not trained"
-    losses = [c[1] for c in curve]
-    w = max(1, len(losses) // 10)
-    first, last = sum(losses[:w]) / w, sum(losses[-w:]) / w
-    trend = f"{first:.2f} -> {last:.2f}"
-    if len(losses) >= 2 * w + 1:
-        before = sum(losses[-2 * w:-w]) / w
-        trend += f" ({last - before:+.2f})"
-    return trend + (" (diverged)" if last > first + 0.5 else "")
+    t = _tenths([c[1] for c in curve])
+    return f"{t[0]:.2f} -> {t[-1]:.2f}" + (" (diverged)" if t[-1] > t[0] + 0.5 else "")
 
 
-def _plot_figure3(points, path: Path) -> None:
+def _paired_gap(learned: dict | None, random: dict | None) -> str:
+    """Training-loss gap random - learned, tenth by tenth (both runs see the same batches in the same order, so
+    the batches' difficulty cancels): whether the gap is still moving when training stops."""
+    a, b = ((r or {}).get("curve") or [] for r in (learned, random))
+    if not a or len(a) != len(b):
+        return "-"
+    t = _tenths([y[1] - x[1] for x, y in zip(a, b)])
+    return " ".join(f"{v:.3f}" for v in t)
+
+
+def _plot_figure3(points, path: Path, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -380,8 +398,9 @@ def _plot_figure3(points, path: Path) -> None:
     ax.plot(n, random, "s--", label="frozen random gates")
     ax.set_xlabel("unfrozen layers n (Q/K/V/O)")
     ax.set_ylabel("validation perplexity (soft gate)")
-    ax.set_yscale("log")
-    ax.set_title("Absorption gradient (Figure 3)")
+    if max(random + learned) / min(random + learned) > 5:  # a diverged run next to a sane one
+        ax.set_yscale("log")
+    ax.set_title(f"Absorption gradient (Figure 3){title}")
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
