@@ -18,13 +18,19 @@ def tiny(family: str, seed: int = 0):
     if family == "llama":
         cfg = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(cfg)
+    elif family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif family == "gemma3":  # sliding-window layers (window 8 < T) next to global ones, q/k norms, scaled queries
+        cfg = transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                            layer_types=["sliding_attention", "full_attention"])
+        model = transformers.Gemma3ForCausalLM(cfg)
     else:
         cfg = transformers.Qwen3Config(**common, head_dim=16)
         model = transformers.Qwen3ForCausalLM(cfg)
     return model.eval()
 
 
-FAMILIES = ["llama", "qwen3"]
+FAMILIES = ["llama", "qwen3", "qwen2", "gemma3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -64,13 +64,15 @@ def row_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.
 
 
 def topk_keep_mask(scores: torch.Tensor, k: int, causal: torch.Tensor) -> torch.Tensor:
-    """Bool mask keeping the k largest causal scores of each row (all causal keys when a row has <= k)."""
+    """Bool mask keeping the k largest causal scores of each row (all causal keys when a row has <= k).
+    scores and causal broadcast: e.g. (1, H, T, S) fixed random scores against a (B, 1, T, S) per-sequence mask."""
     T = scores.shape[-1]
+    shape = torch.broadcast_shapes(scores.shape, causal.shape)
     if k >= T:
-        return causal.expand(scores.shape).clone()
+        return causal.expand(shape).clone()
     masked = scores.detach().masked_fill(~causal, float("-inf"))
     idx = row_topk(masked, k)[1]
-    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    keep = torch.zeros(shape, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, idx, True)
     return keep & causal  # rows with < k causal keys picked some -inf future keys: drop them
 
