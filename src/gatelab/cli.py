@@ -273,10 +273,13 @@ def cmd_reproduce(args) -> None:
         status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
                                       only=args.only, device=args.device, progress=not args.quiet,
                                       budget_s=args.budget_minutes * 60 if args.budget_minutes else None,
-                                      task_steps=args.steps, reading=args.reading)
+                                      task_steps=args.steps, reading=args.reading, report=not args.no_report)
         for name, state in status.items():
             print(f"{name:40s} {state}")
-        print(f"report: {args.out or 'results/pretrained'}/REPORT.md")
+        if not args.no_report:
+            print(f"report: {args.out or 'results/pretrained'}/REPORT.md")
+        if any(state.startswith("FAILED") for state in status.values()):
+            raise GatelabError("some units failed; their logs are named above")
         return
     status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
                        progress=not args.quiet, device=args.device, budget_s=args.budget_minutes * 60

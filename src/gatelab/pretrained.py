@@ -225,8 +225,9 @@ def cached_ids(tokenizer, split: str, cache: Path) -> list[int]:
 def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str = "compact",
                          out: str | None = None, runs: str | None = None, only: list[str] | None = None,
                          device: str = "auto", progress: bool = True, budget_s: float | None = None,
-                         task_steps: int | None = None, reading: str = "topk-sigmoid") -> dict:
-    """task_steps overrides the protocol's training steps of Tables 7-8 (each unit records what it ran)."""
+                         task_steps: int | None = None, reading: str = "topk-sigmoid", report: bool = True) -> dict:
+    """task_steps overrides the protocol's training steps of Tables 7-8 (each unit records what it ran);
+    report=False leaves REPORT.md alone (`gatelab report --suite pretrained` rebuilds it)."""
     from .evaluate import resolve_device
     from .hf import load_pretrained
     if protocol not in PROTOCOLS:
@@ -245,7 +246,8 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
     suite = PretrainedSuite(p, lambda: load_pretrained(model_path, gguf, device=dev)[0], train_ids, val_ids, out,
                             runs, name, progress=progress, reading=reading)
     status = suite.run(only, budget_s)
-    write_pretrained_report(out, p)
+    if report:
+        write_pretrained_report(out, p)
     return status
 
 
