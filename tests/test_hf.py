@@ -212,7 +212,7 @@ def test_task_loss_trains_through_the_reading_it_is_given(tmp_path, reading):
 
     from gatelab.data import sample_windows
     from gatelab.hf import train_gates
-    from gatelab.reproduce import READINGS
+    from gatelab.config import READINGS
     model = tiny("llama")
     attach_gates(model, d_gate=8, init_std=1.0)  # large gate scores: the readings give clearly different losses
     set_trainable(model, layers=[])

@@ -197,9 +197,10 @@ def audit(model, trainer: dict, data: TokenData, k: int, gate_meta: dict | None 
     if control is not None and not control.gates():
         raise GatelabError("--control must be a model trained with a gate (model.gate=random), e.g. an Experiment 1 "
                            "random-gate run")
+    control_name = "control: trained with random gate"
     models = [("learned gate", model), ("random gate", random_model)]
     if control is not None:
-        models.append(("control: trained with random gate", control))
+        models.append((control_name, control))
     rows = []
     for r in routings:
         for name, m in models:
@@ -216,7 +217,6 @@ def audit(model, trainer: dict, data: TokenData, k: int, gate_meta: dict | None 
         sl, sr = by[("learned gate", trained.label())], by[("random gate", trained.label())]
         summary["soft_learned_vs_random"] = (sr - sl) / sr
     if control is not None:
-        control_name = "control: trained with random gate"
         summary["learned_vs_control"] = {r.label(): (by[(control_name, r.label())] - by[("learned gate", r.label())])
                                          / by[(control_name, r.label())] for r in routings}
     return dict(rows=rows, summary=summary)

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ROUTING_MODES, GatelabError, Routing, load_train_config, write_json
+from .config import (READINGS, ROUTING_MODES, SOFT_MASKS, GatelabError, Routing, load_train_config,
+                     soft_gate_routing, write_json)
 from .progress import keep_freed_memory
 from .report import format_table
 
@@ -33,7 +34,7 @@ def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -
     p.add_argument("--routing", type=_csv(str), default=[modes_default],
                    help=f"comma-separated routing modes: {', '.join(ROUTING_MODES)} (default {modes_default})")
     p.add_argument("--k", type=_csv(int), default=[64], help="comma-separated k values (default 64)")
-    p.add_argument("--soft-mask", choices=("topk-sigmoid", "sigmoid"), default="topk-sigmoid",
+    p.add_argument("--soft-mask", choices=SOFT_MASKS, default="topk-sigmoid",
                    help="soft-gate reading (default topk-sigmoid)")
     p.add_argument("--soft-temperature", type=float, default=1.0)
     p.add_argument("--soft-renormalize", action="store_true", help="soft-gate: renormalise A*m per row")
@@ -254,8 +255,7 @@ def cmd_hf_distill(args) -> None:
     attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed)
     unfrozen = set_trainable(model, layers=args.unfreeze_layers or [])
     print(f"training: {', '.join(unfrozen)}", file=sys.stderr)
-    from .reproduce import READINGS
-    soft = Routing(mode="soft-gate", k=args.k, **READINGS[args.reading])
+    soft = soft_gate_routing(args.reading, args.k)
     summary = train_gates(model, ids, args.out, loss=args.loss, k=args.k, steps=args.steps, batch_size=args.batch_size,
                           context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet,
                           soft_routing=soft)
@@ -264,30 +264,27 @@ def cmd_hf_distill(args) -> None:
 
 def cmd_reproduce(args) -> None:
     from .reproduce import reproduce
+    budget_s = args.budget_minutes * 60 if args.budget_minutes else None
     if args.suite == "pretrained":
         from .pretrained import reproduce_pretrained
         if not args.model:
-            raise GatelabError("--suite pretrained needs --model (a local Hugging Face folder, or the folder of --gguf)")
+            raise GatelabError("--suite pretrained needs --model (a local Hugging Face folder, or the folder of "
+                               "--gguf)")
         if args.protocol == "paper" or args.gpus not in (None, "1"):
             raise GatelabError("--suite pretrained supports --protocol compact or smoke on one device")
         status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
                                       only=args.only, device=args.device, progress=not args.quiet,
-                                      budget_s=args.budget_minutes * 60 if args.budget_minutes else None,
-                                      task_steps=args.steps, reading=args.reading, report=not args.no_report)
-        for name, state in status.items():
-            print(f"{name:40s} {state}")
-        if not args.no_report:
-            print(f"report: {args.out or 'results/pretrained'}/REPORT.md")
-        if any(state.startswith("FAILED") for state in status.values()):
-            raise GatelabError("some units failed; their logs are named above")
-        return
-    status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
-                       progress=not args.quiet, device=args.device, budget_s=args.budget_minutes * 60
-                       if args.budget_minutes else None, report=not args.no_report, gpus=args.gpus, steps=args.steps)
+                                      budget_s=budget_s, task_steps=args.steps, reading=args.reading, report=not args.no_report)
+        default_out = "results/pretrained"
+    else:
+        status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
+                           progress=not args.quiet, device=args.device, budget_s=budget_s,
+                           report=not args.no_report, gpus=args.gpus, steps=args.steps)
+        default_out = "results/" + args.protocol
     for name, state in status.items():
         print(f"{name:40s} {state}")
     if not args.no_report:
-        print(f"report: {args.out or 'results/' + args.protocol}/REPORT.md")
+        print(f"report: {args.out or default_out}/REPORT.md")
     if any(state.startswith(("FAILED", "not started (a unit")) for state in status.values()):
         raise GatelabError("some units failed; their logs are named above")
 
@@ -404,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kl: KL(dense attention || softmax(G)); bce: G vs the oracle top-k mask; "
                         "task: LM loss through the soft gate (default kl)")
     p.add_argument("--reading", default="topk-sigmoid",
-                   choices=("topk-sigmoid", "sigmoid", "topk-sigmoid-renorm", "sigmoid-renorm"),
+                   choices=tuple(READINGS),
                    help="--loss task: the soft-gate reading trained through (default topk-sigmoid)")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--d-gate", type=int, default=32)
@@ -432,9 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="31m: the paper's 31M-model experiments (default); pretrained: Tables 6-9 and Figure 3 on a "
                         "Hugging Face causal LM given by --model/--gguf (protocols compact, smoke)")
     p.add_argument("--model", help="--suite pretrained: a local Hugging Face model folder (or the folder of --gguf)")
-    p.add_argument("--gguf", help="--suite pretrained: a GGUF file inside --model, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--gguf", help="--suite pretrained: a GGUF file inside --model, e.g. "
+                   "SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--reading", default="topk-sigmoid",
-                   choices=("topk-sigmoid", "sigmoid", "topk-sigmoid-renorm", "sigmoid-renorm"),
+                   choices=tuple(READINGS),
                    help="--suite pretrained: the soft-gate reading of Tables 7-8 (units of another reading than the "
                         "default get its name as a suffix, and their own tables in the report)")
     p.add_argument("--seeds", type=int, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")

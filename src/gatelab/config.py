@@ -22,6 +22,13 @@ class GatelabError(Exception):
 
 ROUTING_MODES = ("dense", "oracle-topk", "gate-topk", "soft-gate", "random-topk", "stochastic")
 SOFT_MASKS = ("topk-sigmoid", "sigmoid")
+# The soft-gate readings of SPEC (Routing fields); the first is the default.
+READINGS = {
+    "topk-sigmoid": dict(soft_mask="topk-sigmoid", soft_renormalize=False),
+    "sigmoid": dict(soft_mask="sigmoid", soft_renormalize=False),
+    "topk-sigmoid-renorm": dict(soft_mask="topk-sigmoid", soft_renormalize=True),
+    "sigmoid-renorm": dict(soft_mask="sigmoid", soft_renormalize=True),
+}
 GATE_KINDS = ("none", "learned", "random")
 OBJECTIVES = ("lm", "kl", "bce")
 COMPILE_CHOICES = ("auto", True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -184,6 +191,13 @@ def _build(cls, data: dict, where: str):
 
 def model_config_from_dict(data: dict) -> ModelConfig:
     return _build(ModelConfig, data, "model.").validate()
+
+
+def soft_gate_routing(reading: str, k: int) -> "Routing":
+    """The soft-gate Routing of a named reading (READINGS)."""
+    if reading not in READINGS:
+        raise GatelabError(f"unknown soft-gate reading {reading!r}; choose {', '.join(READINGS)}")
+    return Routing(mode="soft-gate", k=k, **READINGS[reading])
 
 
 def routing_from_dict(data: dict) -> Routing:

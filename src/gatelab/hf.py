@@ -347,8 +347,9 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
 
     loss: kl (KL(dense attention || softmax(G)) per row), bce (G vs the oracle top-k mask), or task (the LM
     loss through the soft gate, the paper's Tables 7-8). soft_routing: the soft gate (reading) the task loss
-    trains through, the one it will be evaluated under (default: soft-gate at k, the default reading). Resumes from out_dir/checkpoint.pt; writes
-    out_dir/metrics.jsonl and, at the end, the gates (save_gates) and done.json.
+    trains through, the one it will be evaluated under (default: soft-gate at k, the default reading).
+    Resumes from out_dir/checkpoint.pt; writes out_dir/metrics.jsonl and, at the end, the gates (save_gates)
+    and done.json.
     """
     import numpy as np
 

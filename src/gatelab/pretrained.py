@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import GatelabError, Routing, write_text
-from .reproduce import READINGS, UnitSuite
+from .config import GatelabError, Routing, soft_gate_routing, write_text
+from .reproduce import UnitSuite
 
 PAPER = {  # Qwen3-1.7B, from SPEC.md
     "table9": {64: (11.57, 11.52), 128: (11.53, 11.52), 256: (11.52, 11.52)},  # oracle, dense
@@ -86,8 +86,7 @@ class PretrainedSuite(UnitSuite):
                  reading: str = "topk-sigmoid"):
         self.p, self.load, self.out, self.runs = protocol, load, Path(out), Path(runs)
         self.train_ids, self.val_ids, self.model_name, self.progress = train_ids, val_ids, model_name, progress
-        if reading not in READINGS:
-            raise GatelabError(f"unknown soft-gate reading {reading!r}; choose {', '.join(READINGS)}")
+        soft_gate_routing(reading, protocol.k)  # an unknown reading fails here, before any unit runs
         self.model, self.reading = None, reading
         self.units: dict[str, Unit] = {}
         p = protocol
@@ -180,7 +179,7 @@ class PretrainedSuite(UnitSuite):
         ctl = attach_gates(model, d_gate=self.p.d_gates[0], gate=prm["gate"])
         ctl.layers = set(layers) if prm["gated_layers"] == "unfrozen" else None
         names = set_trainable(model, layers=layers)
-        soft = Routing(mode="soft-gate", k=self.p.k, **READINGS[prm["reading"]])
+        soft = soft_gate_routing(prm["reading"], self.p.k)
         routing = soft if prm["gate"] != "none" else Routing()
         trained = dict(summary=None, curve=[])
         if any(q.requires_grad for q in model.parameters()):
@@ -188,7 +187,8 @@ class PretrainedSuite(UnitSuite):
         evals = {routing.label(): self.ppl(model, routing)}
         if prm["gate"] != "none":
             evals["dense (same weights)"] = self.ppl(model, Routing())
-        return dict(gate=prm["gate"], reading=prm["reading"], unfrozen_layers=layers, trained=names, gated_layers=prm["gated_layers"],
+        return dict(gate=prm["gate"], reading=prm["reading"], unfrozen_layers=layers, trained=names,
+                    gated_layers=prm["gated_layers"],
                     evals=evals, ppl=evals[routing.label()], **trained)
 
 
@@ -347,10 +347,10 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
     lines += [format_table(rows, ["n", "learned", "random", "gap", "paper", "steps", "learned_train_loss",
                                   "random_train_loss", "train_gap_by_tenth"]), "",
               "Perplexity under the soft gate (random - learned = gap; paper: learned / random). train_loss: the LM "
-              "loss averaged over the first and the last tenth of the steps; 'diverged' where it ended more than 0.5 nats "
-              "above its start. train_gap_by_tenth: the training loss of random minus learned (nats), averaged over "
-              "each tenth of the steps; both see the same batches, so this shows whether the gap still moves at the "
-              "end.", ""]
+              "loss averaged over the first and the last tenth of the steps; 'diverged' where it ended more than "
+              "0.5 nats above its start. train_gap_by_tenth: the training loss of random minus learned (nats), "
+              "averaged over each tenth of the steps; both see the same batches, so this shows whether the gap still "
+              "moves at the end.", ""]
     if len(fig) >= 2:
         _plot_figure3(fig, out / f"figure3_gap_vs_unfrozen{tag}.png", f", {reading}")
         lines += [f"![Figure 3](figure3_gap_vs_unfrozen{tag}.png)", ""]

@@ -9,7 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import write_text
+from .config import READINGS, write_text
 
 PAPER = {
     "dense": 37.32,
@@ -135,7 +135,7 @@ def write_report(out: str | Path, protocol) -> Path:
         lines += ["", "![Experiment 1 validation curves](exp1_validation_curves.png)"]
     # readings
     rows = []
-    for reading in ("topk-sigmoid", "sigmoid", "topk-sigmoid-renorm", "sigmoid-renorm"):
+    for reading in READINGS:
         if reading == "topk-sigmoid":
             lr, rr = R.get("exp1-soft-learned-s0"), R.get("exp1-soft-random-s0")
         else:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .config import GatelabError, ModelConfig, Routing, TrainConfig, to_dict, write_json
+from .config import READINGS, GatelabError, ModelConfig, Routing, TrainConfig, soft_gate_routing, to_dict, write_json
 from .data import TokenData, prepare
 
 
@@ -64,15 +64,6 @@ PROTOCOLS = {
                       analysis_batches=1, random_mask_seeds=2, lr=2e-3, warmup_steps=2, eval_every=10,
                       task_eval_every=5, note="A tiny model for minutes on CPU: checks the pipeline, not the science."),
 }
-
-# The soft-gate readings of SPEC (Routing fields); the first is the default.
-READINGS = {
-    "topk-sigmoid": dict(soft_mask="topk-sigmoid", soft_renormalize=False),
-    "sigmoid": dict(soft_mask="sigmoid", soft_renormalize=False),
-    "topk-sigmoid-renorm": dict(soft_mask="topk-sigmoid", soft_renormalize=True),
-    "sigmoid-renorm": dict(soft_mask="sigmoid", soft_renormalize=True),
-}
-
 
 @dataclass
 class Unit:
@@ -159,7 +150,7 @@ class Suite(UnitSuite):
 
     def _build(self) -> None:
         p, k = self.p, self.p.k
-        soft = lambda reading: Routing(mode="soft-gate", k=k, **READINGS[reading])  # noqa: E731
+        soft = lambda reading: soft_gate_routing(reading, k)  # noqa: E731
         self.add("dense", "baseline", run_train, cfg=self.train_config("none", Routing()),
                  evals=[Routing()] + [Routing(mode=m, k=kk) for m in ("oracle-topk", "random-topk")
                                       for kk in p.topk_ks])
