@@ -153,10 +153,11 @@ class PretrainedSuite(UnitSuite):
                               batch_size=self.p.batch_size, context=self.p.context, lr=self.p.gate_lr,
                               model_lr=self.p.model_lr, progress=self.progress, soft_routing=soft)
         metrics = run_dir / "metrics.jsonl"
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+        text = metrics.read_text() if metrics.is_file() else ""
         self.unit_dir(unit.name).mkdir(parents=True, exist_ok=True)
-        if metrics.is_file():
-            write_text(self.unit_dir(unit.name) / "metrics.jsonl", metrics.read_text())
+        if text:
+            write_text(self.unit_dir(unit.name) / "metrics.jsonl", text)
+        rows = [json.loads(x) for x in text.splitlines() if x.strip()]
         return dict(summary=summary, curve=[(r["step"], r["loss"]) for r in rows])
 
     def run_posthoc(self, unit: Unit) -> dict:
@@ -188,8 +189,7 @@ class PretrainedSuite(UnitSuite):
         if prm["gate"] != "none":
             evals["dense (same weights)"] = self.ppl(model, Routing())
         return dict(gate=prm["gate"], reading=prm["reading"], unfrozen_layers=layers, trained=names,
-                    gated_layers=prm["gated_layers"],
-                    evals=evals, ppl=evals[routing.label()], **trained)
+                    gated_layers=prm["gated_layers"], evals=evals, ppl=evals[routing.label()], **trained)
 
 
 @torch.no_grad()
