@@ -11,14 +11,16 @@ def test_smoke_protocol_runs_resumes_and_reports(tmp_path):
     assert all(s.startswith("ran") for s in first.values())
     # a second, full run skips what is finished and runs the rest
     status = reproduce("smoke", out=str(out), runs=str(runs), progress=False)
-    assert len(status) == 25
+    assert len(status) == 34
     assert all(status[n] == "done (skipped)" for n in first)
-    assert sum(s.startswith("ran") for s in status.values()) == 21
+    assert sum(s.startswith("ran") for s in status.values()) == 30
     report = (out / "REPORT.md").read_text()
-    for heading in ("## The four lines of evidence", "Experiment 1 (Table 1)", "Experiment 2", "Table 2", "Table 3",
-                    "## Table 4", "## Table 5", "## Figure 1", "### Soft-gate readings"):
+    for heading in ("## Verdicts", "## The soft-gate reading study", "Experiment 1 (Table 1)", "Experiment 2",
+                    "Table 2", "Table 3", "## Table 4", "## Table 5", "## Figure 1"):
         assert heading in report
     assert "not run" not in report.split("## Table 5")[0]
+    # the study is complete, so the written rule chose a reading and the report says which
+    assert "The rule chooses `" in report and "The study is not complete" not in report
     assert report.count("reproduced") >= 4
     assert (out / "figure2a_gate_only.png").stat().st_size > 1000
     assert (out / "units" / "fig1-concentration" / "concentration.png").is_file()
@@ -67,3 +69,6 @@ def test_gpus_beyond_the_visible_ones_is_refused():
     with pytest.raises(GatelabError, match="GPU"):
         workers_for(64, "auto")
     assert workers_for(3, "cpu") == ["cpu"] * 3 and workers_for(1, "cpu") is None
+    assert workers_for(None, "cpu", per_gpu=2) == ["cpu"] * 2 and workers_for(2, "cpu", per_gpu=2) == ["cpu"] * 4
+    with pytest.raises(GatelabError, match="jobs-per-gpu"):
+        workers_for(None, "cpu", per_gpu=0)

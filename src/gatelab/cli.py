@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (READINGS, ROUTING_MODES, SOFT_MASKS, GatelabError, Routing, load_train_config,
+from .config import (DEFAULT_READING, READINGS, ROUTING_MODES, SOFT_MASKS, GatelabError, Routing, load_train_config,
                      soft_gate_routing, write_json)
 from .progress import keep_freed_memory
 from .report import format_table
@@ -34,10 +34,12 @@ def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -
     p.add_argument("--routing", type=_csv(str), default=[modes_default],
                    help=f"comma-separated routing modes: {', '.join(ROUTING_MODES)} (default {modes_default})")
     p.add_argument("--k", type=_csv(int), default=[64], help="comma-separated k values (default 64)")
-    p.add_argument("--soft-mask", choices=SOFT_MASKS, default="topk-sigmoid",
-                   help="soft-gate reading (default topk-sigmoid)")
+    p.add_argument("--reading", choices=tuple(READINGS), default=DEFAULT_READING,
+                   help=f"soft-gate reading (default {DEFAULT_READING}: chosen by the reading study, README)")
+    p.add_argument("--soft-mask", choices=SOFT_MASKS, default=None, help="soft-gate mask, overriding --reading's")
     p.add_argument("--soft-temperature", type=float, default=1.0)
-    p.add_argument("--soft-renormalize", action="store_true", help="soft-gate: renormalise A*m per row")
+    p.add_argument("--soft-renormalize", action="store_true", help="soft-gate: renormalise A*m per row (overriding "
+                   "--reading's choice)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of random-topk's fixed subsets")
 
 
@@ -46,8 +48,10 @@ def routings_from_args(args, context: int) -> list[Routing]:
     for mode in args.routing:
         ks = [Routing.k] if mode == "dense" else args.k
         for k in ks:
-            r = Routing(mode=mode, k=k, soft_mask=args.soft_mask, soft_temperature=args.soft_temperature,
-                        soft_renormalize=args.soft_renormalize, seed=args.random_seed)
+            reading = READINGS[args.reading]
+            r = Routing(mode=mode, k=k, soft_mask=args.soft_mask or reading["soft_mask"],
+                        soft_temperature=args.soft_temperature,
+                        soft_renormalize=args.soft_renormalize or reading["soft_renormalize"], seed=args.random_seed)
             out.append(r.validate(context))
     return out
 
@@ -142,7 +146,7 @@ def cmd_distill(args) -> None:
     from .distill import distill_config
     cfg = distill_config(args.checkpoint, args.loss, k=args.k, d_gate=args.d_gate, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_control=args.random_control,
-                         data=args.data)
+                         data=args.data, reading=args.reading)
     cfg = train_config_from_dict(apply_overrides(to_dict(cfg), list(args.overrides) +
                                                  (REFERENCE_OVERRIDES if args.reference else []))).validate()
     if args.random_control:  # nothing trains: export the frozen random gate of the same initialisation
@@ -270,7 +274,7 @@ def cmd_reproduce(args) -> None:
         if not args.model:
             raise GatelabError("--suite pretrained needs --model (a local Hugging Face folder, or the folder of "
                                "--gguf)")
-        if args.protocol == "paper" or args.gpus not in (None, "1"):
+        if args.protocol == "paper" or args.gpus not in (None, "1") or args.jobs_per_gpu != 1:
             raise GatelabError("--suite pretrained supports --protocol compact or smoke on one device")
         status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
                                       only=args.only, device=args.device, progress=not args.quiet,
@@ -279,7 +283,8 @@ def cmd_reproduce(args) -> None:
     else:
         status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
                            progress=not args.quiet, device=args.device, budget_s=budget_s,
-                           report=not args.no_report, gpus=args.gpus, steps=args.steps)
+                           report=not args.no_report, gpus=args.gpus, steps=args.steps,
+                           jobs_per_gpu=args.jobs_per_gpu)
         default_out = "results/" + args.protocol
     for name, state in status.items():
         print(f"{name:40s} {state}")
@@ -400,9 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("kl", "bce", "task"), default="kl",
                    help="kl: KL(dense attention || softmax(G)); bce: G vs the oracle top-k mask; "
                         "task: LM loss through the soft gate (default kl)")
-    p.add_argument("--reading", default="topk-sigmoid",
+    p.add_argument("--reading", default=DEFAULT_READING,
                    choices=tuple(READINGS),
-                   help="--loss task: the soft-gate reading trained through (default topk-sigmoid)")
+                   help=f"--loss task: the soft-gate reading trained through (default {DEFAULT_READING})")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--d-gate", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)
@@ -431,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="--suite pretrained: a local Hugging Face model folder (or the folder of --gguf)")
     p.add_argument("--gguf", help="--suite pretrained: a GGUF file inside --model, e.g. "
                    "SmolLM2-135M-Instruct.Q4_1.gguf")
-    p.add_argument("--reading", default="topk-sigmoid",
+    p.add_argument("--reading", default=DEFAULT_READING,
                    choices=tuple(READINGS),
                    help="--suite pretrained: the soft-gate reading of Tables 7-8 (units of another reading than the "
                         "default get its name as a suffix, and their own tables in the report)")
@@ -444,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, help="start no new unit after this many minutes")
     p.add_argument("--gpus", default=None, help="run independent units concurrently, one process per GPU: a number "
                    "or 'all' visible GPUs (default 1: in this process); with --device cpu, that many CPU processes")
+    p.add_argument("--jobs-per-gpu", type=int, default=1, help="units run concurrently on each GPU (default 1); "
+                   "the 31M model's units leave most of an H100 idle, so 3-4 finish a sweep sooner")
     p.add_argument("--no-report", action="store_true", help="do not rebuild REPORT.md (gatelab report does)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
@@ -467,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="gate initialisation and batch order")
     p.add_argument("--random-control", action="store_true",
                    help="task loss control: write the frozen random gate of the same initialisation, train nothing")
+    p.add_argument("--reading", choices=tuple(READINGS), default=None,
+                   help=f"--loss task: the soft-gate reading trained through (default {DEFAULT_READING}, the "
+                        f"reading study's choice; README)")
     p.add_argument("--data", help="prepared corpus folder (default: the base checkpoint's)")
     p.add_argument("--out", required=True, help="run directory; the gate is written to OUT/gate.{json,safetensors}")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import MODEL_FILE, find_checkpoint
-from .config import (GatelabError, ModelConfig, Routing, TrainConfig, model_config_from_dict, to_dict,
-                     write_json)
+from .config import (DEFAULT_READING, GatelabError, ModelConfig, Routing, TrainConfig, model_config_from_dict,
+                     soft_gate_routing, to_dict, write_json)
 from .data import sha256_file
 from .routing import BilinearGate, causal_mask, topk_keep_mask
 
@@ -99,11 +99,12 @@ def distill_loss(model, x: torch.Tensor, objective: str, k: int) -> tuple[torch.
 
 def distill_config(base_checkpoint: str | Path, loss: str, k: int = 64, d_gate: int = 32, steps: int = 1000,
                    batch_size: int = 16, lr: float = 1e-3, seed: int = 0, random_control: bool = False,
-                   data: str | None = None, overrides: dict | None = None) -> TrainConfig:
+                   data: str | None = None, overrides: dict | None = None, reading: str | None = None) -> TrainConfig:
     """A TrainConfig that trains fresh gates on the frozen base checkpoint.
 
     loss: kl | bce | task. `random_control` (task only) freezes the gate too: the frozen random gate of the
-    same initialisation, evaluated as the control (nothing trains, so steps is 0)."""
+    same initialisation, evaluated as the control (nothing trains, so steps is 0). reading (task only): the
+    soft-gate reading trained through (config.READINGS; default config.DEFAULT_READING)."""
     from .checkpoint import read_trainer
     found = find_checkpoint(base_checkpoint)
     if found is None:
@@ -116,7 +117,10 @@ def distill_config(base_checkpoint: str | Path, loss: str, k: int = 64, d_gate: 
     if random_control and loss != "task":
         raise GatelabError("--random-control applies to --loss task (a frozen random gate through the soft gate)")
     objective = "lm" if loss == "task" else loss
-    routing = Routing(mode="soft-gate", k=k) if loss == "task" else Routing(mode="gate-topk", k=k)
+    if reading is not None and loss != "task":
+        raise GatelabError("--reading applies to --loss task (the soft gate the task loss trains through)")
+    routing = (soft_gate_routing(reading or DEFAULT_READING, k) if loss == "task"
+               else Routing(mode="gate-topk", k=k))
     routing.validate(mcfg.context)
     cfg = TrainConfig(model=mcfg, routing=routing, data=data or trainer["config"]["data"], steps=steps,
                       batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10)),

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import GatelabError, Routing, soft_gate_routing, write_text
+from .config import DEFAULT_READING, GatelabError, Routing, soft_gate_routing, write_text
 from .reproduce import UnitSuite
 
 PAPER = {  # Qwen3-1.7B, from SPEC.md
@@ -61,7 +61,8 @@ PROTOCOLS = {
 
 
 def _reading_tag(reading: str) -> str:
-    """Unit-name suffix of a soft-gate reading: none for the default one (so the default's names stay short)."""
+    """Unit-name suffix of a soft-gate reading: none for topk-sigmoid (the default when the first units ran, whose
+    committed results keep their names), the reading's name for every other one."""
     return "" if reading == "topk-sigmoid" else f"-{reading}"
 
 
@@ -83,7 +84,7 @@ class PretrainedSuite(UnitSuite):
 
     def __init__(self, protocol: PretrainedProtocol, load: Callable[[], object], train_ids, val_ids,
                  out: str | Path, runs: str | Path, model_name: str, progress: bool = True,
-                 reading: str = "topk-sigmoid"):
+                 reading: str = DEFAULT_READING):
         self.p, self.load, self.out, self.runs = protocol, load, Path(out), Path(runs)
         self.train_ids, self.val_ids, self.model_name, self.progress = train_ids, val_ids, model_name, progress
         soft_gate_routing(reading, protocol.k)  # an unknown reading fails here, before any unit runs
@@ -225,7 +226,7 @@ def cached_ids(tokenizer, split: str, cache: Path) -> list[int]:
 def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str = "compact",
                          out: str | None = None, runs: str | None = None, only: list[str] | None = None,
                          device: str = "auto", progress: bool = True, budget_s: float | None = None,
-                         task_steps: int | None = None, reading: str = "topk-sigmoid", report: bool = True) -> dict:
+                         task_steps: int | None = None, reading: str = DEFAULT_READING, report: bool = True) -> dict:
     """task_steps overrides the protocol's training steps of Tables 7-8 (each unit records what it ran);
     report=False leaves REPORT.md alone (`gatelab report --suite pretrained` rebuilds it)."""
     from .evaluate import resolve_device

@@ -97,6 +97,23 @@ def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log:
     return torch.sigmoid(z).masked_fill(~causal, 0.0)
 
 
+@torch.no_grad()
+def soft_gate_statistics(gate: BilinearGate, x: torch.Tensor, routing: Routing) -> dict:
+    """How sharp a gate's soft mask is on input x (B, T, C): the weight norms, the spread of G over causal entries,
+    the soft mask's mean, its mean slope dm/dG = m (1 - m) / t, the share of saturated entries (m < 0.01 or > 0.99),
+    and the gate's current gradient norm. Observation only (TrainConfig.log_gate_stats)."""
+    G = gate(x).float()
+    causal = causal_mask(G.shape[-1], G.device)
+    m = soft_gate_mask(G, routing, causal)[..., causal]
+    g = G[..., causal]
+    grads = [p.grad for p in (gate.wq, gate.wk) if p.grad is not None]
+    return dict(wq_norm=float(gate.wq.float().norm()), wk_norm=float(gate.wk.float().norm()), g_std=float(g.std()),
+                g_absmax=float(g.abs().max()), mask_mean=float(m.mean()),
+                slope_mean=float((m * (1 - m)).mean() / routing.soft_temperature),
+                saturated=float(((m < 0.01) | (m > 0.99)).float().mean()),
+                gate_grad_norm=float(torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads))) if grads else None)
+
+
 def fixed_random_scores(layer: int, n_head: int, T: int, S: int, seed: int) -> torch.Tensor:
     """(n_head, T, S) uniform scores from (seed, layer) on the CPU generator, identical on every device: their
     top-k is random-topk's fixed subset."""
@@ -155,8 +172,15 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
     if mode == "soft-gate":
         G = gate_scores().float()
         if routing.soft_renormalize:  # softmax(S + log m): A * m renormalised
-            bias = soft_gate_mask(G, routing, causal, log=True).to(q.dtype)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            log_m = soft_gate_mask(G, routing, causal, log=True)
+            if log_m.requires_grad and not (q.requires_grad or k.requires_grad or v.requires_grad):
+                # Only the mask wants a gradient (a gate trained on a frozen model, e.g. Table 5). PyTorch's fused
+                # SDPA kernels decide from q/k/v alone whether to keep the softmax statistics that their backward
+                # needs, so on CUDA the memory-efficient kernel then fails in backward ("LSE is not correctly
+                # aligned"). The explicit softmax computes the same thing and differentiates through the mask.
+                S = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)
+                return torch.softmax(S + log_m, dim=-1).to(v.dtype) @ v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=log_m.to(q.dtype))
         S = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)
         A = torch.softmax(S.masked_fill(~causal, float("-inf")), dim=-1)
         return (A * soft_gate_mask(G, routing, causal)).to(v.dtype) @ v

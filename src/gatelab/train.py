@@ -118,6 +118,16 @@ def wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
     return objective, mode
 
 
+def gate_stats(model: GPT, x: torch.Tensor, routing, device, dtype) -> list[dict]:
+    """routing.soft_gate_statistics of every layer's gate on batch x (TrainConfig.log_gate_stats)."""
+    from .distill import layer_inputs
+    from .routing import soft_gate_statistics
+    with autocast_for(device, dtype):
+        inputs = layer_inputs(model, x, routing)
+    return [dict(layer=i, **soft_gate_statistics(b.attn.gate, xn.float(), routing))
+            for i, (b, xn) in enumerate(zip(model.blocks, inputs)) if b.attn.gate is not None]
+
+
 class MetricsLog:
     """Append-only JSONL, flushed each line; on resume, records past the checkpoint's step are dropped."""
 
@@ -232,6 +242,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
                 now = time.perf_counter()
                 tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
                 t_last, steps_since = now, 0
+                if cfg.log_gate_stats and model.gates():
+                    extra = dict(extra, gate_stats=gate_stats(model, x[:2], cfg.routing, device, cfg.dtype))
                 if ctx.main:
                     log.write(dict(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
                                    **extra))
