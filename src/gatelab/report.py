@@ -90,6 +90,12 @@ def _plot_curves(series: dict[str, list], path: Path, title: str, ylabel: str = 
     return True
 
 
+def protocol_units(protocol) -> list[str]:
+    """The unit names of a protocol's suite (to say how many are still missing)."""
+    from .reproduce import Suite
+    return list(Suite(protocol, "-", "-", progress=False).units)
+
+
 def _status(ok: bool) -> str:
     return "reproduced" if ok else "not reproduced"
 
@@ -378,8 +384,9 @@ def write_report(out: str | Path, protocol) -> Path:
         head.append(f"- **{title}: {status}.** {text}.")
     if not verdicts:
         head.append("- no experiment has finished yet.")
-    head += ["", f"Units finished: {len(R)}. Wall time of the finished units: {gpu_s / 60:.1f} GPU minutes"
-                 f"{f', {cpu_s / 60:.1f} CPU minutes' if cpu_s else ''} on {', '.join(devices)}.", ""]
+    head += ["", f"Units finished: {len(R)} of {len(protocol_units(protocol))}. Sum of their wall times: {gpu_s / 60:.1f} "
+                 f"GPU minutes{f', {cpu_s / 60:.1f} CPU minutes' if cpu_s else ''} on {', '.join(devices)} (units run "
+                 f"side by side with `--jobs-per-gpu` overlap, so the device time can be lower).", ""]
     notes = out / "NOTES.md"  # hand-written interpretation of the measured numbers, kept beside the report
     if notes.is_file():
         lines += ["", "## Notes (hand-written, from the numbers above)", "", notes.read_text().strip()]

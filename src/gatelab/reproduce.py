@@ -425,7 +425,8 @@ def run_distill(suite: Suite, unit: Unit) -> dict:
     steps = suite.p.task_steps if prm["loss"] == "task" else suite.p.distill_steps
     cfg = distill_config(base, prm["loss"], k=prm["k"], d_gate=ModelConfig(**suite.p.model).d_gate, steps=steps,
                          batch_size=suite.p.batch_size, seed=prm.get("seed", 0),
-                         random_control=prm.get("random_control", False), reading=prm.get("reading"),
+                         random_control=prm.get("random_control", False),
+                         reading=prm.get("reading") if prm["loss"] == "task" else None,
                          overrides=dict(device=suite.device, eval_tokens=suite.p.eval_tokens,
                                         eval_every=suite.p.task_eval_every if prm["loss"] == "task" else 0))
     run_dir = suite.runs / unit.name
