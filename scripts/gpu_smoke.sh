@@ -114,8 +114,9 @@ HF=(--model "$R/tiny-llama" --context 128)
     echo "hf-distill-$loss ${GL[*]} hf-distill ${HF[*]} --loss $loss --k 16 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-$loss --quiet"
   done
   for reading in "${READINGS[@]}"; do
-    echo "hf-distill-task-$reading ${GL[*]} hf-distill ${HF[*]} --loss task --reading $reading --k 16 --d-gate 16 --steps 4 --batch-size 2 --unfreeze-layers 1 --out $R/hf-task-$reading --quiet"
+    echo "hf-distill-task-$reading ${GL[*]} hf-distill ${HF[*]} --loss task --reading $reading --k 16 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-task-$reading --quiet"
   done
+  echo "hf-distill-task-unfrozen ${GL[*]} hf-distill ${HF[*]} --loss task --k 16 --d-gate 16 --steps 4 --batch-size 2 --unfreeze-layers 1,2 --out $R/hf-task-unfrozen --quiet"
 } | pool
 {
   echo "hf-eval-gate ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-kl --routing gate-topk,soft-gate,oracle-topk --k 16 --max-tokens 4096 --quiet"
