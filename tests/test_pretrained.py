@@ -78,7 +78,7 @@ def test_another_soft_gate_reading_gets_its_own_units_and_tables(tmp_path):
     res = json.loads((tmp_path / "out" / "units" / "table8-n1-random-sigmoid-renorm" / "result.json").read_text())
     assert res["reading"] == "sigmoid-renorm" and "renorm" in next(iter(res["evals"]))
     report = write_pretrained_report(tmp_path / "out", p).read_text()
-    assert "## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers (soft-gate reading topk-sigmoid)" \
+    assert "## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers (soft-gate reading sigmoid)" \
         in report and "(soft-gate reading sigmoid-renorm)" in report
 
 

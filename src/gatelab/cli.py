@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", help="with --model: a GGUF file inside it")
     p.add_argument("--gate", help="audit a distilled gate instead of the checkpoint's own")
     p.add_argument("--control", help="a checkpoint trained the same way with a frozen random gate (e.g. "
-                   "runs/compact/exp1-soft-random-s0/checkpoint): also compare against it, the paper's Experiment 1")
+                   "runs/compact/exp1-sigmoid-random-s0/checkpoint): also compare against it, the paper's Experiment 1")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept a gate saved for another base model (its fingerprint differs)")
     p.add_argument("--k", type=int, default=64, help="keys kept per query under hard top-k (default 64)")

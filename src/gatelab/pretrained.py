@@ -61,9 +61,9 @@ PROTOCOLS = {
 
 
 def _reading_tag(reading: str) -> str:
-    """Unit-name suffix of a soft-gate reading: none for topk-sigmoid (the default when the first units ran, whose
-    committed results keep their names), the reading's name for every other one."""
-    return "" if reading == "topk-sigmoid" else f"-{reading}"
+    """Unit-name suffix of a soft-gate reading: none for the default reading (config.DEFAULT_READING), the reading's
+    name for every other one."""
+    return "" if reading == DEFAULT_READING else f"-{reading}"
 
 
 def middle_layers(n_layers: int, n: int) -> list[int]:
@@ -307,7 +307,7 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
     lines += [format_table(rows, ["loss", "d_gate", "trained_k", "deploy_k", "ppl", "f1", "paper_ppl"]) if rows
               else "not run", ""]
     readings = sorted({r.get("reading", "topk-sigmoid") for r in res.values() if r["table"] in ("table7", "table8")},
-                      key=lambda x: x != "topk-sigmoid") or ["topk-sigmoid"]
+                      key=lambda x: x != DEFAULT_READING) or [DEFAULT_READING]
     for reading in readings:
         lines += _task_tables(res, p, reading, t9, out)
     notes = out / "NOTES.md"
