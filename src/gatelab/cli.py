@@ -282,11 +282,12 @@ def cmd_reproduce(args) -> None:
         status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
                                       only=args.only, device=args.device, progress=not args.quiet,
                                       budget_s=budget_s, task_steps=args.steps, reading=args.reading,
-                                      report=not args.no_report, position=args.position or DEFAULT_POSITION)
+                                      report=not args.no_report, position=args.position or DEFAULT_POSITION,
+                                      max_steps=args.max_steps)
         default_out = "results/pretrained"
     else:
-        if args.position:
-            raise GatelabError("--position applies to --suite pretrained")
+        if args.position or args.max_steps:
+            raise GatelabError("--position and --max-steps apply to --suite pretrained")
         status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
                            progress=not args.quiet, device=args.device, budget_s=budget_s,
                            report=not args.no_report, gpus=args.gpus, steps=args.steps)
@@ -468,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default get its name as a suffix, and their own tables in the report)")
     p.add_argument("--position", choices=POSITIONS, help=f"--suite pretrained: the gate variant of the rerun Table "
                    f"6 units table6-VARIANT-* (default {DEFAULT_POSITION}); the pos-* units study every variant")
+    p.add_argument("--max-steps", type=int, help="--suite pretrained: the step cap of the units trained until the "
+                   "held-out objective stops improving (pos-*, table6-VARIANT-*; default: the protocol's, 800)")
     p.add_argument("--seeds", type=int, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
     p.add_argument("--steps", type=int, help="override the end-to-end training steps of the protocol (a quick look; "
                    "write it to another --out)")

@@ -65,10 +65,12 @@ def frequency_index(n_freq: int, n_pairs: int) -> torch.Tensor:
     return torch.round(torch.arange(n_pairs, dtype=torch.float64) * (n_freq - 1) / (n_pairs - 1)).long()
 
 
-def gate_rotary(cos: torch.Tensor, sin: torch.Tensor, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate's (cos, sin), (B, T, 2 * n_pairs), sub-sampled from the model's (B, T, rotary_dim)."""
-    n_freq = cos.shape[-1] // 2
-    idx = frequency_index(n_freq, n_pairs).to(cos.device)
+def gate_rotary(cos: torch.Tensor, sin: torch.Tensor, n_pairs: int,
+                idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's (cos, sin), (B, T, 2 * n_pairs), sub-sampled from the model's (B, T, rotary_dim); idx: the
+    frequency_index, if already on cos's device."""
+    if idx is None:
+        idx = frequency_index(cos.shape[-1] // 2, n_pairs).to(cos.device)
     c, s = cos[..., idx], sin[..., idx]
     return torch.cat((c, c), dim=-1), torch.cat((s, s), dim=-1)
 
@@ -89,6 +91,7 @@ class RopeGate(nn.Module):
         nn.init.normal_(self.wq, std=self.init_std)
         nn.init.normal_(self.wk, std=self.init_std)
         self._layout_checked = False
+        self._index: dict = {}  # (rotary_dim, device) -> frequency_index there
 
     def check_layout(self, cos: torch.Tensor) -> None:
         """HF's rotate_half layout repeats the frequencies: cos = cat(c, c). Checked once (it syncs a GPU)."""
@@ -106,7 +109,10 @@ class RopeGate(nn.Module):
         dt = x.dtype
         gq = torch.einsum("btc,hcd->bhtd", x, self.wq.to(dt)) + self.bq.to(dt)[None, :, None]
         gk = torch.einsum("btc,hcd->bhtd", x, self.wk.to(dt)) + self.bk.to(dt)[None, :, None]
-        c, s = gate_rotary(cos, sin, self.d_gate // 2)
+        key = (cos.shape[-1], cos.device)
+        if key not in self._index:
+            self._index[key] = frequency_index(cos.shape[-1] // 2, self.d_gate // 2).to(cos.device)
+        c, s = gate_rotary(cos, sin, self.d_gate // 2, self._index[key])
         c, s = c[:, None].to(dt), s[:, None].to(dt)
         gq = gq * c + rotate_half(gq) * s
         gk = gk * c + rotate_half(gk) * s

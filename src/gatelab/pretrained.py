@@ -55,7 +55,7 @@ class PretrainedProtocol:
     # the gate-variant study and Table 6 of a variant: trained until the held-out objective stops improving
     positions: tuple = POSITIONS
     position_d_gates: tuple = (32, 64)
-    converge_max_steps: int = 1000  # cap (the learning-rate schedule runs over it)
+    converge_max_steps: int = 800  # cap (the learning-rate schedule runs over it); --max-steps overrides it
     eval_every: int = 50  # held-out objective every this many steps ...
     patience: int = 4  # ... stop after this many evaluations without a relative improvement of min_delta
     min_delta: float = 0.002
@@ -272,17 +272,22 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
                          out: str | None = None, runs: str | None = None, only: list[str] | None = None,
                          device: str = "auto", progress: bool = True, budget_s: float | None = None,
                          task_steps: int | None = None, reading: str = "topk-sigmoid", report: bool = True,
-                         position: str = DEFAULT_POSITION) -> dict:
-    """task_steps overrides the protocol's training steps of Tables 7-8 (each unit records what it ran);
+                         position: str = DEFAULT_POSITION, max_steps: int | None = None) -> dict:
+    """task_steps overrides the protocol's training steps of Tables 7-8, max_steps the cap of the units trained until
+    convergence (pos-*, table6-VARIANT-*); each unit records what it ran.
     report=False leaves REPORT.md alone (`gatelab report --suite pretrained` rebuilds it)."""
     from .evaluate import resolve_device
     from .hf import load_pretrained
     if protocol not in PROTOCOLS:
         raise GatelabError(f"unknown pretrained protocol {protocol!r}; choose {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
+    from dataclasses import replace
     if task_steps is not None:
-        from dataclasses import replace
         p = replace(p, task_steps=task_steps)
+    if max_steps is not None:
+        if max_steps < 1:
+            raise GatelabError(f"--max-steps must be at least 1, got {max_steps}")
+        p = replace(p, converge_max_steps=max_steps)
     out, runs = Path(out or "results/pretrained"), Path(runs or "runs/pretrained")
     dev = resolve_device(device)
     from transformers import AutoTokenizer
