@@ -29,7 +29,8 @@ def test_smoke_suite_runs_skips_and_reports(tmp_path):
     suite = PretrainedSuite(p, load, train_ids, val_ids, tmp_path / "out", tmp_path / "runs", "tiny-llama",
                             progress=False)
     status = suite.run()
-    assert len(status) == len(suite.units) == 1 + 2 + 2 + 1 + 3 + 4 and len(loads) == 1
+    # table9, table6 KL x 2 + BCE x 3, table7 x 3, table8 x 4, the variant study 3 x 1, Table 6 BCE of a variant x 2
+    assert len(status) == len(suite.units) == 1 + 2 + 2 + 1 + 3 + 4 + 3 + 2 and len(loads) == 1
     assert all(s.startswith("ran") for s in status.values()), status
     res = {n: json.loads((tmp_path / "out" / "units" / n / "result.json").read_text()) for n in suite.units}
     # Table 7: only the middle layer trains, and only it is gated; the random gate stays as initialised
@@ -42,10 +43,23 @@ def test_smoke_suite_runs_skips_and_reports(tmp_path):
     again = PretrainedSuite(p, load, train_ids, val_ids, tmp_path / "out", tmp_path / "runs", "tiny-llama",
                             progress=False).run()
     assert all(s == "done (skipped)" for s in again.values())
+    # the variant study: every variant, trained until the held-out KL stopped improving, F1 per layer
+    for pos in ("none", "rope", "qk"):
+        r = res[f"pos-{pos}-kl-d4"]
+        assert r["position"] == pos and set(r["evals"]) == {"gate-topk@k=4", "gate-topk@k=8"}
+        assert r["summary"]["max_steps"] == p.converge_max_steps and r["val_curve"]
+        assert len(r["val_f1_layers"]["4"]) == 2 and r["val_f1"]["4"] == pytest.approx(np.mean(r["val_f1_layers"]["4"]))
+        gate = json.loads((tmp_path / "runs" / f"pos-{pos}-kl-d4" / "gate.json").read_text())
+        assert gate["position"] == pos
+    assert res["table6-none-bce-d4-k8"]["position"] == "none" and res["table6-none-bce-d4-k8"]["k"] == 8
     report = write_pretrained_report(tmp_path / "out", p).read_text()
-    for heading in ("## Table 9", "## Table 6", "## Table 7", "## Table 8"):
+    for heading in ("## Table 9", "## Table 6", "## Table 7", "## Table 8", "## Gate variants",
+                    "## Table 6 with none gates", "F1 at k = 4 per layer"):
         assert heading in report
+    study = report.split("## Gate variants")[1].split("F1 at k = 4 per layer")[0]
+    assert sum(line.startswith(("| none |", "| rope |", "| qk |")) for line in study.splitlines()) == 3 * 2
     assert (tmp_path / "out" / "figure3_gap_vs_unfrozen.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "position_gates_heldout_kl.png").stat().st_size > 1000
 
 
 def test_units_start_from_pristine_weights(tmp_path):
@@ -93,3 +107,28 @@ def test_loss_trend_and_paired_gap_average_tenths_and_flag_divergence():
     assert _paired_gap(flat, rising).split() == ["0.090", "1.290", "1.490", "1.690", "1.890", "2.090", "2.290",
                                                  "2.490", "2.690", "2.890"]
     assert _paired_gap(flat, dict(curve=[])) == "-"
+
+
+def test_table6_of_another_variant_gets_its_own_units(tmp_path):
+    from gatelab.config import GatelabError
+    p = PROTOCOLS["smoke"]
+    ids = np.random.default_rng(2).integers(0, 101, 3000).tolist()
+    suite = PretrainedSuite(p, lambda: tiny("qwen3"), ids, ids[:600], tmp_path / "out", tmp_path / "runs", "tiny",
+                            progress=False, position="rope")
+    assert "table6-rope-bce-d4-k4" in suite.units and "table6-none-bce-d4-k4" not in suite.units
+    assert [u.name for u in suite.select(["positions"])] == ["pos-none-kl-d4", "pos-rope-kl-d4", "pos-qk-kl-d4"]
+    suite.run(only=["pos-rope-kl-d4", "table6-rope-bce-d4-k4"])
+    report = write_pretrained_report(tmp_path / "out", p).read_text()
+    table = report.split("## Table 6 with rope gates")[1].split("##")[0]
+    assert "| kl | 4 | - | 4 |" in table and "| bce | 4 | 4 | 4 |" in table
+    with pytest.raises(GatelabError, match="position"):
+        PretrainedSuite(p, lambda: tiny("qwen3"), ids, ids, tmp_path / "o", tmp_path / "r", "tiny", position="alibi")
+
+
+def test_gap_closed_and_steps_taken():
+    from gatelab.pretrained import _gap_closed, _steps_taken
+    t9 = dict(evals={"random-topk@k=64": 440.0, "oracle-topk@k=64": 40.0})
+    assert _gap_closed(60.0, t9, 64) == pytest.approx(0.95) and _gap_closed(60.0, None, 64) is None
+    assert _gap_closed(60.0, t9, 128) is None
+    assert _steps_taken(dict(summary=dict(steps=350, max_steps=1000, best_step=300))) == "350/1000 (best 300)"
+    assert _steps_taken(dict(summary=dict(steps=500))) == "500"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import (DEFAULT_READING, READINGS, ROUTING_MODES, SOFT_MASKS, GatelabError, Routing, load_train_config,
                      soft_gate_routing, write_json)
+from .hf_gates import DEFAULT_POSITION, POSITION_HELP, POSITIONS
 from .progress import keep_freed_memory
 from .report import format_table
 
@@ -186,9 +187,12 @@ def cmd_audit(args) -> None:
         model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
         ids = encode_corpus(tok, "bundled", args.split)
         res = hf_audit(model, args.gate, ids, args.k, max_tokens=args.max_tokens,
-                       allow_other_base=args.allow_other_base, progress=True)
+                       allow_other_base=args.allow_other_base, progress=True, position=args.position)
+        print(f"gate variant: {res['position']}", file=sys.stderr)
         _print_audit(res, args)
         return
+    if args.position:
+        raise GatelabError("--position applies to --model (Hugging Face gates)")
     if not args.checkpoint:
         raise GatelabError("audit needs a gatelab checkpoint (RUN/checkpoint), or --model DIR --gate GATES")
     model, trainer, _ = load_for_evaluation(args)
@@ -236,7 +240,9 @@ def cmd_hf_eval(args) -> None:
     routings = routings_from_args(args, args.context)
     if args.gate:
         from .hf import load_gates
-        load_gates(model, args.gate, allow_other_base=args.allow_other_base)
+        load_gates(model, args.gate, allow_other_base=args.allow_other_base, position=args.position)
+    elif args.position:
+        raise GatelabError("--position checks the variant of --gate GATES; there is no --gate")
     elif any(r.mode != "dense" for r in routings):
         attach_gates(model, gate="none")
     rows = []
@@ -256,13 +262,14 @@ def cmd_hf_distill(args) -> None:
     from .hf import attach_gates, encode_corpus, load_pretrained, set_trainable, train_gates
     model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
     ids = encode_corpus(tok, args.corpus, "train", args.source)
-    attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed)
+    attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed, position=args.position)
     unfrozen = set_trainable(model, layers=args.unfreeze_layers or [])
-    print(f"training: {', '.join(unfrozen)}", file=sys.stderr)
+    print(f"training: {', '.join(unfrozen)} ({args.position} gates)", file=sys.stderr)
     soft = soft_gate_routing(args.reading, args.k)
     summary = train_gates(model, ids, args.out, loss=args.loss, k=args.k, steps=args.steps, batch_size=args.batch_size,
                           context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet,
-                          soft_routing=soft)
+                          soft_routing=soft, eval_every=args.eval_every, patience=args.patience,
+                          min_delta=args.min_delta, eval_batches=args.eval_batches, step_f1=not args.no_step_f1)
     print_summary(summary, args.out)
 
 
@@ -278,9 +285,13 @@ def cmd_reproduce(args) -> None:
             raise GatelabError("--suite pretrained supports --protocol compact or smoke on one device")
         status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
                                       only=args.only, device=args.device, progress=not args.quiet,
-                                      budget_s=budget_s, task_steps=args.steps, reading=args.reading, report=not args.no_report)
+                                      budget_s=budget_s, task_steps=args.steps, reading=args.reading,
+                                      report=not args.no_report, position=args.position or DEFAULT_POSITION,
+                                      max_steps=args.max_steps)
         default_out = "results/pretrained"
     else:
+        if args.position or args.max_steps:
+            raise GatelabError("--position and --max-steps apply to --suite pretrained")
         status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
                            progress=not args.quiet, device=args.device, budget_s=budget_s,
                            report=not args.no_report, gpus=args.gpus, steps=args.steps,
@@ -374,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs/compact/exp1-sigmoid-random-s0/checkpoint): also compare against it, the paper's Experiment 1")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept a gate saved for another base model (its fingerprint differs)")
+    p.add_argument("--position", choices=POSITIONS, help="with --model: the gate variant --gate must be (default: "
+                   "the one its gate.json records; the random control is always of that variant)")
     p.add_argument("--k", type=int, default=64, help="keys kept per query under hard top-k (default 64)")
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     p.add_argument("--data", help="prepared corpus folder (default: the checkpoint's)")
@@ -393,13 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
     p.add_argument("--gate", help="gates saved by `gatelab hf-distill` (for gate-topk / soft-gate routings)")
+    p.add_argument("--position", choices=POSITIONS, help="the variant --gate must be (default: the one its "
+                   "gate.json records); a gate of another variant is refused")
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_hf_eval)
 
-    p = sub.add_parser("hf-distill", help="train gates on a frozen (or partly unfrozen) Hugging Face causal LM")
+    p = sub.add_parser("hf-distill", help="train gates on a frozen (or partly unfrozen) Hugging Face causal LM",
+                       description="Train gates on a frozen (or partly unfrozen) Hugging Face causal LM; writes "
+                       "OUT/gate.{safetensors,json} (the variant recorded), OUT/metrics.jsonl, OUT/done.json; resumes "
+                       "from OUT/checkpoint.pt. Gate variants (--position): " + POSITION_HELP + ". Until convergence: "
+                       "--eval-every N --patience P evaluates the objective on held-out training windows every N "
+                       "steps and stops after P evaluations without improvement (--steps is then the cap).")
     p.add_argument("--model", required=True)
     p.add_argument("--gguf")
     p.add_argument("--loss", choices=("kl", "bce", "task"), default="kl",
@@ -408,9 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reading", default=DEFAULT_READING,
                    choices=tuple(READINGS),
                    help=f"--loss task: the soft-gate reading trained through (default {DEFAULT_READING})")
+    p.add_argument("--position", choices=POSITIONS, default=DEFAULT_POSITION,
+                   help=f"gate variant (default {DEFAULT_POSITION}): {POSITION_HELP}")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--d-gate", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1000, help="training steps (with --patience: the most)")
+    p.add_argument("--eval-every", type=int, default=0, help="every N steps, the objective (and F1) on held-out "
+                   "windows (the last --eval-batches x --batch-size windows of the training split, never trained "
+                   "on) goes to metrics.jsonl as val_loss; the best evaluation's gates are kept (default 0: off)")
+    p.add_argument("--patience", type=int, default=0, help="stop after this many evaluations in a row without "
+                   "improvement (needs --eval-every; default 0: train all --steps)")
+    p.add_argument("--min-delta", type=float, default=0.002, help="an improvement lowers the best held-out value "
+                   "by more than this fraction (default 0.002)")
+    p.add_argument("--eval-batches", type=int, default=2, help="held-out batches (default 2)")
+    p.add_argument("--no-step-f1", action="store_true", help="leave the per-step training F1 out of the log (it "
+                   "costs a top-k per layer and step; the held-out evaluations still report F1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -440,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=tuple(READINGS),
                    help="--suite pretrained: the soft-gate reading of Tables 7-8 (units of another reading than the "
                         "default get its name as a suffix, and their own tables in the report)")
+    p.add_argument("--position", choices=POSITIONS, help=f"--suite pretrained: the gate variant of the rerun Table "
+                   f"6 units table6-VARIANT-* (default {DEFAULT_POSITION}); the pos-* units study every variant")
+    p.add_argument("--max-steps", type=int, help="--suite pretrained: the step cap of the units trained until the "
+                   "held-out objective stops improving (pos-*, table6-VARIANT-*; default: the protocol's, 800)")
     p.add_argument("--seeds", type=int, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
     p.add_argument("--steps", type=int, help="override the end-to-end training steps of the protocol (a quick look; "
                    "write it to another --out)")

@@ -8,6 +8,10 @@ checkpoint.pt, see hf.train_gates):
   table6-bce-d32-k{64,128,256}, table6-bce-d{64,128}-k64   post-hoc BCE gates (the target depends on k)
   table7-{none,learned,random}  one middle layer's Q/K/V/O unfrozen, a soft gate on that layer only, LM loss
   table8-n{0,2,4,8}-{learned,random}  n middle layers' Q/K/V/O unfrozen, soft gates on all layers, LM loss
+  pos-{none,rope,qk}-kl-d{32,64}  the gate-variant study (hf_gates.py): KL gates of each variant, trained until the
+                              held-out KL stops improving (capped), deployed as hard top-k at each k
+  table6-{P}-bce-d32-k{64,128,256}  Table 6's BCE gates again, of variant P (--position; default
+                              hf_gates.DEFAULT_POSITION), trained like the study's gates; its KL row is pos-P-kl-d32
 The model is loaded once; every unit starts from its pristine weights.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_READING, GatelabError, Routing, soft_gate_routing, write_text
+from .hf_gates import DEFAULT_POSITION, POSITIONS, check_position
 from .reproduce import UnitSuite
 
 PAPER = {  # Qwen3-1.7B, from SPEC.md
@@ -47,6 +52,14 @@ class PretrainedProtocol:
     model_lr: float = 3e-5  # unfrozen Q/K/V/O of a pretrained model: a fine-tuning rate
     eval_tokens: int = 0  # 0 = the whole validation split
     f1_batches: int = 4
+    # the gate-variant study and Table 6 of a variant: trained until the held-out objective stops improving
+    positions: tuple = POSITIONS
+    position_d_gates: tuple = (32, 64)
+    converge_max_steps: int = 800  # cap (the learning-rate schedule runs over it); --max-steps overrides it
+    eval_every: int = 50  # held-out objective every this many steps ...
+    patience: int = 4  # ... stop after this many evaluations without a relative improvement of min_delta
+    min_delta: float = 0.002
+    eval_batches: int = 2  # held-out windows: the last eval_batches x batch_size windows of the training split
     note: str = ""
 
 
@@ -56,6 +69,8 @@ PROTOCOLS = {
                                        "(the loss curves in units/*/metrics.jsonl say whether they converged)."),
     "smoke": PretrainedProtocol("smoke", posthoc_steps=3, task_steps=3, batch_size=2, context=32, k=4, ks=(4, 8),
                                 d_gates=(4, 8), unfreeze=(0, 1), eval_tokens=256, f1_batches=1,
+                                position_d_gates=(4,), converge_max_steps=8, eval_every=2, patience=2,
+                                eval_batches=1,
                                 note="a tiny random model on CPU: checks the pipeline, not the science"),
 }
 
@@ -84,11 +99,12 @@ class PretrainedSuite(UnitSuite):
 
     def __init__(self, protocol: PretrainedProtocol, load: Callable[[], object], train_ids, val_ids,
                  out: str | Path, runs: str | Path, model_name: str, progress: bool = True,
-                 reading: str = DEFAULT_READING):
+                 reading: str = DEFAULT_READING, position: str = DEFAULT_POSITION):
         self.p, self.load, self.out, self.runs = protocol, load, Path(out), Path(runs)
         self.train_ids, self.val_ids, self.model_name, self.progress = train_ids, val_ids, model_name, progress
         soft_gate_routing(reading, protocol.k)  # an unknown reading fails here, before any unit runs
-        self.model, self.reading = None, reading
+        check_position(position)
+        self.model, self.reading, self.position = None, reading, position
         self.units: dict[str, Unit] = {}
         p = protocol
         tag = _reading_tag(reading)
@@ -105,6 +121,13 @@ class PretrainedSuite(UnitSuite):
             for gate in ("learned", "random"):
                 self.add(f"table8-n{n}-{gate}{tag}", "table8", gate=gate, unfreeze=n, gated_layers="all",
                          reading=reading)
+        for pos in p.positions:  # the gate-variant study; KL does not depend on k, so one gate serves every k
+            for d in p.position_d_gates:
+                self.add(f"pos-{pos}-kl-d{d}", "positions", loss="kl", d_gate=d, k=p.k, deploy=list(p.ks),
+                         position=pos, converge=True)
+        for k in p.ks:  # Table 6's BCE gates of the chosen variant (its KL row: pos-{position}-kl-d{d_gates[0]})
+            self.add(f"table6-{position}-bce-d{p.d_gates[0]}-k{k}", "table6-position", loss="bce",
+                     d_gate=p.d_gates[0], k=k, deploy=[k], position=position, converge=True)
 
     def add(self, name: str, table: str, **params) -> None:
         self.units[name] = Unit(name, table, params)
@@ -132,7 +155,8 @@ class PretrainedSuite(UnitSuite):
                              max_tokens=self.p.eval_tokens)["ppl"]
 
     def run_unit(self, unit: Unit) -> dict:
-        run = {"table9": self.run_table9, "table6": self.run_posthoc}.get(unit.table, self.run_task)
+        run = {"table9": self.run_table9, "table6": self.run_posthoc, "positions": self.run_posthoc,
+               "table6-position": self.run_posthoc}.get(unit.table, self.run_task)
         return dict(run(unit), table=unit.table, model=self.model_name,
                     device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                     protocol=asdict(self.p))
@@ -147,30 +171,45 @@ class PretrainedSuite(UnitSuite):
                 evals[f"{mode}@k={k}"] = self.ppl(model, Routing(mode=mode, k=k))
         return dict(evals=evals)
 
-    def _train(self, unit: Unit, model, loss: str, k: int, steps: int, soft: Routing | None = None) -> dict:
+    def _train(self, unit: Unit, model, loss: str, k: int, steps: int, soft: Routing | None = None,
+               converge: bool = False) -> dict:
         from .hf import train_gates
         run_dir = self.runs / unit.name
-        summary = train_gates(model, self.train_ids, run_dir, loss=loss, k=k, steps=steps,
-                              batch_size=self.p.batch_size, context=self.p.context, lr=self.p.gate_lr,
-                              model_lr=self.p.model_lr, progress=self.progress, soft_routing=soft)
+        p = self.p
+        until = dict(steps=p.converge_max_steps, eval_every=p.eval_every, patience=p.patience, min_delta=p.min_delta,
+                     eval_batches=p.eval_batches, step_f1=False) if converge else dict(steps=steps)
+        summary = train_gates(model, self.train_ids, run_dir, loss=loss, k=k, batch_size=p.batch_size,
+                              context=p.context, lr=p.gate_lr, model_lr=p.model_lr, progress=self.progress,
+                              soft_routing=soft, **until)
         metrics = run_dir / "metrics.jsonl"
         text = metrics.read_text() if metrics.is_file() else ""
         self.unit_dir(unit.name).mkdir(parents=True, exist_ok=True)
         if text:
             write_text(self.unit_dir(unit.name) / "metrics.jsonl", text)
         rows = [json.loads(x) for x in text.splitlines() if x.strip()]
-        return dict(summary=summary, curve=[(r["step"], r["loss"]) for r in rows])
+        out = dict(summary=summary, curve=[(r["step"], r["loss"]) for r in rows if "loss" in r])
+        if converge:
+            out["val_curve"] = [(r["step"], r["val_loss"], r.get("val_f1")) for r in rows if "val_loss" in r]
+        return out
 
     def run_posthoc(self, unit: Unit) -> dict:
+        import time
+
         from .hf import attach_gates, set_trainable
         prm = unit.params
+        position = prm.get("position", "none")
         model = self.fresh_model()
-        attach_gates(model, d_gate=prm["d_gate"], gate="learned")
+        attach_gates(model, d_gate=prm["d_gate"], gate="learned", position=position)
         set_trainable(model, layers=[])
-        trained = self._train(unit, model, prm["loss"], prm["k"], self.p.posthoc_steps)
+        trained = self._train(unit, model, prm["loss"], prm["k"], self.p.posthoc_steps,
+                              converge=prm.get("converge", False))
+        t0 = time.time()
         evals = {f"gate-topk@k={k}": self.ppl(model, Routing(mode="gate-topk", k=k)) for k in prm["deploy"]}
-        return dict(loss=prm["loss"], d_gate=prm["d_gate"], k=prm["k"], evals=evals,
-                    val_f1={k: hf_gate_f1(model, self.val_ids, k, self.p) for k in prm["deploy"]}, **trained)
+        eval_s = time.time() - t0
+        layers = hf_gate_f1_layers(model, self.val_ids, list(prm["deploy"]), self.p)
+        return dict(loss=prm["loss"], d_gate=prm["d_gate"], k=prm["k"], position=position, evals=evals,
+                    val_f1={k: float(np.mean(v)) for k, v in layers.items()}, val_f1_layers=layers,
+                    deploy_eval_s=eval_s, **trained)
 
     def run_task(self, unit: Unit) -> dict:
         from .hf import attach_gates, set_trainable
@@ -194,19 +233,26 @@ class PretrainedSuite(UnitSuite):
 
 
 @torch.no_grad()
-def hf_gate_f1(model, ids, k: int, p: PretrainedProtocol) -> float:
-    """The attached gates' mean F1 at k against the oracle top-k, on the first validation windows."""
+def hf_gate_f1_layers(model, ids, ks: list[int], p: PretrainedProtocol) -> dict[int, list[float]]:
+    """Per k and layer, the attached gates' F1 against the oracle top-k, averaged over the first validation windows
+    (f1_batches batches); the mean over layers is the gate's F1."""
     from .evaluate import autocast_for
-    from .hf import captured_gate_objective
+    from .hf import captured_gate_f1
     device = next(model.parameters()).device
     t = torch.tensor(ids[: p.f1_batches * p.batch_size * p.context + 1], dtype=torch.long)
     n = (len(t) - 1) // p.context
     x = t[: n * p.context].view(n, p.context).to(device)
-    f1s = []
+    per_batch = []
     for i in range(0, n, p.batch_size):
         with autocast_for(device):
-            f1s.append(captured_gate_objective(model, x[i:i + p.batch_size], "kl", k)[1])
-    return float(np.mean(f1s))
+            per_batch.append(captured_gate_f1(model, x[i:i + p.batch_size], ks))
+    return {k: [float(np.mean([b[k][layer] for b in per_batch])) for layer in range(len(per_batch[0][k]))]
+            for k in ks}
+
+
+def hf_gate_f1(model, ids, k: int, p: PretrainedProtocol) -> float:
+    """The attached gates' mean F1 at k against the oracle top-k, on the first validation windows."""
+    return float(np.mean(hf_gate_f1_layers(model, ids, [k], p)[k]))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -226,17 +272,23 @@ def cached_ids(tokenizer, split: str, cache: Path) -> list[int]:
 def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str = "compact",
                          out: str | None = None, runs: str | None = None, only: list[str] | None = None,
                          device: str = "auto", progress: bool = True, budget_s: float | None = None,
-                         task_steps: int | None = None, reading: str = DEFAULT_READING, report: bool = True) -> dict:
-    """task_steps overrides the protocol's training steps of Tables 7-8 (each unit records what it ran);
+                         task_steps: int | None = None, reading: str = DEFAULT_READING, report: bool = True,
+                         position: str = DEFAULT_POSITION, max_steps: int | None = None) -> dict:
+    """task_steps overrides the protocol's training steps of Tables 7-8, max_steps the cap of the units trained until
+    convergence (pos-*, table6-VARIANT-*); each unit records what it ran.
     report=False leaves REPORT.md alone (`gatelab report --suite pretrained` rebuilds it)."""
     from .evaluate import resolve_device
     from .hf import load_pretrained
     if protocol not in PROTOCOLS:
         raise GatelabError(f"unknown pretrained protocol {protocol!r}; choose {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
+    from dataclasses import replace
     if task_steps is not None:
-        from dataclasses import replace
         p = replace(p, task_steps=task_steps)
+    if max_steps is not None:
+        if max_steps < 1:
+            raise GatelabError(f"--max-steps must be at least 1, got {max_steps}")
+        p = replace(p, converge_max_steps=max_steps)
     out, runs = Path(out or "results/pretrained"), Path(runs or "runs/pretrained")
     dev = resolve_device(device)
     from transformers import AutoTokenizer
@@ -245,7 +297,7 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
     val_ids = cached_ids(tok, "validation", runs / "tokens" / "validation.npy")
     name = Path(model_path).name + (f"/{gguf}" if gguf else "")
     suite = PretrainedSuite(p, lambda: load_pretrained(model_path, gguf, device=dev)[0], train_ids, val_ids, out,
-                            runs, name, progress=progress, reading=reading)
+                            runs, name, progress=progress, reading=reading, position=position)
     status = suite.run(only, budget_s)
     if report:
         write_pretrained_report(out, p)
@@ -292,7 +344,8 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
         lines += [format_table(rows, ["k", "oracle", "dense", "ratio", "random", "paper"]), ""]
     else:
         lines += ["not run", ""]
-    lines += ["## Table 6: post-hoc gates, KL vs BCE (hard top-k deployment ppl / validation F1)", ""]
+    lines += ["## Table 6: post-hoc gates, KL vs BCE (pre-RoPE gates, fixed steps; hard top-k deployment ppl / "
+              "validation F1)", ""]
     rows = []
     for name, r in res.items():
         if r["table"] != "table6":
@@ -306,6 +359,7 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
     rows.sort(key=lambda r: (r["loss"] != "kl", r["d_gate"], r["trained_k"], r["deploy_k"]))
     lines += [format_table(rows, ["loss", "d_gate", "trained_k", "deploy_k", "ppl", "f1", "paper_ppl"]) if rows
               else "not run", ""]
+    lines += _position_tables(res, p, t9, out)
     readings = sorted({r.get("reading", "topk-sigmoid") for r in res.values() if r["table"] in ("table7", "table8")},
                       key=lambda x: x != DEFAULT_READING) or [DEFAULT_READING]
     for reading in readings:
@@ -360,6 +414,119 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
         lines += [f"Gap random - learned: {g0:.2f} ppl at n = {fig[0][0]}, {gl:.2f} at n = {fig[-1][0]}{closed}; "
                   f"paper: 31.6 -> 6.9 (78% closed).", ""]
     return lines
+
+
+def _gap_closed(ppl: float | None, t9: dict | None, k: int) -> float | None:
+    """Share of the random-to-oracle gap a gate closes at k: (random - gate) / (random - oracle), from Table 9."""
+    if ppl is None or not t9:
+        return None
+    rand, oracle = t9["evals"].get(f"random-topk@k={k}"), t9["evals"].get(f"oracle-topk@k={k}")
+    return None if rand is None or oracle is None or rand == oracle else (rand - ppl) / (rand - oracle)
+
+
+def _steps_taken(r: dict) -> str:
+    """'taken/cap (best B)' of a unit trained until its held-out objective stopped improving."""
+    s = r.get("summary") or {}
+    if s.get("max_steps") is None:
+        return str(s.get("steps", "-"))
+    return f"{s['steps']}/{s['max_steps']} (best {s.get('best_step')})"
+
+
+def _position_tables(res: dict, p: PretrainedProtocol, t9: dict | None, out: Path) -> list[str]:
+    """The gate-variant study (pos-* units), its per-layer F1, its held-out KL curves, and Table 6 of each variant
+    that has table6-{variant}-* units."""
+    from .report import format_table
+    study = {n: r for n, r in res.items() if r["table"] == "positions"}
+    lines = ["## Gate variants: what the gate reads (KL gates until the held-out KL stops improving; hard top-k)", ""]
+    if not study:
+        return lines + ["not run", ""]
+    pr = next(iter(study.values()))["protocol"]
+    lines += [f"Variants (hf_gates.py): none = the layer input before RoPE; rope = the model's rotary embedding on "
+              f"the gate's query and key; qk = low-rank maps of the model's post-RoPE q/k. Each gate trained with KL "
+              f"at batch {pr['batch_size']} x {pr['context']}, held-out KL every {pr.get('eval_every')} steps on "
+              f"{pr.get('eval_batches')} x {pr['batch_size']} training windows never trained on, stopped after "
+              f"{pr.get('patience')} evaluations without a {100 * pr.get('min_delta', 0):.1f}% improvement "
+              f"(cap {pr.get('converge_max_steps')} steps), the gates of the lowest held-out KL kept; one gate per "
+              f"variant and d_gate deployed at every k. gap_closed = (random - ppl) / (random - oracle), from Table "
+              f"9; F1 against the oracle top-k on the first {pr['f1_batches']} validation batches, mean over layers; "
+              f"train_min: the gate's training time on the unit's device (held-out evaluations included).", ""]
+    order = lambda r: (list(POSITIONS).index(r["position"]) if r["position"] in POSITIONS else 9,  # noqa: E731
+                       r["d_gate"])
+    rows = []
+    for r in sorted(study.values(), key=order):
+        for k in sorted(int(x) for x in r["val_f1"]):
+            ppl = r["evals"].get(f"gate-topk@k={k}")
+            ev = (t9 or {}).get("evals", {})
+            gap = _gap_closed(ppl, t9, k)
+            rows.append(dict(variant=r["position"], d_gate=r["d_gate"], k=k, ppl=_f(ppl),
+                             oracle=_f(ev.get(f"oracle-topk@k={k}")), dense=_f(ev.get("dense")),
+                             random=_f(ev.get(f"random-topk@k={k}")),
+                             vs_oracle=_f(100 * (ppl / ev[f"oracle-topk@k={k}"] - 1), "+.1f") + "%"
+                             if ppl and ev.get(f"oracle-topk@k={k}") else "-",
+                             gap_closed="-" if gap is None else f"{100 * gap:.1f}%",
+                             f1=_f(r["val_f1"].get(str(k), r["val_f1"].get(k)), ".3f"), steps=_steps_taken(r),
+                             train_min=_f((r.get("summary") or {}).get("train_s", 0) / 60, ".1f")))
+    lines += [format_table(rows, ["variant", "d_gate", "k", "ppl", "oracle", "dense", "random", "vs_oracle",
+                                  "gap_closed", "f1", "steps", "train_min"]), ""]
+    # per-layer F1 at the protocol's k: where each variant gains or loses
+    k = p.k
+    cols = [r for r in sorted(study.values(), key=order) if r.get("val_f1_layers")]
+    if cols:
+        layer_f1 = [(f"{r['position']} d{r['d_gate']}", r["val_f1_layers"].get(str(k), r["val_f1_layers"].get(k)))
+                    for r in cols]
+        layer_f1 = [(name, v) for name, v in layer_f1 if v]
+        if layer_f1:
+            n_layers = max(len(v) for _, v in layer_f1)
+            rows = [dict(layer=i, **{name: _f(v[i], ".3f") if i < len(v) else "-" for name, v in layer_f1})
+                    for i in range(n_layers)]
+            lines += [f"F1 at k = {k} per layer:", "", format_table(rows, ["layer"] + [n for n, _ in layer_f1]), ""]
+    curves = {f"{r['position']} d{r['d_gate']}": r["val_curve"] for r in cols if r.get("val_curve")}
+    if curves:
+        _plot_val_curves(curves, out / "position_gates_heldout_kl.png")
+        lines += ["![held-out KL](position_gates_heldout_kl.png)", ""]
+    for pos in [x for x in POSITIONS if any(r["table"] == "table6-position" and r["position"] == x
+                                            for r in res.values())]:
+        lines += _table6_of(res, p, pos)
+    return lines
+
+
+def _table6_of(res: dict, p: PretrainedProtocol, pos: str) -> list[str]:
+    """Table 6 (KL vs BCE at d_gate = d_gates[0]) with gates of one variant, trained until convergence."""
+    from .report import format_table
+    d = p.d_gates[0]
+    units = [res.get(f"pos-{pos}-kl-d{d}")] + [res.get(f"table6-{pos}-bce-d{d}-k{k}") for k in p.ks]
+    rows = []
+    for r in units:
+        if not r:
+            continue
+        for k in sorted(int(x) for x in r["val_f1"]):
+            rows.append(dict(loss=r["loss"], d_gate=r["d_gate"], trained_k=r["k"] if r["loss"] == "bce" else "-",
+                             deploy_k=k, ppl=_f(r["evals"][f"gate-topk@k={k}"]),
+                             f1=_f(r["val_f1"].get(str(k), r["val_f1"].get(k)), ".3f"),
+                             paper_ppl=_f(PAPER["table6"][r["loss"]].get(k)), steps=_steps_taken(r)))
+    return [f"## Table 6 with {pos} gates: KL vs BCE at d_gate {d} (trained until the held-out objective stops "
+            f"improving; hard top-k deployment ppl / validation F1)", "",
+            format_table(rows, ["loss", "d_gate", "trained_k", "deploy_k", "ppl", "f1", "paper_ppl", "steps"])
+            if rows else "not run", ""]
+
+
+def _plot_val_curves(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, curve in curves.items():
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", ms=3, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out KL(attention || softmax(G))")
+    ax.set_yscale("log")
+    ax.set_title("Gate variants: held-out KL while training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def _steps(result: dict | None) -> str:

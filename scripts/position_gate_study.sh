@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue #13 on SmolLM2-135M (one GPU): the gate-variant study and Table 6 of the chosen variant, as resumable units of
+# `gatelab reproduce --suite pretrained` (pos-{none,rope,qk}-kl-d{32,64}; table6-VARIANT-bce-d32-k{64,128,256}).
+# Run from the repository root on the device machine, after scripts/carry_smollm2.sh has assembled /tmp/smollm2:
+#
+#   here:                              bash scripts/carry_smollm2.sh prepare
+#   device call 1, carry [".carry"]:   bash scripts/carry_smollm2.sh receive
+#   here:                              bash scripts/carry_smollm2.sh next
+#   device call 2, carry [".carry", ".whl"], timeout 590:
+#       bash scripts/carry_smollm2.sh receive && bash scripts/carry_smollm2.sh assemble && bash scripts/position_gate_study.sh study 6
+#   device calls 3, 4 (no carry; the machine is still warm, so /tmp/smollm2 and runs/ are still there), timeout 590:
+#       bash scripts/position_gate_study.sh study 7        # until it prints "study: all units done"
+#   then, with the variant V the table picks (and hf_gates.DEFAULT_POSITION set to it):
+#       bash scripts/position_gate_study.sh table6 V 7     # Table 6 with V gates (BCE at k = 64/128/256)
+#
+# `study MINUTES` / `table6 V MINUTES` start no new unit after MINUTES (a unit takes about 1.5-2 minutes for a KL
+# gate, longer for BCE); a unit cut by the call's timeout resumes from its checkpoint in the next call while the
+# machine stays warm. MAX_STEPS=N caps the steps of each gate (default: the protocol's 800); every call copies
+# REPORT.md, the plots and the units' results to $OUT/pretrained/, which come back here: copy them over
+# results/pretrained/ (`cp -r FILES_AT/pretrained/. results/pretrained/`) and rebuild the report with
+# `gatelab report --suite pretrained`.
+set -euo pipefail
+MODEL=${MODEL:-/tmp/smollm2}
+GGUF=${GGUF:-SmolLM2-135M-Instruct.Q4_1.gguf}
+RESULTS=${RESULTS:-results/pretrained}  # PROTOCOL=smoke RESULTS=/tmp/x RUNS=/tmp/y: a quick CPU check of the commands
+RUNS=${RUNS:-runs/pretrained}
+export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+suite() {
+  python -m gatelab reproduce --suite pretrained --protocol "${PROTOCOL:-compact}" --model "$MODEL" --gguf "$GGUF" \
+    --out "$RESULTS" --runs "$RUNS" --quiet ${MAX_STEPS:+--max-steps "$MAX_STEPS"} "$@"
+}
+collect() {
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT/pretrained/units"
+  cp "$RESULTS"/REPORT.md "$RESULTS"/*.png "$OUT/pretrained/" 2>/dev/null || true
+  for d in "$RESULTS"/units/pos-* "$RESULTS"/units/table6-*-bce-*; do
+    [ -f "$d/result.json" ] && cp -r "$d" "$OUT/pretrained/units/"
+  done
+  return 0
+}
+trap collect EXIT
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
+case "${1:-}" in
+  study)
+    suite --only positions --budget-minutes "${2:-6}" | tee /tmp/position_study.status
+    if ! grep -q "not started" /tmp/position_study.status; then echo "study: all units done"; fi;;
+  table6)
+    V=${2:?usage: $0 table6 none|rope|qk [MINUTES]}
+    suite --position "$V" --only "table6-$V-bce" --budget-minutes "${3:-6}";;
+  *) echo "usage: $0 study [MINUTES] | table6 VARIANT [MINUTES]" >&2; exit 2;;
+esac
