@@ -47,20 +47,22 @@ def n_blocks(T: int, block_size: int) -> int:
     return -(-T // block_size)
 
 
-def pool_blocks(x: torch.Tensor, block_size: int, how: str) -> torch.Tensor:
+def pool_blocks(x: torch.Tensor, block_size: int, how: str, valid: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, T, C) -> (B, nb, C) per block of block_size tokens: mean, max or min over the block's tokens (the
-    last block may be shorter; only its real tokens count)."""
+    last block may be shorter; only its real tokens count). valid: optional (B|1, T) bool, the tokens to pool
+    (e.g. not padding); a block with none pools to 0."""
     B, T, C = x.shape
     nb = n_blocks(T, block_size)
     pad = nb * block_size - T
+    ok = torch.ones(1, T, dtype=torch.bool, device=x.device) if valid is None else valid
+    ok = F.pad(ok.expand(B, T), (0, pad), value=False).view(B, nb, block_size, 1)
+    xs = F.pad(x, (0, 0, 0, pad)).view(B, nb, block_size, C)
     if how == "mean":
-        total = F.pad(x, (0, 0, 0, pad)).view(B, nb, block_size, C).sum(2)
-        count = torch.full((nb, 1), float(block_size), device=x.device, dtype=total.dtype)
-        count[-1] = block_size - pad
-        return total / count
+        return (xs * ok).sum(2) / ok.sum(2).clamp_min(1).to(x.dtype)
     fill = float("-inf") if how == "max" else float("inf")
-    padded = F.pad(x, (0, 0, 0, pad), value=fill).view(B, nb, block_size, C)
-    return padded.amax(2) if how == "max" else padded.amin(2)
+    pooled = xs.masked_fill(~ok, fill)
+    pooled = pooled.amax(2) if how == "max" else pooled.amin(2)
+    return pooled.masked_fill(~ok.any(2), 0.0)
 
 
 class BlockGate(nn.Module):
@@ -88,13 +90,14 @@ class BlockGate(nn.Module):
         nn.init.normal_(self.wq, std=self.init_std or 1.0 / math.sqrt(self.wq.shape[1]))
         nn.init.normal_(self.wk, std=self.init_std or 1.0 / math.sqrt(self.wk.shape[1]))
 
-    def forward(self, x: torch.Tensor, block_size: int) -> torch.Tensor:
-        """x: (B, T, C) -> block scores (B, H, nb, nb), not yet causally masked."""
-        xq = pool_blocks(x, block_size, "mean")
+    def forward(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C) -> block scores (B, H, nb, nb), not yet causally masked. valid: (B|1, T) bool, the tokens
+        pooled (padding excluded); None: all."""
+        xq = pool_blocks(x, block_size, "mean", valid)
         if self.pool == "mean":
             xk = xq
         else:
-            xk = torch.cat([pool_blocks(x, block_size, "max"), pool_blocks(x, block_size, "min")], dim=-1)
+            xk = torch.cat([pool_blocks(x, block_size, "max", valid), pool_blocks(x, block_size, "min", valid)], -1)
         gq = torch.einsum("bnc,hcd->bhnd", xq, self.wq.to(x.dtype))
         gk = torch.einsum("bnc,hcd->bhnd", xk, self.wk.to(x.dtype))
         return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)

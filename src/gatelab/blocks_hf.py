@@ -50,6 +50,13 @@ def attach_block_gates(model, d_gate: int = 32, gate: str = "learned", pool: str
     return ctl
 
 
+def token_validity(allowed: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """(B|1, T) bool: the tokens some query may attend to (not padding), which a block gate pools; None: all."""
+    if allowed is None:
+        return None
+    return allowed.any(-2).any(-2)[..., :T]
+
+
 def dense_attention(query, key, value, allowed, scale, dropout: float = 0.0):
     """SDPA over the allowed keys (flash when the mask is plain causal); rows with no allowed key give 0."""
     H, T, S = query.shape[1], query.shape[2], key.shape[2]
@@ -75,7 +82,7 @@ def block_attention(module, query, key, value, attention_mask, routing: Routing,
     drop = dropout if module.training else 0.0
     if ctl.capture is not None:  # block-gate distillation: the dense output, and this layer's pooled mass
         ctl.capture.append(dict(mass=block_attention_mass(query, key, ctl.block_size, allowed, scaling),
-                                x=state["x"].detach(), layer=state["layer"]))
+                                x=state["x"].detach(), valid=token_validity(allowed, B, T), layer=state["layer"]))
         return dense_attention(query, key, value, allowed, scaling, drop).transpose(1, 2).contiguous(), None
     gate = state.get("gate")
     scores = None
@@ -83,7 +90,8 @@ def block_attention(module, query, key, value, attention_mask, routing: Routing,
         if gate is None or not getattr(gate, "is_block_gate", False):
             raise GatelabError(f"routing {routing.mode} needs block gates: attach_block_gates(model, ...), or "
                                f"--gate GATES saved by `gatelab hf-distill --block-size ...`")
-        scores = lambda: gate(state["x"], routing.block_size).float()  # noqa: E731
+        valid = token_validity(allowed, B, T)
+        scores = lambda: gate(state["x"], routing.block_size, valid).float()  # noqa: E731
     out = block_routed_attention(query, key, value, routing, gate_scores=scores, layer=state["layer"],
                                  allowed=allowed, scale=scaling, backend=getattr(ctl, "block_backend", "auto"))
     return out.transpose(1, 2).contiguous(), None

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (BLOCK_MODES, BLOCK_POOLS, READINGS, ROUTING_MODES, SOFT_MASKS, GatelabError, Routing,
+from .config import (ALL_ROUTING_MODES, BLOCK_MODES, BLOCK_POOLS, READINGS, SOFT_MASKS, GatelabError, Routing,
                      load_train_config, soft_gate_routing, write_json)
 from .progress import keep_freed_memory
 from .report import format_table
@@ -32,7 +32,7 @@ def add_reference_arg(p: argparse.ArgumentParser) -> None:
 
 def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -> None:
     p.add_argument("--routing", type=_csv(str), default=[modes_default],
-                   help=f"comma-separated routing modes: {', '.join(ROUTING_MODES)} (default {modes_default})")
+                   help=f"comma-separated routing modes: {', '.join(ALL_ROUTING_MODES)} (default {modes_default})")
     p.add_argument("--k", type=_csv(int), default=[64], help="comma-separated k values (default 64)")
     p.add_argument("--soft-mask", choices=SOFT_MASKS, default="topk-sigmoid",
                    help="soft-gate reading (default topk-sigmoid)")
@@ -160,11 +160,14 @@ def cmd_eval(args) -> None:
                                f"GATE (from `gatelab distill --block-size ...`)")
         res = perplexity(model, data, routing, args.batch_size, args.max_tokens, progress=not args.quiet,
                          desc=routing.label())
-        rows.append(dict(routing=routing.mode, k=None if routing.mode == "dense" else routing.k,
+        rows.append(dict(routing=routing.mode, k=None if routing.mode == "dense" else
+                         routing.block_k if routing.is_block else routing.k,
+                         block_size=routing.block_size if routing.is_block else None,
                          label=routing.label(), ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"]))
         if not args.quiet:
             print(f"{routing.label():40s} ppl {res['ppl']:.3f}", file=sys.stderr)
-    print(format_table(rows, ["routing", "k", "ppl", "nll", "tokens"]))
+    block = any(r["block_size"] for r in rows)
+    print(format_table(rows, ["routing", "k"] + (["block_size"] if block else []) + ["ppl", "nll", "tokens"]))
     if args.json:
         write_json(args.json, dict(checkpoint=str(args.checkpoint), gate=args.gate, split=args.split,
                                    data=str(data_dir), device=str(device), results=rows))

@@ -23,7 +23,7 @@ class GatelabError(Exception):
 ROUTING_MODES = ("dense", "oracle-topk", "gate-topk", "soft-gate", "random-topk", "stochastic")
 # Block routing (blocks.py): key blocks of `block_size` tokens chosen per query block, the diagonal block always kept.
 BLOCK_MODES = ("block-oracle", "block-gate", "block-random", "block-soft")
-ROUTING_MODES = ROUTING_MODES + BLOCK_MODES
+ALL_ROUTING_MODES = ROUTING_MODES + BLOCK_MODES
 BLOCK_POOLS = ("mean", "max-min")  # how a block gate pools its keys' inputs (queries are always mean-pooled)
 SOFT_MASKS = ("topk-sigmoid", "sigmoid")
 # The soft-gate readings of SPEC (Routing fields); the first is the default.
@@ -97,11 +97,11 @@ class Routing:
     block_k: int = 4
 
     def validate(self, context: int | None = None) -> "Routing":
-        if self.mode not in ROUTING_MODES:
-            raise GatelabError(f"unknown routing mode {self.mode!r}; choose one of {', '.join(ROUTING_MODES)}")
+        if self.mode not in ALL_ROUTING_MODES:
+            raise GatelabError(f"unknown routing mode {self.mode!r}; choose one of {', '.join(ALL_ROUTING_MODES)}")
         if int(self.k) < 1:
             raise GatelabError(f"routing k must be >= 1, got {self.k}")
-        if context is not None and self.mode != "dense" and self.k > context:
+        if context is not None and self.mode != "dense" and not self.is_block and self.k > context:
             raise GatelabError(f"routing k ({self.k}) is larger than the context ({context})")
         if self.soft_mask not in SOFT_MASKS:
             raise GatelabError(f"soft_mask must be one of {', '.join(SOFT_MASKS)}, got {self.soft_mask!r}")

@@ -354,7 +354,7 @@ def captured_gate_objective(model, x: torch.Tensor, objective: str, k: int) -> t
         ctl.capture = None
     if getattr(ctl, "gate_type", "token") == "block":  # block gates: against each layer's pooled attention mass
         from .blocks import block_gate_objective
-        return block_gate_objective(((c["mass"], ctl.gates[c["layer"]](c["x"], ctl.block_size).float())
+        return block_gate_objective(((c["mass"], ctl.gates[c["layer"]](c["x"], ctl.block_size, c["valid"]).float())
                                      for c in captured), objective, k)
     return gate_objective(((c["S"], ctl.gates[c["layer"]](c["x"]).float(), c["allowed"]) for c in captured),
                           objective, k)
