@@ -386,7 +386,7 @@ def run_train(suite: Suite, unit: Unit) -> dict:
     return dict(kind="train", config=to_dict(cfg), evals=_evaluate(suite, model, unit.params["evals"]),
                 curve=_curve(run_dir / "metrics.jsonl"), tokens_per_s=_median_tokens_per_s(run_dir / "metrics.jsonl"),
                 max_grad_norm=max((g for _, g in _curve(run_dir / "metrics.jsonl", "grad_norm")), default=None),
-                gate_params_unchanged_from_init=_gates_unchanged(model, cfg) if model.gates() else None,
+                gate_params_unchanged_from_init=_gates_unchanged(model, cfg) if model.gate_parameters() else None,
                 **{k: v for k, v in unit.params.items() if k not in ("cfg", "evals")})
 
 
