@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import sys
@@ -168,7 +167,6 @@ def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, check
             rows.append(row)
             print(f"[attention] {name} s={achieved:.3f} (k={bk}): dense {dense[0]:.3f} ms, flex {fwd_ms:.3f} ms "
                   f"({dense[0] / fwd_ms:.2f}x), gate+mask {mask_ms:.3f} ms", flush=True)
-        del q, k, v, x, kr, vr
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -182,6 +182,15 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, allo
 _FLEX = None
 
 
+def has_flex() -> bool:
+    """Whether this torch has flex_attention (2.5 and later)."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def compiled_flex():
     """torch.compile(flex_attention), built once. Eager flex_attention ignores a BlockMask's block lists (it
     evaluates the mask_mod everywhere), so our mask_mod also encodes the selection: correct either way."""
@@ -232,7 +241,7 @@ def resolve_backend(backend: str, q: torch.Tensor, block_size: int, allowed) -> 
     T = q.shape[2]
     if backend == "auto":
         fits = allowed is None and T % block_size == 0 and block_size % 128 == 0
-        return "flex" if q.is_cuda and fits else "masked"
+        return "flex" if q.is_cuda and fits and has_flex() else "masked"
     if backend == "flex":
         if allowed is not None:
             raise GatelabError("the flex block path takes plain causal attention (no padding or window mask)")
@@ -380,7 +389,7 @@ def block_distill_loss(model, x: torch.Tensor, objective: str, routing: Routing)
 BLOCK_GATE_FORMAT = "gatelab-block-gate-v1"
 
 
-def export_block_gate(model, cfg, out_dir) -> "Path":  # noqa: F821
+def export_block_gate(model, cfg, out_dir):
     """Write the GPT's block gates alone: OUT/gate.safetensors + OUT/gate.json (format gatelab-block-gate-v1:
     base checkpoint and its sha256, shape, d_gate, pooling, the block size and k it was distilled at)."""
     from pathlib import Path
