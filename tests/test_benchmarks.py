@@ -19,3 +19,23 @@ def test_bench_train_smoke(tmp_path):
     assert ("train", "gate-topk@k=8") in kinds and kinds[-2][0] == "distill-kl" and kinds[-1][0] == "eval"
     assert all(row["step_ms"] > 0 for row in data["rows"])
     assert "vs eager fp32" in (tmp_path / "cpu.md").read_text()
+
+
+def test_bench_block_smoke(tmp_path):
+    """bench_block.py on CPU at tiny sizes: the flex path against the masked one, end-to-end prefill, perplexity."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_block.py"), "--smoke", "--ppl", "--out",
+                        str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "block-cpu.json").read_text())
+    assert data["device"] == "cpu" and data["block_size"] == 16
+    for row in data["attention"]:  # the share of the 8 x 9 / 2 causal block tiles the kept blocks skip
+        kept = sum(1 + min(row["block_k"], i) for i in range(8))
+        assert row["n_blocks"] == 8 and abs(row["sparsity"] - (1 - kept / 36)) < 1e-4
+    assert [row["target_sparsity"] for row in data["attention"]] == [0.5, 0.75]
+    assert all(row["flex_ms"] > 0 and row["dense_ms"] > 0 and row["gate_and_mask_ms"] > 0 for row in data["attention"])
+    assert len(data["checks"]) == 2 and all(c["ok"] for c in data["checks"])
+    assert [row["tokens"] for row in data["e2e"]] == [128, 128] and all(row["block_ms"] > 0 for row in data["e2e"])
+    assert {row["routing"] for row in data["ppl"]} == {"dense", "block-oracle@b=16,k=1", "block-random@b=16,k=1",
+                                                       "block-gate@b=16,k=1"}
+    md = (tmp_path / "block-cpu.md").read_text()
+    assert "## Targets (issue 14)" in md and "8x8192 at 87.5% block sparsity: not measured" in md

@@ -11,13 +11,23 @@ def test_smoke_protocol_runs_resumes_and_reports(tmp_path):
     assert all(s.startswith("ran") for s in first.values())
     # a second, full run skips what is finished and runs the rest
     status = reproduce("smoke", out=str(out), runs=str(runs), progress=False)
-    assert len(status) == 34
+    assert len(status) == 39
     assert all(status[n] == "done (skipped)" for n in first)
-    assert sum(s.startswith("ran") for s in status.values()) == 30
+    assert sum(s.startswith("ran") for s in status.values()) == 35
     report = (out / "REPORT.md").read_text()
     for heading in ("## Verdicts", "## The soft-gate reading study", "Experiment 1 (Table 1)", "Experiment 2",
-                    "Table 2", "Table 3", "## Table 4", "## Table 5", "## Figure 1"):
+                    "Table 2", "Table 3", "## Table 4", "## Table 5", "## Figure 1",
+                    "## Block routing (issue 14): absorbed like token routing?"):
         assert heading in report
+    assert "**Block routing (issue 14, beyond the paper): " in report
+    assert "not run" not in report.split("## Block routing (issue 14): absorbed")[1]
+    # the block ablation: the learned soft block gate trained, the frozen one did not; the post-hoc gate deployed
+    unit = lambda n: json.loads((out / "units" / n / "result.json").read_text())  # noqa: E731
+    assert unit("block-soft-learned-s0")["gate_params_unchanged_from_init"] is False
+    assert unit("block-soft-random-s0")["gate_params_unchanged_from_init"] is True
+    post = unit("block-posthoc-kl")
+    assert 0.0 <= post["val_f1"] <= 1.0 and list(post["evals"]) == ["block-gate@b=8,k=2"]
+    assert set(unit("block-on-dense")["evals"]) == {"dense", "block-oracle@b=8,k=2", "block-random@b=8,k=2"}
     assert "not run" not in report.split("## Table 5")[0]
     # the study is complete, so the written rule chose a reading and the report says which
     assert "The rule chooses `" in report and "The study is not complete" not in report

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (DEFAULT_READING, READINGS, ROUTING_MODES, SOFT_MASKS, GatelabError, Routing, load_train_config,
-                     soft_gate_routing, write_json)
+from .config import (ALL_ROUTING_MODES, BLOCK_MODES, BLOCK_POOLS, DEFAULT_READING, READINGS, SOFT_MASKS, GatelabError,
+                     Routing, load_train_config, soft_gate_routing, write_json)
 from .hf_gates import DEFAULT_POSITION, POSITION_HELP, POSITIONS
 from .progress import keep_freed_memory
 from .report import format_table
@@ -33,7 +33,7 @@ def add_reference_arg(p: argparse.ArgumentParser) -> None:
 
 def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -> None:
     p.add_argument("--routing", type=_csv(str), default=[modes_default],
-                   help=f"comma-separated routing modes: {', '.join(ROUTING_MODES)} (default {modes_default})")
+                   help=f"comma-separated routing modes: {', '.join(ALL_ROUTING_MODES)} (default {modes_default})")
     p.add_argument("--k", type=_csv(int), default=[64], help="comma-separated k values (default 64)")
     p.add_argument("--reading", choices=tuple(READINGS), default=DEFAULT_READING,
                    help=f"soft-gate reading (default {DEFAULT_READING}: chosen by the reading study, README)")
@@ -42,19 +42,49 @@ def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -
     p.add_argument("--soft-renormalize", action="store_true", help="soft-gate: renormalise A*m per row (overriding "
                    "--reading's choice)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of random-topk's fixed subsets")
+    p.add_argument("--block-size", type=int, help="block routings: tokens per block (default: the block gate's "
+                   "own, else 64)")
+    p.add_argument("--block-k", type=_csv(int), default=[4], help="block routings: comma-separated numbers of "
+                   "earlier key blocks kept per query block besides the diagonal (default 4)")
 
 
-def routings_from_args(args, context: int) -> list[Routing]:
+def add_block_gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=int, help="train a block gate instead: tokens per block (e.g. 128); its "
+                   "loss is kl (against each block row's pooled attention mass) or bce (against the oracle blocks)")
+    p.add_argument("--block-k", type=int, default=8, help="block gate: earlier key blocks kept per query block, for "
+                   "the F1 it logs and the bce target (default 8)")
+    p.add_argument("--block-pool", choices=BLOCK_POOLS, default="mean",
+                   help="block gate key pooling: mean, or max-min (SeerAttention's; default mean)")
+
+
+def routings_from_args(args, context: int, block_size: int | None = None) -> list[Routing]:
+    """The routings of --routing x --k (token modes) or x --block-k (block modes). block_size: the default block
+    size when --block-size is not given (a loaded block gate's own)."""
     out = []
+    bs = getattr(args, "block_size", None) or block_size or Routing.block_size
     for mode in args.routing:
-        ks = [Routing.k] if mode == "dense" else args.k
+        block = mode in BLOCK_MODES
+        ks = [Routing.k] if mode == "dense" else args.block_k if block else args.k
         for k in ks:
             reading = READINGS[args.reading]
-            r = Routing(mode=mode, k=k, soft_mask=args.soft_mask or reading["soft_mask"],
+            r = Routing(mode=mode, k=Routing.k if block else k, soft_mask=args.soft_mask or reading["soft_mask"],
                         soft_temperature=args.soft_temperature,
-                        soft_renormalize=args.soft_renormalize or reading["soft_renormalize"], seed=args.random_seed)
+                        soft_renormalize=args.soft_renormalize or reading["soft_renormalize"], seed=args.random_seed,
+                        **(dict(block_size=bs, block_k=k) if block else {}))
             out.append(r.validate(context))
     return out
+
+
+def _gate_block_size(path) -> int | None:
+    """The block size a saved block gate was distilled at (None for token gates)."""
+    if not path:
+        return None
+    folder = Path(path).parent if Path(path).is_file() else Path(path)
+    meta = folder / "gate.json"
+    if not meta.is_file():
+        return None
+    data = json.loads(meta.read_text())
+    return data.get("block_size") if data.get("gate_type") == "block" or "block" in data.get("format", "") else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,16 +157,22 @@ def cmd_eval(args) -> None:
     data = TokenData(data_dir, args.split)
     rows = []
     torch.manual_seed(args.seed)
-    for routing in routings_from_args(args, model.cfg.context):
+    for routing in routings_from_args(args, model.cfg.context, _gate_block_size(args.gate)):
         if routing.needs_gate and not model.gates():
             raise GatelabError(f"--routing {routing.mode} needs a gate: this checkpoint has none; pass --gate GATE")
+        if routing.needs_block_gate and not model.block_gates():
+            raise GatelabError(f"--routing {routing.mode} needs a block gate: this checkpoint has none; pass --gate "
+                               f"GATE (from `gatelab distill --block-size ...`)")
         res = perplexity(model, data, routing, args.batch_size, args.max_tokens, progress=not args.quiet,
                          desc=routing.label())
-        rows.append(dict(routing=routing.mode, k=None if routing.mode == "dense" else routing.k,
+        rows.append(dict(routing=routing.mode, k=None if routing.mode == "dense" else
+                         routing.block_k if routing.is_block else routing.k,
+                         block_size=routing.block_size if routing.is_block else None,
                          label=routing.label(), ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"]))
         if not args.quiet:
             print(f"{routing.label():40s} ppl {res['ppl']:.3f}", file=sys.stderr)
-    print(format_table(rows, ["routing", "k", "ppl", "nll", "tokens"]))
+    block = any(r["block_size"] for r in rows)
+    print(format_table(rows, ["routing", "k"] + (["block_size"] if block else []) + ["ppl", "nll", "tokens"]))
     if args.json:
         write_json(args.json, dict(checkpoint=str(args.checkpoint), gate=args.gate, split=args.split,
                                    data=str(data_dir), device=str(device), results=rows))
@@ -145,9 +181,11 @@ def cmd_eval(args) -> None:
 def cmd_distill(args) -> None:
     from .config import apply_overrides, to_dict, train_config_from_dict
     from .distill import distill_config
+    block = (Routing(mode="block-gate", block_size=args.block_size, block_k=args.block_k)
+             if args.block_size else None)
     cfg = distill_config(args.checkpoint, args.loss, k=args.k, d_gate=args.d_gate, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_control=args.random_control,
-                         data=args.data, reading=args.reading)
+                         data=args.data, reading=args.reading, block=block, block_pool=args.block_pool)
     cfg = train_config_from_dict(apply_overrides(to_dict(cfg), list(args.overrides) +
                                                  (REFERENCE_OVERRIDES if args.reference else []))).validate()
     if args.random_control:  # nothing trains: export the frozen random gate of the same initialisation
@@ -236,8 +274,12 @@ def cmd_hf_eval(args) -> None:
     from .hf import attach_gates, encode_corpus, hf_perplexity, load_pretrained
     from .evaluate import resolve_device
     model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
-    ids = encode_corpus(tok, args.corpus, args.split, args.source)
-    routings = routings_from_args(args, args.context)
+    if args.long_docs:
+        from .blocks_hf import encode_long_documents
+        docs = encode_long_documents(tok, args.context, args.corpus, args.split, args.source)
+    else:
+        ids = encode_corpus(tok, args.corpus, args.split, args.source)
+    routings = routings_from_args(args, args.context, _gate_block_size(args.gate))
     if args.gate:
         from .hf import load_gates
         load_gates(model, args.gate, allow_other_base=args.allow_other_base, position=args.position)
@@ -247,26 +289,52 @@ def cmd_hf_eval(args) -> None:
         attach_gates(model, gate="none")
     rows = []
     for r in routings:
-        res = hf_perplexity(model, ids, r, context=args.context, batch_size=args.batch_size,
-                            max_tokens=args.max_tokens, progress=not args.quiet)
-        rows.append(dict(routing=r.mode, k=None if r.mode == "dense" else r.k, ppl=res["ppl"], nll=res["nll"],
+        if args.long_docs:
+            from .blocks_hf import hf_perplexity_docs
+            res = hf_perplexity_docs(model, docs, r, args.context, batch_size=args.batch_size,
+                                     max_tokens=args.max_tokens, progress=not args.quiet)
+        else:
+            res = hf_perplexity(model, ids, r, context=args.context, batch_size=args.batch_size,
+                                max_tokens=args.max_tokens, progress=not args.quiet)
+        block = r.is_block
+        rows.append(dict(routing=r.mode, k=None if r.mode == "dense" else r.block_k if block else r.k,
+                         block_size=r.block_size if block else None, label=r.label(), ppl=res["ppl"], nll=res["nll"],
                          tokens=res["tokens"]))
-    print(format_table(rows, ["routing", "k", "ppl", "nll", "tokens"]))
+        if not args.quiet:
+            print(f"{r.label():40s} ppl {res['ppl']:.3f}", file=sys.stderr)
+    print(format_table(rows, ["routing", "k", "block_size", "ppl", "nll", "tokens"]))
     if args.json:
-        write_json(args.json, dict(model=str(args.model), gguf=args.gguf, corpus=args.corpus, split=args.split,
-                                   context=args.context, device=str(next(model.parameters()).device), results=rows))
+        import torch
+        dev = next(model.parameters()).device
+        write_json(args.json, dict(model=str(args.model), gguf=args.gguf, gate=args.gate, corpus=args.corpus,
+                                   split=args.split, context=args.context, long_docs=args.long_docs, device=str(dev),
+                                   device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                                   command="gatelab " + " ".join(sys.argv[1:]), results=rows))
 
 
 def cmd_hf_distill(args) -> None:
     from .evaluate import resolve_device
     from .hf import attach_gates, encode_corpus, load_pretrained, set_trainable, train_gates
     model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
-    ids = encode_corpus(tok, args.corpus, "train", args.source)
-    attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed, position=args.position)
+    if args.long_docs:  # the train split's documents longer than the context, concatenated
+        from .blocks_hf import encode_long_documents
+        ids = [t for doc in encode_long_documents(tok, args.context, args.corpus, "train", args.source) for t in doc]
+    else:
+        ids = encode_corpus(tok, args.corpus, "train", args.source)
+    k = args.k
+    if args.block_size:  # block gates, distilled against each layer's pooled attention mass
+        from .blocks_hf import attach_block_gates
+        if args.loss == "task":
+            raise GatelabError("block gates distil with --loss kl or bce")
+        attach_block_gates(model, d_gate=args.d_gate, gate="learned", pool=args.block_pool,
+                           block_size=args.block_size, seed=args.seed)
+        k = args.block_k
+    else:
+        attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed, position=args.position)
     unfrozen = set_trainable(model, layers=args.unfreeze_layers or [])
     print(f"training: {', '.join(unfrozen)} ({args.position} gates)", file=sys.stderr)
     soft = soft_gate_routing(args.reading, args.k)
-    summary = train_gates(model, ids, args.out, loss=args.loss, k=args.k, steps=args.steps, batch_size=args.batch_size,
+    summary = train_gates(model, ids, args.out, loss=args.loss, k=k, steps=args.steps, batch_size=args.batch_size,
                           context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet,
                           soft_routing=soft, eval_every=args.eval_every, patience=args.patience,
                           min_delta=args.min_delta, eval_batches=args.eval_batches, step_f1=not args.no_step_f1)
@@ -405,9 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
-    p.add_argument("--gate", help="gates saved by `gatelab hf-distill` (for gate-topk / soft-gate routings)")
+    p.add_argument("--gate", help="gates saved by `gatelab hf-distill` (token gates for gate-topk / soft-gate, "
+                   "block gates for block-gate / block-soft)")
     p.add_argument("--position", choices=POSITIONS, help="the variant --gate must be (default: the one its "
                    "gate.json records); a gate of another variant is refused")
+    p.add_argument("--long-docs", action="store_true", help="evaluate only documents longer than --context, each "
+                   "in whole --context windows (none crosses a document boundary)")
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
@@ -449,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unfreeze-layers", type=_csv(int), help="layers whose q/k/v/o projections also train "
                    "(the paper's Tables 7-8)")
+    add_block_gate_args(p)
+    p.add_argument("--long-docs", action="store_true", help="train on the documents longer than --context only")
     p.add_argument("--corpus", default="bundled", choices=("bundled", "wikitext-103", "wikitext-2", "text"))
     p.add_argument("--source")
     p.add_argument("--out", required=True)
@@ -514,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"--loss task: the soft-gate reading trained through (default {DEFAULT_READING}, the "
                         f"reading study's choice; README)")
     p.add_argument("--data", help="prepared corpus folder (default: the base checkpoint's)")
+    add_block_gate_args(p)
     p.add_argument("--out", required=True, help="run directory; the gate is written to OUT/gate.{json,safetensors}")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
     p.add_argument("--quiet", action="store_true")

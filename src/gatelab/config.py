@@ -21,6 +21,10 @@ class GatelabError(Exception):
 
 
 ROUTING_MODES = ("dense", "oracle-topk", "gate-topk", "soft-gate", "random-topk", "stochastic")
+# Block routing (blocks.py): key blocks of `block_size` tokens chosen per query block, the diagonal block always kept.
+BLOCK_MODES = ("block-oracle", "block-gate", "block-random", "block-soft")
+ALL_ROUTING_MODES = ROUTING_MODES + BLOCK_MODES
+BLOCK_POOLS = ("mean", "max-min")  # how a block gate pools its keys' inputs (queries are always mean-pooled)
 SOFT_MASKS = ("topk-sigmoid", "sigmoid")
 # The soft-gate readings of SPEC (Routing fields), in the order of the tie-break of the reading study: closest to
 # the paper's words ("element-wise multiplication with sigmoid gate scores (no hard top-k ...)") first.
@@ -51,6 +55,8 @@ class ModelConfig:
     d_gate: int = 32
     gate: str = "none"  # none | learned | random (same init, frozen)
     gate_init_std: float | None = None  # None: 1/sqrt(d_model), so that gate scores start with unit variance
+    block_gate: str = "none"  # a block gate per layer for the block routings: none | learned | random (frozen)
+    block_pool: str = "mean"  # the block gate's key pooling: mean | max-min (SeerAttention's; doubles its key input)
 
     def validate(self) -> "ModelConfig":
         for name in ("n_layer", "d_model", "n_head", "d_mlp", "context", "vocab_size", "d_gate"):
@@ -60,6 +66,10 @@ class ModelConfig:
             raise GatelabError(f"model.d_model ({self.d_model}) is not divisible by model.n_head ({self.n_head})")
         if self.gate not in GATE_KINDS:
             raise GatelabError(f"model.gate must be one of {', '.join(GATE_KINDS)}, got {self.gate!r}")
+        if self.block_gate not in GATE_KINDS:
+            raise GatelabError(f"model.block_gate must be one of {', '.join(GATE_KINDS)}, got {self.block_gate!r}")
+        if self.block_pool not in BLOCK_POOLS:
+            raise GatelabError(f"model.block_pool must be one of {', '.join(BLOCK_POOLS)}, got {self.block_pool!r}")
         return self
 
     @property
@@ -85,27 +95,52 @@ class Routing:
     soft_temperature: float = 1.0
     soft_renormalize: bool = READINGS[DEFAULT_READING]["soft_renormalize"]
     seed: int = 0  # random-topk: which fixed random subsets
+    # block routings (blocks.py): blocks of block_size tokens; each query block keeps its diagonal block plus the
+    # block_k best earlier key blocks (all of them when it has block_k or fewer). block-soft reads soft_* above.
+    block_size: int = 64
+    block_k: int = 4
 
     def validate(self, context: int | None = None) -> "Routing":
-        if self.mode not in ROUTING_MODES:
-            raise GatelabError(f"unknown routing mode {self.mode!r}; choose one of {', '.join(ROUTING_MODES)}")
+        if self.mode not in ALL_ROUTING_MODES:
+            raise GatelabError(f"unknown routing mode {self.mode!r}; choose one of {', '.join(ALL_ROUTING_MODES)}")
         if int(self.k) < 1:
             raise GatelabError(f"routing k must be >= 1, got {self.k}")
-        if context is not None and self.mode != "dense" and self.k > context:
+        if context is not None and self.mode != "dense" and not self.is_block and self.k > context:
             raise GatelabError(f"routing k ({self.k}) is larger than the context ({context})")
         if self.soft_mask not in SOFT_MASKS:
             raise GatelabError(f"soft_mask must be one of {', '.join(SOFT_MASKS)}, got {self.soft_mask!r}")
         if not self.soft_temperature > 0:
             raise GatelabError(f"soft_temperature must be > 0, got {self.soft_temperature}")
+        if self.is_block:
+            if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+                raise GatelabError(f"routing block_size must be an integer >= 1, got {self.block_size!r}")
+            if isinstance(self.block_k, bool) or not isinstance(self.block_k, int) or self.block_k < 1:
+                raise GatelabError(f"routing block_k (key blocks kept besides the diagonal) must be an integer >= 1, "
+                                   f"got {self.block_k!r}")
+            if context is not None and self.block_size > context:
+                raise GatelabError(f"routing block_size ({self.block_size}) is larger than the context ({context})")
         return self
 
     @property
     def needs_gate(self) -> bool:
         return self.mode in ("gate-topk", "soft-gate")
 
+    @property
+    def is_block(self) -> bool:
+        return self.mode in BLOCK_MODES
+
+    @property
+    def needs_block_gate(self) -> bool:
+        return self.mode in ("block-gate", "block-soft")
+
     def label(self) -> str:
         if self.mode == "dense":
             return "dense"
+        if self.is_block:
+            reading = ""
+            if self.mode == "block-soft":
+                reading = f"[{self.soft_mask},t={self.soft_temperature:g}{',renorm' if self.soft_renormalize else ''}]"
+            return f"{self.mode}{reading}@b={self.block_size},k={self.block_k}"
         if self.mode == "soft-gate":
             renorm = ",renorm" if self.soft_renormalize else ""
             return f"soft-gate[{self.soft_mask},t={self.soft_temperature:g}{renorm}]@k={self.k}"
@@ -153,13 +188,18 @@ class TrainConfig:
         self.routing.validate(self.model.context)
         if self.routing.needs_gate and self.model.gate == "none":
             raise GatelabError(f"routing {self.routing.mode} needs a gate: set model.gate=learned or random")
+        if self.routing.needs_block_gate and self.model.block_gate == "none":
+            raise GatelabError(f"routing {self.routing.mode} needs a block gate: set model.block_gate=learned or "
+                               f"random")
         for name in ("steps", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise GatelabError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.objective not in OBJECTIVES:
             raise GatelabError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.objective != "lm" and self.model.gate != "learned":
-            raise GatelabError(f"objective {self.objective} trains a gate: set model.gate=learned")
+        trains_block_gate = self.routing.is_block and self.model.block_gate == "learned"
+        if self.objective != "lm" and self.model.gate != "learned" and not trains_block_gate:
+            raise GatelabError(f"objective {self.objective} trains a gate: set model.gate=learned (or, under a block "
+                               f"routing, model.block_gate=learned)")
         if self.compile not in COMPILE_CHOICES:
             raise GatelabError(f"compile must be one of {', '.join(map(str, COMPILE_CHOICES))}, got {self.compile!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -173,9 +213,15 @@ SPEED_FIELDS = ("compile", "fused_loss", "device", "log_gate_stats")
 
 
 def same_run(a: dict, b: dict) -> bool:
-    """Whether two TrainConfig dicts describe the same run, ignoring SPEED_FIELDS."""
-    strip = lambda d: {k: v for k, v in d.items() if k not in SPEED_FIELDS}  # noqa: E731
-    return strip(a) == strip(b)
+    """Whether two TrainConfig dicts describe the same run, ignoring SPEED_FIELDS. Fields added to the config
+    since a run was written count at their defaults, so older runs still resume and are recognised as finished."""
+    def normal(d: dict) -> dict:
+        try:
+            d = to_dict(_build(TrainConfig, d, ""))
+        except (GatelabError, TypeError):
+            pass
+        return {k: v for k, v in d.items() if k not in SPEED_FIELDS}
+    return normal(a) == normal(b)
 
 
 # ----------------------------------------------------------------------------------------------------------

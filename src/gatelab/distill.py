@@ -99,12 +99,14 @@ def distill_loss(model, x: torch.Tensor, objective: str, k: int) -> tuple[torch.
 
 def distill_config(base_checkpoint: str | Path, loss: str, k: int = 64, d_gate: int = 32, steps: int = 1000,
                    batch_size: int = 16, lr: float = 1e-3, seed: int = 0, random_control: bool = False,
-                   data: str | None = None, overrides: dict | None = None, reading: str | None = None) -> TrainConfig:
+                   data: str | None = None, overrides: dict | None = None, reading: str | None = None,
+                   block: Routing | None = None, block_pool: str = "mean") -> TrainConfig:
     """A TrainConfig that trains fresh gates on the frozen base checkpoint.
 
     loss: kl | bce | task. `random_control` (task only) freezes the gate too: the frozen random gate of the
     same initialisation, evaluated as the control (nothing trains, so steps is 0). reading (task only): the
-    soft-gate reading trained through (config.READINGS; default config.DEFAULT_READING)."""
+    soft-gate reading trained through (config.READINGS; default config.DEFAULT_READING). block: a block routing
+    (block_size, block_k): train a block gate (pooling `block_pool`) against the pooled attention mass instead."""
     from .checkpoint import read_trainer
     found = find_checkpoint(base_checkpoint)
     if found is None:
@@ -121,6 +123,12 @@ def distill_config(base_checkpoint: str | Path, loss: str, k: int = 64, d_gate: 
         raise GatelabError("--reading applies to --loss task (the soft gate the task loss trains through)")
     routing = (soft_gate_routing(reading or DEFAULT_READING, k) if loss == "task"
                else Routing(mode="gate-topk", k=k))
+    if block is not None:
+        if loss == "task" or random_control:
+            raise GatelabError("block gates distil with --loss kl or bce")
+        mcfg.gate, mcfg.block_gate, mcfg.block_pool = "none", "learned", block_pool
+        mcfg.validate()
+        routing = Routing(mode="block-gate", block_size=block.block_size, block_k=block.block_k)
     routing.validate(mcfg.context)
     cfg = TrainConfig(model=mcfg, routing=routing, data=data or trainer["config"]["data"], steps=steps,
                       batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10)),
@@ -179,6 +187,7 @@ def attach_gate(model, gate_path: str | Path, checkpoint: str | Path | None = No
     distilled on another checkpoint needs allow_other_base (the paper's Experiment 3 does it on purpose)."""
     meta, state = read_gate(gate_path)
     cfg = model.cfg
+    is_block_gate = meta.get("format") == "gatelab-block-gate-v1"
     shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model)
     wrong = {k: (meta.get(k), v) for k, v in shape.items() if meta.get(k) != v}
     if wrong:
@@ -194,6 +203,9 @@ def attach_gate(model, gate_path: str | Path, checkpoint: str | Path | None = No
                 raise GatelabError(msg + "; pass --allow-other-base to deploy it anyway (the paper's Experiment 3)")
             print(f"gatelab: WARNING: {msg}; deploying it anyway because --allow-other-base was given",
                   file=sys.stderr)
+    if is_block_gate:  # a block gate (blocks.export_block_gate)
+        from .blocks import attach_block_gate
+        return attach_block_gate(model, meta, state)
     device = next(model.parameters()).device
     for i, block in enumerate(model.blocks):
         gate = BilinearGate(cfg.d_model, cfg.n_head, int(meta["d_gate"]), trainable=False)

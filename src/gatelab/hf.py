@@ -61,15 +61,23 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
     state = module._gatelab
     ctl = state["controller"]
     routing: Routing = ctl.current if ctl.layers is None or state["layer"] in ctl.layers else DENSE
+    if routing.is_block or (ctl.capture is not None and getattr(ctl, "gate_type", "token") == "block"):
+        from .blocks_hf import block_attention  # block routings, and block-gate distillation
+        return block_attention(module, query, key, value, attention_mask, routing, scaling, dropout)
     B, H, T, D = query.shape
     groups = H // key.shape[1]
     key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     S_len = key.shape[2]
     scaling = scaling if scaling is not None else D ** -0.5
+    capture = ctl.capture
+    if routing.mode == "dense" and capture is None:  # SDPA (flash when causal): no T x T weights, so long contexts fit
+        from .blocks_hf import dense_attention
+        allowed = None if attention_mask is None else _allowed_keys(attention_mask, B, T, S_len, query.device)
+        out = dense_attention(query, key, value, allowed, scaling, dropout if module.training else 0.0)
+        return out.transpose(1, 2).contiguous(), None
     allowed = _allowed_keys(attention_mask, B, T, S_len, query.device)
     S = (query @ key.transpose(-1, -2)).float() * scaling
-    capture = ctl.capture
     gate = state.get("gate")
     inputs = (gate_inputs(ctl.position, state["x"], state.get("rope"), query, key)
               if gate is not None and (capture is not None or routing.needs_gate) else None)
@@ -79,6 +87,9 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
     if routing.needs_gate:
         if gate is None:
             raise GatelabError(f"routing {routing.mode} needs gates: attach_gates(..., gate='learned'|'random')")
+        if getattr(gate, "is_block_gate", False):
+            raise GatelabError(f"routing {routing.mode} needs token gates, and these are block gates: use a block "
+                               f"routing (block-gate, block-soft)")
         if T != S_len:
             raise GatelabError("gate routings need the whole key sequence: call the model with use_cache=False")
         G = gate_scores(gate, inputs).float()
@@ -229,6 +240,7 @@ def save_gates(model, out_dir: str | Path, extra: dict | None = None) -> Path:
                                      model_type=cfg.model_type, base_sha256=model_fingerprint(model),
                                      n_layer=len(ctl.gates), n_head=cfg.num_attention_heads,
                                      d_model=cfg.hidden_size, d_gate=ctl.d_gate, position=ctl.position,
+                                     **getattr(ctl, "gate_meta", {}),
                                      **(extra or {})))
     return out / GATE_META
 
@@ -264,7 +276,12 @@ def load_gates(model, path: str | Path, allow_other_base: bool = False,
     if meta.get("base_sha256") != model_fingerprint(model) and not allow_other_base:
         raise GatelabError(f"gate {path} was trained on other weights ({meta.get('base_model')}); "
                            f"pass allow_other_base=True to use it anyway")
-    ctl = attach_gates(model, d_gate=int(meta["d_gate"]), gate="random", position=meta["position"])
+    if meta.get("gate_type") == "block":
+        from .blocks_hf import attach_block_gates
+        ctl = attach_block_gates(model, d_gate=int(meta["d_gate"]), gate="random", pool=meta["block_pool"],
+                                 block_size=int(meta["block_size"]))
+    else:
+        ctl = attach_gates(model, d_gate=int(meta["d_gate"]), gate="random", position=meta["position"])
     try:
         ctl.gates.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in load_file(
             str(folder / GATE_WEIGHTS)).items()})
@@ -379,6 +396,11 @@ def captured_gate_objective(model, x: torch.Tensor, objective: str, k: int,
     gates = model.gatelab.gates
     total, f1s = 0.0, []
     captured = capture_layers(model, x)
+    if getattr(model.gatelab, "gate_type", "token") == "block":  # block gates: against each layer's pooled mass
+        from .blocks import block_gate_objective
+        ctl = model.gatelab
+        return block_gate_objective(((c["mass"], gates[c["layer"]](c["x"], ctl.block_size, c["valid"]).float())
+                                     for c in captured), objective, k)
     for c in captured:
         S, allowed = c["S"], c["allowed"]
         G = gate_scores(gates[c["layer"]], c["inputs"]).float()

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GatelabError, ModelConfig, Routing
+from .blocks import BlockGate, block_routed_attention
 from .routing import BilinearGate, RandomMaskCache, routed_attention
 
 
@@ -25,6 +26,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.gate = (BilinearGate(cfg.d_model, cfg.n_head, cfg.d_gate, cfg.gate_init_std,
                                   trainable=cfg.gate == "learned") if cfg.gate != "none" else None)
+        self.block_gate = (BlockGate(cfg.d_model, cfg.n_head, cfg.d_gate, cfg.block_pool, cfg.gate_init_std,
+                                     trainable=cfg.block_gate == "learned") if cfg.block_gate != "none" else None)
         self.random_masks: RandomMaskCache | None = None  # shared across layers, set by GPT
 
     def qkv_heads(self, x: torch.Tensor):
@@ -35,6 +38,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv_heads(x)
+        if routing.is_block:  # block routings (blocks.py)
+            block_scores = (lambda: self.block_gate(x, routing.block_size)) if self.block_gate is not None else None
+            y = block_routed_attention(q, k, v, routing, gate_scores=block_scores, layer=self.layer)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         gate_scores = (lambda: self.gate(x)) if self.gate is not None else None
         y = routed_attention(q, k, v, routing, gate_scores=gate_scores, layer=self.layer,
                              random_masks=self.random_masks)
@@ -83,6 +90,9 @@ class GPT(nn.Module):
         for b in self.blocks:
             if b.attn.gate is not None:
                 b.attn.gate.reset_parameters()
+        for b in self.blocks:
+            if b.attn.block_gate is not None:
+                b.attn.block_gate.reset_parameters()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -97,8 +107,12 @@ class GPT(nn.Module):
     def gates(self) -> list[BilinearGate]:
         return [b.attn.gate for b in self.blocks if b.attn.gate is not None]
 
+    def block_gates(self) -> list[BlockGate]:
+        return [b.attn.block_gate for b in self.blocks if b.attn.block_gate is not None]
+
     def gate_parameters(self) -> list[nn.Parameter]:
-        return [p for g in self.gates() for p in g.parameters()]
+        """The parameters of every gate, token and block gates alike."""
+        return [p for g in self.gates() + self.block_gates() for p in g.parameters()]
 
     def num_params(self, gates: bool = False) -> int:
         gate_ids = {id(p) for p in self.gate_parameters()}

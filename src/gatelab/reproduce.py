@@ -45,6 +45,13 @@ class Protocol:
     eval_every: int = 500
     task_eval_every: int = 100
     note: str = ""
+    # block routing (issue 14): the block absorption ablation's blocks, kept key blocks, steps (None: `steps`)
+    # and the soft block gate's reading (READINGS)
+    block_size: int = 32
+    block_k: int = 2
+    block_steps: int | None = None
+    block_reading: str = "topk-sigmoid-renorm"
+    block_seeds: int | None = None  # None: `seeds`
 
 
 PROTOCOLS = {
@@ -54,15 +61,17 @@ PROTOCOLS = {
                       note="SPEC's settings on WikiText-103 (run `gatelab prepare --corpus wikitext-103 --source DIR` "
                            "first)."),
     "compact": Protocol("compact", "bundled", "data/prepared/bundled", {}, steps=10_000, batch_size=16, k=64, seeds=3,
-                        distill_steps=1000, task_steps=1000,
+                        distill_steps=1000, task_steps=1000, block_steps=2000,
                         note="The paper's model and batch on the bundled corpus. 10,000 steps: where the dense "
                              "model's validation perplexity bottoms out on this corpus (results/dense-curve/: 99.6 at "
-                             "step 10,000, 101.5 at 12,000), so every run is compared at the dense optimum."),
+                             "step 10,000, 101.5 at 12,000), so every run is compared at the dense optimum. The block "
+                             "ablation (issue 14) trains 2,000 steps, with its own dense baseline of 2,000 steps."),
     "smoke": Protocol("smoke", "bundled", "data/prepared/bundled",
                       dict(n_layer=2, d_model=64, n_head=4, d_mlp=128, context=64, d_gate=8), steps=20, batch_size=4,
                       k=8, seeds=2, distill_steps=10, task_steps=10, topk_ks=(8, 16, 32), eval_tokens=2048,
                       analysis_batches=1, random_mask_seeds=2, lr=2e-3, warmup_steps=2, eval_every=10,
-                      task_eval_every=5, note="A tiny model for minutes on CPU: checks the pipeline, not the science."),
+                      task_eval_every=5, block_size=8, block_k=2, block_seeds=1,
+                      note="A tiny model for minutes on CPU: checks the pipeline, not the science."),
 }
 
 @dataclass
@@ -141,12 +150,15 @@ class Suite(UnitSuite):
         self._build()
 
     # -------------------------------------------------------------------------------------------------------
-    def train_config(self, gate: str, routing: Routing, seed: int = 0) -> TrainConfig:
+    def train_config(self, gate: str, routing: Routing, seed: int = 0, block_gate: str = "none",
+                     steps: int | None = None) -> TrainConfig:
         p = self.p
-        return TrainConfig(model=ModelConfig(**p.model, gate=gate), routing=routing, data=p.data, steps=p.steps,
-                           batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10, warmup_steps=p.warmup_steps,
-                           seed=seed, eval_every=p.eval_every, eval_tokens=p.eval_tokens,
-                           checkpoint_every=max(p.eval_every, p.steps // 8), device=self.device)
+        steps = steps or p.steps
+        return TrainConfig(model=ModelConfig(**p.model, gate=gate, block_gate=block_gate), routing=routing,
+                           data=p.data, steps=steps, batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
+                           warmup_steps=min(p.warmup_steps, max(1, steps // 4)), seed=seed, eval_every=p.eval_every,
+                           eval_tokens=p.eval_tokens, checkpoint_every=max(p.eval_every, steps // 8),
+                           device=self.device)
 
     def add(self, name, experiment, run, needs=(), also=(), **params):
         self.units[name] = Unit(name, experiment, run, list(needs), params, tuple(also))
@@ -186,6 +198,30 @@ class Suite(UnitSuite):
                                              for s in range(p.random_mask_seeds)])
         for kk in p.topk_ks:
             self.add(f"table4-kl-{kk}", "table4", run_distill, needs=["dense"], base="dense", loss="kl", k=kk)
+        self._build_block()
+
+    def _build_block(self) -> None:
+        """Issue 14's block absorption ablation: end-to-end soft block gates, learned vs frozen random (the soft
+        reading p.block_reading), a model trained under the oracle's block selection, dense; and a post-hoc KL
+        block gate on the dense checkpoint beside the oracle and random block selections there."""
+        p = self.p
+        blocks = dict(block_size=p.block_size, block_k=p.block_k)
+        steps = p.block_steps or p.steps
+        soft = replace(soft_gate_routing(p.block_reading, p.k), mode="block-soft", **blocks)
+        hard, oracle, rand = (Routing(mode=m, **blocks) for m in ("block-gate", "block-oracle", "block-random"))
+        base = "dense"
+        if steps != p.steps:  # the ablation's own dense baseline, trained as long as its other runs
+            base = "block-dense"
+            self.add(base, "block", run_train, cfg=self.train_config("none", Routing(), steps=steps), evals=[Routing()])
+        self.add("block-on-dense", "block", run_eval, needs=[base], base=base, evals=[Routing(), oracle, rand])
+        self.add("block-posthoc-kl", "block", run_block_distill, needs=[base], base=base, loss="kl")
+        for seed in range(p.block_seeds or p.seeds):
+            for gate in ("learned", "random"):
+                self.add(f"block-soft-{gate}-s{seed}", "block", run_train,
+                         cfg=self.train_config("none", soft, seed, block_gate=gate, steps=steps),
+                         evals=[soft, hard, Routing()])
+            self.add(f"block-oracle-s{seed}", "block", run_train,
+                     cfg=self.train_config("none", oracle, seed, steps=steps), evals=[oracle, Routing()])
 
     # -------------------------------------------------------------------------------------------------------
     def group(self, unit: Unit) -> str:
@@ -403,7 +439,7 @@ def run_train(suite: Suite, unit: Unit) -> dict:
     return dict(kind="train", config=to_dict(cfg), evals=_evaluate(suite, model, unit.params["evals"]),
                 curve=_curve(run_dir / "metrics.jsonl"), tokens_per_s=_median_tokens_per_s(run_dir / "metrics.jsonl"),
                 max_grad_norm=max((g for _, g in _curve(run_dir / "metrics.jsonl", "grad_norm")), default=None),
-                gate_params_unchanged_from_init=_gates_unchanged(model, cfg) if model.gates() else None,
+                gate_params_unchanged_from_init=_gates_unchanged(model, cfg) if model.gate_parameters() else None,
                 **{k: v for k, v in unit.params.items() if k not in ("cfg", "evals")})
 
 
@@ -452,6 +488,44 @@ def run_distill(suite: Suite, unit: Unit) -> dict:
                 train_f1=_curve(run_dir / "metrics.jsonl", "f1")[-1:] or None)
 
 
+def run_eval(suite: Suite, unit: Unit) -> dict:
+    """Evaluate a trained unit's checkpoint under more routings."""
+    from .checkpoint import load_model
+    from .evaluate import resolve_device
+    model, _ = load_model(suite.checkpoint(unit.params["base"]), device=resolve_device(suite.device))
+    return dict(kind="eval", base=unit.params["base"], evals=_evaluate(suite, model, unit.params["evals"]))
+
+
+def run_block_distill(suite: Suite, unit: Unit) -> dict:
+    """A post-hoc block gate: distil (KL against the pooled attention mass) on the frozen base checkpoint, deploy
+    it as block-gate, and measure its block F1 against the oracle's blocks on validation batches."""
+    from .analyze import validation_batches
+    from .blocks import block_distill_loss
+    from .checkpoint import load_model
+    from .distill import attach_gate, distill_config
+    from .evaluate import resolve_device
+    from .train import train
+    p, prm = suite.p, unit.params
+    block = Routing(mode="block-gate", block_size=p.block_size, block_k=p.block_k)
+    base = suite.checkpoint(prm["base"])
+    cfg = distill_config(base, prm["loss"], k=p.k, d_gate=ModelConfig(**p.model).d_gate, steps=p.distill_steps,
+                         batch_size=p.batch_size, block=block,
+                         overrides=dict(device=suite.device, eval_tokens=p.eval_tokens, eval_every=0))
+    run_dir = suite.runs / unit.name
+    train(cfg, run_dir, progress=suite.progress)
+    for f in ("metrics.jsonl", "done.json", "gate.json"):
+        _copy(run_dir / f, suite.unit_dir(unit.name))
+    device = resolve_device(suite.device)
+    model, _ = load_model(base, device=device)
+    attach_gate(model, run_dir, base)
+    xs, _ = validation_batches(TokenData(p.data, "validation"), model.cfg.context, p.analysis_batches, 8)
+    with torch.no_grad():
+        f1s = [block_distill_loss(model, x.to(device), prm["loss"], block)[1] for x in xs]
+    return dict(kind="block-distill", base=prm["base"], loss=prm["loss"], block_size=p.block_size, block_k=p.block_k,
+                evals=_evaluate(suite, model, [block]), val_f1=sum(f1s) / len(f1s),
+                train_f1=_curve(run_dir / "metrics.jsonl", "f1")[-1:] or None)
+
+
 def run_analyze(suite: Suite, unit: Unit) -> dict:
     from .analyze import analyze, ensure_gate
     from .checkpoint import load_model
@@ -477,11 +551,12 @@ def reproduce(protocol: str, out: str | None = None, runs: str | None = None, on
     if steps is not None:
         if steps < 1:
             raise GatelabError("--steps must be >= 1")
-        p = replace(p, steps=steps, eval_every=min(p.eval_every, steps), warmup_steps=min(p.warmup_steps, steps // 10))
+        p = replace(p, steps=steps, eval_every=min(p.eval_every, steps), warmup_steps=min(p.warmup_steps, steps // 10),
+                    block_steps=None)
     if seeds is not None:
         if seeds < 1:
             raise GatelabError("--seeds must be >= 1")
-        p = replace(p, seeds=seeds)
+        p = replace(p, seeds=seeds, block_seeds=None)
     if p.corpus == "bundled":
         prepare("bundled", p.data, progress=progress)
     elif not (Path(p.data) / "meta.json").is_file():

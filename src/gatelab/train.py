@@ -56,9 +56,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
         base = find_checkpoint(cfg.init_from)
         if base is None:
             raise GatelabError(f"init_from: {cfg.init_from} is not a gatelab checkpoint")
-        state = {k: v for k, v in load_state(base).items() if ".gate." not in k}
+        is_gate = lambda k: ".gate." in k or ".block_gate." in k  # noqa: E731
+        state = {k: v for k, v in load_state(base).items() if not is_gate(k)}
         load_weights(model, state, str(base), strict=False)
-        missing = [k for k in model.state_dict() if k not in state and ".gate." not in k]
+        missing = [k for k in model.state_dict() if k not in state and not is_gate(k)]
         if missing:
             raise GatelabError(f"{base} was made for another model config (missing: {', '.join(missing[:3])})")
     if cfg.freeze_model:
@@ -97,6 +98,10 @@ class TrainingObjective(torch.nn.Module):
         cfg = self.cfg
         if cfg.objective == "lm":
             return self.model(x, y, routing=cfg.routing, fused_loss=cfg.fused_loss)[1], {}
+        if cfg.routing.is_block:  # a post-hoc block gate
+            from .blocks import block_distill_loss
+            loss, f1 = block_distill_loss(self.model, x, cfg.objective, cfg.routing)
+            return loss, dict(f1=f1)
         from .distill import distill_loss
         loss, f1 = distill_loss(self.model, x, cfg.objective, cfg.routing.k)
         return loss, dict(f1=f1)
@@ -108,7 +113,7 @@ def wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # trainable gates that the routing never reads (hard top-k under the LM loss) get no gradient
-        unused = cfg.objective == "lm" and cfg.routing.mode != "soft-gate" and any(
+        unused = cfg.objective == "lm" and cfg.routing.mode not in ("soft-gate", "block-soft") and any(
             p.requires_grad for p in model.gate_parameters())
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                         find_unused_parameters=unused)
@@ -274,6 +279,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
     if cfg.freeze_model and model.gates():
         from .distill import export_gate
         export_gate(model, cfg, out)
+        summary["gate"] = str(out / "gate.json")
+    elif cfg.freeze_model and model.block_gates():
+        from .blocks import export_block_gate
+        export_block_gate(model, cfg, out)
         summary["gate"] = str(out / "gate.json")
     write_json(done, summary)
     ctx.barrier()

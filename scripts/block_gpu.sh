@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 14's GPU measurements, each step one device call of a few minutes (outputs under $OUT, which the device
+# tool brings back; copy them into the repository as each step says).
+#
+#   bash scripts/block_gpu.sh bench      # attention + end-to-end prefill speed, SmolLM2-135M-shaped random weights
+#                                        #   -> $OUT/benchmarks/results/block-<gpu>.{json,md}   (copy to benchmarks/results/)
+#   bash scripts/block_gpu.sh smollm2    # after scripts/carry_smollm2.sh's two calls (model in /tmp/smollm2): distil a
+#                                        #   block gate at 8K, evaluate dense / oracle / gate / random blocks at 8K
+#                                        #   -> $OUT/block/  (copy to results/block/)
+#   bash scripts/block_gpu.sh ablation [SEEDS]   # the block absorption ablation on the 31M GPT (compact protocol,
+#                                        #   2,000 steps; SEEDS 1 by default, the protocol's 3 with SEEDS=3; GPUS=N runs
+#                                        #   units concurrently on N GPUs) -> $OUT/compact/units/block-*  (copy them to
+#                                        #   results/compact/units/, then `gatelab report --protocol compact` here)
+#
+# Every step is bounded: bench by --budget-minutes, the others by their step counts; each writes what it finished.
+set -euo pipefail
+OUT=${OUT:?set by the device tool}
+export PYTHONPATH=/tmp/site:${PWD}/src:${PYTHONPATH:-}
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+case "${1:-}" in
+  bench)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+    python benchmarks/bench_block.py --budget-minutes "${BUDGET:-4}" --out "$OUT/benchmarks/results";;
+  smollm2)
+    mkdir -p "$OUT/block"
+    python - <<'EOF' | tee "$OUT/block/model-context.txt"
+from gatelab.hf import load_pretrained
+m, _ = load_pretrained("/tmp/smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+print("max_position_embeddings", m.config.max_position_embeddings)
+EOF
+    python -m gatelab hf-distill --model /tmp/smollm2 --gguf "$GGUF" --block-size 128 --block-k 8 --context 8192 \
+      --batch-size 1 --steps "${STEPS:-300}" --lr 1e-3 --long-docs --out "$OUT/block/smollm2-gates-b128" --quiet \
+      2>&1 | tail -3
+    # block_k 3 / 8 / 18 of 64 blocks skip 88.0% / 74.0% / 49.8% of the causal block tiles at 8,192 tokens
+    python -m gatelab hf-eval --model /tmp/smollm2 --gguf "$GGUF" --gate "$OUT/block/smollm2-gates-b128" \
+      --routing dense,block-gate,block-oracle,block-random --block-k 3,8,18 --context 8192 --batch-size 1 \
+      --split test --long-docs --json "$OUT/block/smollm2-eval-8k.json" --quiet | tee "$OUT/block/smollm2-eval-8k.md";;
+  ablation)
+    status=0
+    python -m gatelab reproduce --protocol compact --only block --seeds "${2:-1}" ${GPUS:+--gpus "$GPUS"} \
+      --runs /tmp/runs-compact --no-report --quiet > "$OUT/ablation.log" 2>&1 || status=$?
+    tail -20 "$OUT/ablation.log"
+    mkdir -p "$OUT/compact/units" && cp -r results/compact/units/block-* "$OUT/compact/units/" 2>/dev/null || true
+    [ -d /tmp/runs-compact/logs ] && cp -r /tmp/runs-compact/logs "$OUT/compact/" || true
+    exit $status;;
+  *) echo "usage: $0 bench|smollm2|ablation [SEEDS]" >&2; exit 2;;
+esac

@@ -1,0 +1,431 @@
+"""Block routing: key blocks chosen per query block, and a block-sparse attention path that skips their work.
+
+The sequence is cut into blocks of `block_size` tokens (the last one may be shorter). Each query block i keeps
+its diagonal block (causal inside it) and the `block_k` best *earlier* key blocks j < i, by a score per
+(query block, key block) and head; a query block with block_k or fewer earlier blocks keeps all of them.
+
+Scores per routing mode:
+  block-oracle  the true pooled attention mass: for each query block, the mean over its queries of the dense
+                attention weight that falls in each key block (computed in query chunks, never all T x T at once)
+  block-gate    a block gate (BlockGate): G = pool_q(X) W_gq (pool_k(X) W_gk)^T / sqrt(d_gate), X the normed input
+                of Q/K/V, queries mean-pooled per block, keys mean-pooled or max- and min-pooled and concatenated
+                (SeerAttention pools keys by max and min); a hard top-k, so no gradient reaches the gate
+  block-random  a fixed hash of (seed, layer, head, query block, key block): independent of the sequence length
+                (a longer sequence keeps the same choices for the blocks it shares with a shorter one)
+  block-soft    the soft block gate for end-to-end training: attention reweighted by a sigmoid mask of the block
+                gate's scores, the reading given by Routing.soft_* exactly as for the token soft gate
+                (routing.soft_gate_mask over the earlier blocks with k = block_k), the diagonal block weight 1
+
+Selection reuses routing.topk_keep_mask (the token routings' keep-mask from top-k over scores) over the strictly
+earlier blocks. Attention over the kept blocks runs through one of two paths with the same result:
+  flex    torch.nn.attention.flex_attention with a BlockMask built from the block selection: the chosen earlier
+          blocks are "full" blocks (no mask evaluated), the diagonal the only "partial" block; no T x T tensor.
+          Compiled (torch.compile); used on CUDA when T is a multiple of block_size and block_size a multiple of
+          128 (the H100 kernels' default tiles), since that is where it skips work.
+  masked  the selection expanded to a token mask (B, H, T, T), then scaled_dot_product_attention: the CPU path,
+          and the GPU path for other block sizes; no speed-up, same result to float rounding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GatelabError, Routing
+from .routing import soft_gate_mask, topk_keep_mask
+
+BACKENDS = ("auto", "flex", "masked")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the block gate
+
+def n_blocks(T: int, block_size: int) -> int:
+    return -(-T // block_size)
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, how: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, C) -> (B, nb, C) per block of block_size tokens: mean, max or min over the block's tokens (the
+    last block may be shorter; only its real tokens count). valid: optional (B|1, T) bool, the tokens to pool
+    (e.g. not padding); a block with none pools to 0."""
+    B, T, C = x.shape
+    nb = n_blocks(T, block_size)
+    pad = nb * block_size - T
+    ok = torch.ones(1, T, dtype=torch.bool, device=x.device) if valid is None else valid
+    ok = F.pad(ok.expand(B, T), (0, pad), value=False).view(B, nb, block_size, 1)
+    xs = F.pad(x, (0, 0, 0, pad)).view(B, nb, block_size, C)
+    if how == "mean":
+        return (xs * ok).sum(2) / ok.sum(2).clamp_min(1).to(x.dtype)
+    fill = float("-inf") if how == "max" else float("inf")
+    pooled = xs.masked_fill(~ok, fill)
+    pooled = pooled.amax(2) if how == "max" else pooled.amin(2)
+    return pooled.masked_fill(~ok.any(2), 0.0)
+
+
+class BlockGate(nn.Module):
+    """A bilinear gate over blocks, per head: G[h] = (pool_q(X) W_gq[h]) (pool_k(X) W_gk[h])^T / sqrt(d_gate).
+
+    pool "mean": queries and keys mean-pooled; "max-min": queries mean-pooled, keys max-pooled and min-pooled
+    and concatenated (SeerAttention's key pooling), so W_gk reads 2 d_model features. A "random" block gate is
+    the same module, frozen. Initialised N(0, 1/fan_in) like the token gate.
+    """
+
+    is_block_gate = True
+
+    def __init__(self, d_model: int, n_head: int, d_gate: int, pool: str = "mean", init_std: float | None = None,
+                 trainable: bool = True):
+        super().__init__()
+        if pool not in ("mean", "max-min"):
+            raise GatelabError(f"block gate pooling must be mean or max-min, got {pool!r}")
+        self.d_gate, self.pool, self.init_std = d_gate, pool, init_std
+        k_in = d_model * (2 if pool == "max-min" else 1)
+        self.wq = nn.Parameter(torch.empty(n_head, d_model, d_gate), requires_grad=trainable)
+        self.wk = nn.Parameter(torch.empty(n_head, k_in, d_gate), requires_grad=trainable)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.wq, std=self.init_std or 1.0 / math.sqrt(self.wq.shape[1]))
+        nn.init.normal_(self.wk, std=self.init_std or 1.0 / math.sqrt(self.wk.shape[1]))
+
+    def forward(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C) -> block scores (B, H, nb, nb), not yet causally masked. valid: (B|1, T) bool, the tokens
+        pooled (padding excluded); None: all."""
+        xq = pool_blocks(x, block_size, "mean", valid)
+        if self.pool == "mean":
+            xk = xq
+        else:
+            xk = torch.cat([pool_blocks(x, block_size, "max", valid), pool_blocks(x, block_size, "min", valid)], -1)
+        gq = torch.einsum("bnc,hcd->bhnd", xq, self.wq.to(x.dtype))
+        gk = torch.einsum("bnc,hcd->bhnd", xk, self.wk.to(x.dtype))
+        return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# block scores and selection
+
+def earlier_blocks(nb: int, device) -> torch.Tensor:
+    """(nb, nb) bool, True where key block j < query block i: the blocks a query block chooses among."""
+    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril(-1)
+
+
+def select_blocks(scores: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Keep-mask (..., nb, nb) over blocks: each query block's diagonal block and its block_k highest-scoring
+    earlier blocks (all of them when it has block_k or fewer). scores: (..., nb, nb), e.g. (B, H, nb, nb)."""
+    nb = scores.shape[-1]
+    earlier = earlier_blocks(nb, scores.device)
+    keep = topk_keep_mask(scores, min(block_k, nb), earlier)
+    return keep | torch.eye(nb, dtype=torch.bool, device=scores.device)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash on int64 tensors holding 32-bit values (xor-shift and multiply rounds)."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def block_random_scores(layer: int, n_head: int, nb: int, seed: int, device) -> torch.Tensor:
+    """(1, H, nb, nb) uniform scores in [0, 1), a hash of (seed, layer, head, query block, key block): the same on
+    every device and for every sequence length, so block-random's choice for a query block never depends on T."""
+    idx = lambda n: torch.arange(n, dtype=torch.int64, device=device)  # noqa: E731
+    x = _mix32(torch.full((1,), (seed * 1_000_003 + layer) & 0xFFFFFFFF, dtype=torch.int64, device=device))
+    x = _mix32(x ^ idx(n_head)[:, None, None])
+    x = _mix32(x ^ (idx(nb)[None, :, None] * 0x9E3779B1 & 0xFFFFFFFF))
+    x = _mix32(x ^ (idx(nb)[None, None, :] * 0x85EBCA77 & 0xFFFFFFFF))
+    return (x.float() / 2 ** 32)[None]
+
+
+def _repeat_kv(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    return t if t.shape[1] == n_head else t.repeat_interleave(n_head // t.shape[1], dim=1)
+
+
+def token_causal(T: int, S: int, device) -> torch.Tensor:
+    """(T, S) bool: query i (the last T of S positions) sees key j <= i."""
+    return torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + (S - T)
+
+
+@torch.no_grad()
+def block_attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, allowed: torch.Tensor | None = None,
+                         scale: float | None = None, chunk_elements: int = 1 << 27) -> torch.Tensor:
+    """The pooled attention mass (B, H, nb, nb), float32: entry (i, j) is the mean over query block i's queries of
+    the dense attention weight on key block j. Rows sum to 1 (0 for fully masked queries). q (B, H, T, D), k
+    (B, Hk, T, D) (grouped-query attention: Hk divides H); allowed: None (causal) or a bool mask (B|1, 1|H, T, T).
+    Computed in chunks of whole query blocks of about chunk_elements attention weights each."""
+    B, H, T, D = q.shape
+    k = _repeat_kv(k, H)
+    S = k.shape[2]
+    scale = scale if scale is not None else D ** -0.5
+    nb, nbk = n_blocks(T, block_size), n_blocks(S, block_size)
+    rows = max(block_size, (chunk_elements // max(1, B * H * S)) // block_size * block_size)
+    out = torch.zeros(B, H, nb, nbk, dtype=torch.float32, device=q.device)
+    causal = token_causal(T, S, q.device)
+    for s in range(0, T, rows):
+        e = min(T, s + rows)
+        logits = (q[:, :, s:e] @ k.transpose(-1, -2)).float() * scale
+        ok = causal[s:e] if allowed is None else causal[s:e] & allowed[..., s:e, :]
+        A = torch.softmax(logits.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)
+        A = F.pad(A, (0, nbk * block_size - S)).view(B, H, e - s, nbk, block_size).sum(-1)
+        nq = n_blocks(e - s, block_size)
+        A = F.pad(A, (0, 0, 0, nq * block_size - (e - s))).view(B, H, nq, block_size, nbk).sum(3)
+        out[:, :, s // block_size:s // block_size + nq] = A
+    count = torch.full((nb, 1), float(block_size), device=q.device)
+    count[-1] = T - (nb - 1) * block_size
+    return out / count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention over the kept blocks
+
+_FLEX = None
+
+
+def has_flex() -> bool:
+    """Whether this torch has flex_attention (2.5 and later)."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compiled_flex():
+    """torch.compile(flex_attention), built once. Eager flex_attention ignores a BlockMask's block lists (it
+    evaluates the mask_mod everywhere), so our mask_mod also encodes the selection: correct either way."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def build_block_mask(keep: torch.Tensor, block_size: int, T: int):
+    """A flex_attention BlockMask for a block keep-mask (Bs, H, nb, nb) (Bs = batch or 1), T = nb * block_size:
+    the kept earlier blocks are full blocks (no mask_mod evaluated there), the diagonal the one partial block,
+    with a causal mask_mod. Built from the (nb x nb) selection alone: no T x T tensor."""
+    from torch.nn.attention.flex_attention import BlockMask
+    Bs, H, nb, _ = keep.shape
+    if nb * block_size != T:
+        raise GatelabError(f"the flex path needs the sequence length ({T}) to be a multiple of block_size "
+                           f"({block_size})")
+    eye = torch.eye(nb, dtype=torch.bool, device=keep.device)
+    full = keep & ~eye
+    full_num = full.sum(-1, dtype=torch.int32)
+    full_idx = torch.argsort(full.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+    diag_num = torch.ones(Bs, H, nb, dtype=torch.int32, device=keep.device)
+    diag_idx = torch.argsort(eye.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+    diag_idx = diag_idx.expand(Bs, H, nb, nb).contiguous()
+    keep = keep.contiguous()
+    if Bs == 1:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & keep[0, h, q_idx // block_size, kv_idx // block_size]
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & keep[b, h, q_idx // block_size, kv_idx // block_size]
+    return BlockMask.from_kv_blocks(diag_num, diag_idx, full_num, full_idx.contiguous(), BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(T, T))
+
+
+def token_keep(keep: torch.Tensor, block_size: int, T: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The block keep-mask expanded to a token mask (Bs, H, T, T), causal (and within `allowed`)."""
+    blk = torch.arange(T, device=keep.device) // block_size
+    tok = keep[:, :, blk][:, :, :, blk] & token_causal(T, T, keep.device)
+    return tok if allowed is None else tok & allowed
+
+
+def resolve_backend(backend: str, q: torch.Tensor, block_size: int, allowed) -> str:
+    if backend not in BACKENDS:
+        raise GatelabError(f"block attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    T = q.shape[2]
+    if backend == "auto":
+        fits = allowed is None and T % block_size == 0 and block_size % 128 == 0
+        return "flex" if q.is_cuda and fits and has_flex() else "masked"
+    if backend == "flex":
+        if allowed is not None:
+            raise GatelabError("the flex block path takes plain causal attention (no padding or window mask)")
+        if T % block_size:
+            raise GatelabError(f"the flex block path needs the sequence length ({T}) to be a multiple of "
+                               f"block_size ({block_size})")
+    return backend
+
+
+def block_sparse_attention(q, k, v, keep: torch.Tensor, block_size: int, allowed: torch.Tensor | None = None,
+                           scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) over k, v (B, Hk, T, D) restricted to the kept blocks (keep: (B|1, H, nb,
+    nb) bool, diagonal included), through flex_attention (work skipped) or a token mask (same result)."""
+    H, T = q.shape[1], q.shape[2]
+    path = resolve_backend(backend, q, block_size, allowed)
+    gqa = k.shape[1] != H
+    if path == "flex":
+        if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise GatelabError("flex_attention has no backward pass on CPU: use the masked block path there")
+        return compiled_flex()(q, k, v, block_mask=build_block_mask(keep, block_size, T), scale=scale,
+                               enable_gqa=gqa)
+    mask = token_keep(keep, block_size, T, allowed)
+    out = F.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H), attn_mask=mask, scale=scale)
+    return out if allowed is None else out.nan_to_num(0.0)  # queries with no allowed key (padding) give 0
+
+
+def soft_block_attention(q, k, v, G: torch.Tensor, routing: Routing, allowed: torch.Tensor | None = None,
+                         scale: float | None = None) -> torch.Tensor:
+    """The soft block gate: token weights from the block mask m of G (B, H, nb, nb) under the routing's soft
+    reading (soft_gate_mask with k = block_k over the earlier blocks; diagonal m = 1). Renormalised:
+    softmax(S + log m); otherwise softmax(S) * m. Gradients reach G."""
+    B, H, T, D = q.shape
+    nb = G.shape[-1]
+    earlier = earlier_blocks(nb, q.device)
+    log_m = soft_gate_mask(G.float(), replace(routing, mode="soft-gate", k=routing.block_k), earlier, log=True)
+    log_m = log_m.masked_fill(torch.eye(nb, dtype=torch.bool, device=q.device), 0.0)
+    blk = torch.arange(T, device=q.device) // routing.block_size
+    ok = token_causal(T, T, q.device) if allowed is None else token_causal(T, T, q.device) & allowed
+    bias = log_m[:, :, blk][:, :, :, blk].masked_fill(~ok, float("-inf"))
+    k, v = _repeat_kv(k, H), _repeat_kv(v, H)
+    if routing.soft_renormalize:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+        return out.nan_to_num(0.0) if allowed is not None else out
+    scale = scale if scale is not None else D ** -0.5
+    S = (q @ k.transpose(-1, -2)).float() * scale
+    A = torch.softmax(S.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (A * bias.exp()).to(v.dtype) @ v
+
+
+def block_routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int = 0,
+                           allowed: torch.Tensor | None = None, scale: float | None = None,
+                           backend: str = "auto") -> torch.Tensor:
+    """Causal attention under a block routing. q (B, H, T, D); k, v (B, Hk, T, D), Hk dividing H; gate_scores: a
+    callable returning the block gate's scores (B, H, nb, nb) (block-gate, block-soft); allowed: None (causal) or
+    the model's own bool mask (B|1, 1|H, T, T) (padding, sliding windows); scale: None = 1/sqrt(D)."""
+    if not routing.is_block:
+        raise GatelabError(f"routing mode {routing.mode!r} is not a block routing")
+    T = q.shape[2]
+    if k.shape[2] != T:
+        raise GatelabError("block routings need the whole key sequence: call the model with use_cache=False")
+    if routing.needs_block_gate and gate_scores is None:
+        raise GatelabError(f"routing {routing.mode} needs a block gate, and this model has none (build the model "
+                           f"with model.block_gate=learned|random, or load one with --gate)")
+    if routing.mode == "block-soft":
+        return soft_block_attention(q, k, v, gate_scores(), routing, allowed, scale)
+    if routing.mode == "block-oracle":
+        scores = block_attention_mass(q.detach(), k.detach(), routing.block_size, allowed, scale)
+    elif routing.mode == "block-gate":
+        scores = gate_scores()
+    else:
+        scores = block_random_scores(layer, q.shape[1], n_blocks(T, routing.block_size), routing.seed, q.device)
+    keep = select_blocks(scores.detach(), routing.block_k)
+    return block_sparse_attention(q, k, v, keep, routing.block_size, allowed, scale, backend)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# post-hoc block gates: the objective, and F1 against the oracle blocks
+
+def block_kl(mass: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Mean over query blocks with at least two earlier blocks of KL(P || softmax(G)), both over the earlier
+    blocks only, P the pooled attention mass renormalised over them (the diagonal block is always kept, so the
+    gate only has to rank the earlier ones)."""
+    nb = G.shape[-1]
+    earlier = earlier_blocks(nb, G.device)
+    rows = earlier.sum(-1) >= 2
+    if not bool(rows.any()):
+        return G.sum() * 0.0
+    P = mass.masked_fill(~earlier, 0.0)
+    P = P / P.sum(-1, keepdim=True).clamp_min(1e-30)
+    log_q = torch.log_softmax(G.masked_fill(~earlier, float("-inf")), dim=-1)
+    terms = torch.where(earlier & (P > 0), P * (P.clamp_min(1e-30).log() - log_q), torch.zeros((), device=G.device))
+    return terms.sum(-1)[..., rows].mean()
+
+
+def block_bce(mass: torch.Tensor, G: torch.Tensor, block_k: int) -> torch.Tensor:
+    """BCE of G as logits against the oracle's block top-k (earlier blocks only)."""
+    nb = G.shape[-1]
+    earlier = earlier_blocks(nb, G.device)
+    if not bool(earlier.any()):
+        return G.sum() * 0.0
+    target = topk_keep_mask(mass, min(block_k, nb), earlier).float()
+    full = earlier.expand_as(G)
+    return F.binary_cross_entropy_with_logits(G[full], target.expand_as(G)[full])
+
+
+def block_f1(mass: torch.Tensor, G: torch.Tensor, block_k: int) -> float:
+    """|TopK(G) n TopK(mass)| / block_k over earlier blocks, averaged over query blocks with more than block_k
+    earlier blocks (NaN when there is none)."""
+    nb = G.shape[-1]
+    if nb - 1 <= block_k:
+        return float("nan")
+    earlier = earlier_blocks(nb, G.device)
+    both = topk_keep_mask(mass, block_k, earlier) & topk_keep_mask(G.detach(), block_k, earlier)
+    return float((both[..., block_k + 1:, :].sum(-1).float() / block_k).mean())
+
+
+def block_gate_objective(layers, objective: str, block_k: int) -> tuple[torch.Tensor, float]:
+    """The kl or bce objective and the block F1 at block_k, averaged over layers; `layers` yields (mass, G)."""
+    if objective not in ("kl", "bce"):
+        raise GatelabError(f"block gates distil with loss kl or bce, got {objective!r}")
+    total, f1s = 0.0, []
+    for mass, G in layers:
+        total = total + (block_kl(mass, G) if objective == "kl" else block_bce(mass, G, block_k))
+        f1s.append(block_f1(mass, G, block_k))
+    return total / len(f1s), sum(f1s) / len(f1s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# post-hoc block gates on gatelab's GPT: distillation loss, export, attach
+
+def block_distill_loss(model, x: torch.Tensor, objective: str, routing: Routing) -> tuple[torch.Tensor, float]:
+    """The kl or bce objective of the GPT's block gates on batch x (dense forward, no gradient to the model)
+    against each layer's pooled attention mass at routing.block_size, and their block F1 at routing.block_k."""
+    from .distill import layer_inputs
+
+    def layers():
+        for block, xn in zip(model.blocks, layer_inputs(model, x)):
+            with torch.no_grad():
+                q, k, _ = block.attn.qkv_heads(xn)
+                mass = block_attention_mass(q, k, routing.block_size)
+            yield mass, block.attn.block_gate(xn, routing.block_size).float()
+    return block_gate_objective(layers(), objective, routing.block_k)
+
+
+BLOCK_GATE_FORMAT = "gatelab-block-gate-v1"
+
+
+def export_block_gate(model, cfg, out_dir):
+    """Write the GPT's block gates alone: OUT/gate.safetensors + OUT/gate.json (format gatelab-block-gate-v1:
+    base checkpoint and its sha256, shape, d_gate, pooling, the block size and k it was distilled at)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import MODEL_FILE, find_checkpoint
+    from .config import to_dict, write_json
+    from .data import sha256_file
+    from .distill import GATE_META, GATE_WEIGHTS
+    out = Path(out_dir)
+    state = {f"blocks.{i}.{name}": p.detach().cpu().contiguous()
+             for i, b in enumerate(model.blocks) for name, p in (("wq", b.attn.block_gate.wq),
+                                                                  ("wk", b.attn.block_gate.wk))}
+    base = find_checkpoint(cfg.init_from) if cfg.init_from else None
+    meta = dict(format=BLOCK_GATE_FORMAT, base_checkpoint=str(cfg.init_from) if cfg.init_from else None,
+                base_sha256=sha256_file(base / MODEL_FILE) if base else None, n_layer=model.cfg.n_layer,
+                n_head=model.cfg.n_head, d_model=model.cfg.d_model, d_gate=model.cfg.d_gate,
+                block_pool=model.cfg.block_pool, block_size=cfg.routing.block_size, block_k=cfg.routing.block_k,
+                loss=cfg.objective, steps=cfg.steps, seed=cfg.seed, routing=to_dict(cfg.routing))
+    tmp = out / (GATE_WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / GATE_WEIGHTS)
+    write_json(out / GATE_META, meta)
+    return out / GATE_META
+
+
+def attach_block_gate(model, meta: dict, state: dict) -> dict:
+    """Give every layer of the GPT the saved block gate (frozen); the checks of distill.attach_gate ran already."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    for i, block in enumerate(model.blocks):
+        gate = BlockGate(cfg.d_model, cfg.n_head, int(meta["d_gate"]), meta.get("block_pool", "mean"),
+                         trainable=False)
+        gate.wq.data.copy_(state[f"blocks.{i}.wq"])
+        gate.wk.data.copy_(state[f"blocks.{i}.wk"])
+        block.attn.block_gate = gate.to(device)
+    cfg.block_gate, cfg.block_pool = "random", meta.get("block_pool", "mean")
+    return meta
