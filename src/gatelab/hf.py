@@ -87,7 +87,7 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
     else:
         keep = allowed if mode == "dense" else hard_topk_keep(
             routing, allowed, logits=lambda: S, gate_scores=lambda: G, layer=state["layer"], shape=(B, H, T, S_len),
-            device=query.device)
+            device=query.device, random_cache=state.setdefault("random_keep", {}))
         weights = torch.softmax(S.masked_fill(~keep, float("-inf")), dim=-1)
     weights = torch.nan_to_num(weights, nan=0.0)  # rows with no allowed key (fully padded queries)
     if dropout and module.training:
