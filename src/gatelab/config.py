@@ -258,16 +258,29 @@ def train_config_from_dict(data: dict) -> TrainConfig:
 # ----------------------------------------------------------------------------------------------------------
 # atomic output
 
+def follow_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file (or folder) made by tempfile, which creates them private (0600 / 0700), the mode an ordinary
+    open() or mkdir() would have given it under the process's umask (usually 0644 / 0755)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename (with the mode the
+    umask gives new files, not tempfile's private 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        follow_umask(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise GatelabError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import GatelabError, Routing, write_json
+from .config import GatelabError, Routing, follow_umask, write_json
 from .routing import BilinearGate, hard_topk_keep, soft_gate_mask
 
 ATTN_NAME = "gatelab"
@@ -207,6 +207,7 @@ def save_gates(model, out_dir: str | Path, extra: dict | None = None) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in ctl.gates.state_dict().items()}
     tmp = out / (GATE_WEIGHTS + ".tmp")
     save_file(state, str(tmp))
+    follow_umask(tmp)  # safetensors creates its files 0600
     tmp.replace(out / GATE_WEIGHTS)
     cfg = model.config
     write_json(out / GATE_META, dict(format="gatelab-hf-gate-v1", base_model=getattr(cfg, "_name_or_path", ""),
