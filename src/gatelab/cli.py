@@ -70,8 +70,12 @@ def cmd_info(args) -> None:
 def cmd_prepare(args) -> None:
     from .data import prepare
     out = args.out or f"data/prepared/{args.corpus}"
-    meta = prepare(args.corpus, out, source=args.source, force=args.force, progress=not args.quiet)
-    print(f"prepared {args.corpus} in {out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in meta["tokens"].items()))
+    meta = prepare(args.corpus, out, source=args.source, context=args.context, force=args.force,
+                   progress=not args.quiet)
+    cut = " (cut by tokens: too few or too long documents to split by document)" if meta.get("split_by") == \
+        "tokens" else ""
+    print(f"prepared {args.corpus} in {out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in meta["tokens"].items())
+          + cut)
 
 
 def cmd_train(args) -> None:
@@ -228,7 +232,7 @@ def cmd_hf_eval(args) -> None:
     from .hf import attach_gates, encode_corpus, hf_perplexity, load_pretrained
     from .evaluate import resolve_device
     model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
-    ids = encode_corpus(tok, args.corpus, args.split, args.source)
+    ids = encode_corpus(tok, args.corpus, args.split, args.source, context=args.context)
     routings = routings_from_args(args, args.context)
     if args.gate:
         from .hf import load_gates
@@ -251,7 +255,7 @@ def cmd_hf_distill(args) -> None:
     from .evaluate import resolve_device
     from .hf import attach_gates, encode_corpus, load_pretrained, set_trainable, train_gates
     model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
-    ids = encode_corpus(tok, args.corpus, "train", args.source)
+    ids = encode_corpus(tok, args.corpus, "train", args.source, context=args.context)
     attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed)
     unfrozen = set_trainable(model, layers=args.unfreeze_layers or [])
     print(f"training: {', '.join(unfrozen)}", file=sys.stderr)
@@ -328,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="bundled", choices=("bundled", "wikitext-103", "wikitext-2", "text"))
     p.add_argument("--source", help="wikitext: folder with wiki.{train,valid,test}.raw; text: a file or folder")
     p.add_argument("--out", help="output folder (default data/prepared/CORPUS)")
+    p.add_argument("--context", type=int, default=512,
+                   help="the model context you will train with (default 512, the model's default): the train split "
+                        "must hold one window of context+1 tokens and validation and test 2 tokens each; a text "
+                        "corpus whose documents are too few or too long to split 98/1/1 with a full window in every "
+                        "split is cut by tokens instead")
     p.add_argument("--force", action="store_true", help="tokenise again even if the output is current")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)

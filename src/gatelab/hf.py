@@ -265,14 +265,21 @@ def load_pretrained(path: str | Path, gguf_file: str | None = None, dtype=torch.
     return model.to(device).eval(), tok
 
 
-def encode_corpus(tokenizer, corpus: str = "bundled", split: str = "validation", source: str | None = None) -> list:
-    """A corpus split tokenised with the model's own tokenizer, documents separated by its EOS token."""
-    from .data import corpus_documents
+def encode_corpus(tokenizer, corpus: str = "bundled", split: str = "validation", source: str | None = None,
+                  context: int = 512) -> list:
+    """A corpus split tokenised with the model's own tokenizer, documents separated by its EOS token. A text
+    corpus is split as `gatelab prepare` splits it for `context` (by document, or by tokens when its documents
+    are too few or too long: data.split_tokens)."""
+    from .data import corpus_documents, split_tokens
     eos = tokenizer.eos_token_id
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if corpus == "text":
+        docs = [(doc_split, encode(text)) for doc_split, text in corpus_documents(corpus, source)]
+        return split_tokens(corpus, docs, eos, context)[0][split]
     ids: list[int] = []
     for doc_split, text in corpus_documents(corpus, source):
         if doc_split == split:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids.extend(encode(text))
             if eos is not None:
                 ids.append(eos)
     if len(ids) < 2:
