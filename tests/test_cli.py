@@ -108,3 +108,58 @@ def test_train_cli_end_to_end_and_skip(tmp_path, token_corpus):
     assert "already finished" in second.stdout
     bad = subprocess.run(cmd[:3] + ["eval", str(tmp_path / "nope")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_eval_k_with_dense_routing_alone_is_an_error(trained, capsys):
+    """--k means nothing to dense routing: say so instead of ignoring it (k out of range stays an error too)."""
+    assert main(["eval", str(trained), "--quiet", "--k", "100000"]) == 2
+    assert "--k 100000 is unused" in _err(capsys)
+    assert main(["eval", str(trained), "--quiet", "--routing", "dense,oracle-topk", "--k", "100000"]) == 2
+    assert "larger than the context" in _err(capsys)
+    assert main(["eval", str(trained), "--quiet", "--routing", "dense,oracle-topk", "--k", "4"]) == 0
+
+
+def _bad_inputs(ckpt, tmp):
+    """CLI inputs a user can get wrong, per subcommand (none of them needs real work before it is refused)."""
+    listed = tmp / "list.json"
+    listed.write_text("[1, 2]")
+    return [
+        [], ["nonsense"], ["train"], ["train", "--out", str(tmp / "r"), "--config", str(tmp)],
+        ["train", "--out", str(tmp / "r"), "--config", str(listed)], ["train", "--out", str(tmp / "r"), "--bogus"],
+        ["info", "model.n_layer=abc"], ["info", "steps"],
+        ["eval", ckpt, "--batch-size", "0"], ["eval", ckpt, "--max-tokens", "-1"], ["eval", ckpt, "--device", "gpu"],
+        ["eval", ckpt, "--routing", ""], ["eval", ckpt, "--routing", "oracle-topk", "--k", "abc"],
+        ["eval", ckpt, "--routing", "oracle-topk", "--k", ","], ["eval", ckpt, "--soft-temperature", "0"],
+        ["eval", ckpt, "--soft-temperature", "nan"], ["eval", ckpt, "--random-seed", "-1"],
+        ["eval", ckpt, "--split", "dev"], ["eval", ckpt, "--json", str(tmp)], ["eval", ckpt, "--gate", str(tmp)],
+        ["eval", ckpt, "--data", str(tmp / "none")],
+        ["analyze", ckpt, "--batches", "0"], ["analyze", ckpt, "--k", "0"], ["analyze", ckpt, "--batch-size", "-2"],
+        ["audit", ckpt, "--k", "0"], ["audit"], ["audit", ckpt, "--max-tokens", "x"],
+        ["distill", ckpt, "--out", str(tmp / "d"), "--steps", "0"], ["distill", ckpt, "--out", str(tmp / "d"),
+                                                                      "--lr", "-1"],
+        ["distill", ckpt, "--out", str(tmp / "d"), "lr=abc"], ["distill", ckpt, "--out", str(tmp / "d"), "--k", "99"],
+        ["distill", str(tmp / "none"), "--out", str(tmp / "d")],
+        ["reproduce", "--gpus", "abc"], ["reproduce", "--gpus", "0"], ["reproduce", "--budget-minutes", "-1"],
+        ["reproduce", "--seeds", "0"], ["reproduce", "--steps", "0"], ["reproduce", "--protocol", "tiny"],
+        ["reproduce", "--suite", "pretrained"], ["reproduce", "--suite", "pretrained", "--model", str(tmp / "none")],
+        ["report", "--protocol", "tiny"], ["demo", "--steps", "0"], ["demo", "--steps", "x"],
+        ["prepare", "--context", "0"], ["prepare", "--corpus", "text"], ["prepare", "--corpus", "nope"],
+        ["prepare", "--corpus", "text", "--source", str(tmp / "none.txt")],
+        ["hf-eval", "--model", str(tmp / "none"), "--batch-size", "0"], ["hf-eval", "--model", str(tmp / "none")],
+        ["hf-distill", "--model", str(tmp / "none"), "--out", str(tmp / "h"), "--steps", "0"],
+        ["hf-distill", "--model", str(tmp / "none"), "--out", str(tmp / "h"), "--unfreeze-layers", "-1"],
+    ]
+
+
+def test_every_bad_cli_input_is_one_line_and_exit_2(trained, tmp_path, capsys, monkeypatch):
+    """The README's promise: a user error prints one line `gatelab: error: ...` and exits with status 2, whatever
+    the subcommand and whichever argument is wrong (argparse's usage errors included), and creates nothing."""
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for args in _bad_inputs(str(trained), tmp_path):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("gatelab: error: "), (args, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, args
+

@@ -190,3 +190,22 @@ def test_overrides_parse_values_and_keep_the_word_none():
                                    "model.gate_init_std=null", "routing.mode=dense"])
     assert cfg.model.gate == "none" and cfg.steps == 7 and cfg.compile is False
     assert cfg.routing.soft_temperature == 0.5 and cfg.model.gate_init_std is None
+
+
+def test_run_files_follow_the_umask(token_corpus, tmp_path):
+    """Checkpoint files (safetensors writes 0600) and JSON written atomically (tempfile: 0600) get the mode the
+    umask gives new files."""
+    import os
+    from gatelab.config import write_json
+    old = os.umask(0o022)
+    try:
+        train(tiny_train_config(token_corpus, steps=2), tmp_path / "run", progress=False)
+        os.umask(0o027)
+        write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    files = [f for f in (tmp_path / "run").rglob("*") if f.is_file()]
+    assert {f.name for f in files} == {"config.json", "done.json", "metrics.jsonl", "model.safetensors",
+                                       "optimizer.safetensors", "trainer.json"}
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o644 for f in files}
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640

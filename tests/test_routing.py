@@ -166,3 +166,55 @@ def test_renormalised_soft_gate_on_a_frozen_model_trains_only_the_gate(soft_mask
     with torch.no_grad():  # nothing needs a gradient: the SDPA path; same loss
         _, plain = model(x, x, routing=routing)
     assert torch.allclose(loss, plain, atol=1e-5), (float(loss), float(plain))
+
+
+def test_random_topk_subsets_do_not_depend_on_the_sequence_length():
+    """The fixed subset of (layer, head, row) is the same whatever the chunk length: a prefix of a sequence
+    keeps exactly the keys the full sequence keeps in those rows (in the GPT's cache and in the HF adapter's path)."""
+    from gatelab.routing import hard_topk_keep
+    for layer, seed, k in ((0, 0, 4), (3, 7, 9)):
+        full = RandomMaskCache().get(layer, 3, 64, k, seed=seed, device="cpu")
+        for T in (5, 24, 63):
+            assert torch.equal(RandomMaskCache().get(layer, 3, T, k, seed=seed, device="cpu"), full[..., :T, :T])
+        hf_keep = lambda T, S: hard_topk_keep(  # noqa: E731 - queries at the last T of S positions (a KV cache)
+            Routing(mode="random-topk", k=k, seed=seed), causal_mask(S, "cpu")[S - T:], logits=None,
+            gate_scores=None, layer=layer, shape=(1, 3, T, S), device="cpu")
+        assert torch.equal(hf_keep(64, 64), full[None])
+        assert torch.equal(hf_keep(24, 24), full[None, :, :24, :24])
+        assert torch.equal(hf_keep(10, 40), full[None, :, 30:40, :40])
+
+
+def test_random_topk_prefix_gives_the_same_model_outputs():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config()).eval()
+    x = torch.randint(0, 97, (2, 32))
+    r = Routing(mode="random-topk", k=4, seed=3)
+    with torch.no_grad():
+        full, _ = model(x, routing=r)
+        prefix, _ = model(x[:, :20], routing=r)
+    assert torch.allclose(full[:, :20], prefix, atol=1e-5)
+
+
+def test_random_topk_scores_are_exact_integer_hashes():
+    """The scores come from int64 arithmetic that never overflows (the same on every device): the tensor path
+    equals the same hash in Python's unbounded integers, over the whole 32-bit range."""
+    from gatelab.routing import _mix32, fixed_random_scores
+    x = torch.cat([torch.randint(0, 2 ** 32, (2000,), generator=torch.Generator().manual_seed(0)),
+                   torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1])])
+    assert _mix32(x).tolist() == [_mix32(int(v)) for v in x]
+    s = fixed_random_scores(2, 4, 50, 50, seed=5)
+    assert s.dtype == torch.float64 and 0 <= s.min() and s.max() < 1
+    assert torch.equal(s * 2 ** 32, (s * 2 ** 32).round())  # whole multiples of 2^-32: exact, no float rounding
+    assert all(len(set(row.tolist())) == 50 for row in s.reshape(-1, 50))  # no ties within a row
+
+
+def test_random_topk_subsets_are_uniform():
+    """Over layers and heads, every causal key of a row is kept about equally often (k / (i + 1))."""
+    T, k, layers, H = 64, 8, 40, 4
+    counts = sum(RandomMaskCache().get(layer, H, T, k, seed=0, device="cpu").float().sum(0) for layer in range(layers))
+    row = counts[T - 1]  # H * layers draws of k keys out of T
+    expected = H * layers * k / T
+    assert abs(row.mean() - expected) < 1e-6
+    assert row.std() < 2 * (H * layers * (k / T) * (1 - k / T)) ** 0.5  # binomial spread, not clumped
+    early, late = row[: T // 2].sum(), row[T // 2:].sum()
+    assert abs(early - late) < 0.15 * (early + late)

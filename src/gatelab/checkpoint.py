@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import GatelabError, ModelConfig, model_config_from_dict
+from .config import GatelabError, ModelConfig, follow_umask, model_config_from_dict
 
 MODEL_FILE, OPTIM_FILE, TRAINER_FILE = "model.safetensors", "optimizer.safetensors", "trainer.json"
 
@@ -81,6 +81,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, trainer: dict,
         trainer = dict(trainer, optimizer=meta)
     (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=1))
     for f in tmp.iterdir():  # make the files durable before the rename publishes them
+        follow_umask(f)  # safetensors creates its files 0600
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if path.exists():

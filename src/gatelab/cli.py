@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,13 +14,58 @@ from .progress import keep_freed_memory
 from .report import format_table
 
 
-def _csv(kind):
+class Parser(argparse.ArgumentParser):
+    """argparse, with the one-line error of every other user error: `gatelab: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("gatelab").strip()
+        print(f"gatelab: error: {where + ': ' if where else ''}{message} (see `{self.prog} --help`)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, lo=None, lo_open=False):
+    """An argparse type: an int or float, optionally >= lo (> lo when lo_open)."""
     def parse(text: str):
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {text}")
+        return value
     return parse
+
+
+POS_INT, NONNEG_INT, POS_FLOAT = _number(int, 1), _number(int, 0), _number(float, 0, lo_open=True)
+NONNEG_FLOAT = _number(float, 0)
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        try:
+            return [kind(x) for x in items]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                             f"{'integers' if kind in (int, POS_INT, NONNEG_INT) else 'names'}"
+                                             f"{' >= 1' if kind is POS_INT else ' >= 0' if kind is NONNEG_INT else ''}"
+                                             f", got {text!r}") from None
+    return parse
+
+
+def _gpus(text: str):
+    if text == "all":
+        return text
+    try:
+        return str(POS_INT(text))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs >= 1 or 'all', got {text!r}") from None
 
 
 REFERENCE_OVERRIDES = ["compile=false", "fused_loss=false"]  # --reference: the plain eager path
@@ -34,24 +80,26 @@ def add_reference_arg(p: argparse.ArgumentParser) -> None:
 def add_routing_args(p: argparse.ArgumentParser, modes_default: str = "dense") -> None:
     p.add_argument("--routing", type=_csv(str), default=[modes_default],
                    help=f"comma-separated routing modes: {', '.join(ALL_ROUTING_MODES)} (default {modes_default})")
-    p.add_argument("--k", type=_csv(int), default=[64], help="comma-separated k values (default 64)")
+    p.add_argument("--k", type=_csv(int), default=None,
+                   help="comma-separated k values for the top-k and soft-gate routings (default 64; an error with "
+                        "dense routing alone, which uses no k)")
     p.add_argument("--reading", choices=tuple(READINGS), default=DEFAULT_READING,
                    help=f"soft-gate reading (default {DEFAULT_READING}: chosen by the reading study, README)")
     p.add_argument("--soft-mask", choices=SOFT_MASKS, default=None, help="soft-gate mask, overriding --reading's")
-    p.add_argument("--soft-temperature", type=float, default=1.0)
+    p.add_argument("--soft-temperature", type=POS_FLOAT, default=1.0)
     p.add_argument("--soft-renormalize", action="store_true", help="soft-gate: renormalise A*m per row (overriding "
                    "--reading's choice)")
-    p.add_argument("--random-seed", type=int, default=0, help="seed of random-topk's fixed subsets")
-    p.add_argument("--block-size", type=int, help="block routings: tokens per block (default: the block gate's "
+    p.add_argument("--random-seed", type=NONNEG_INT, default=0, help="seed of random-topk's fixed subsets")
+    p.add_argument("--block-size", type=POS_INT, help="block routings: tokens per block (default: the block gate's "
                    "own, else 64)")
-    p.add_argument("--block-k", type=_csv(int), default=[4], help="block routings: comma-separated numbers of "
+    p.add_argument("--block-k", type=_csv(POS_INT), default=[4], help="block routings: comma-separated numbers of "
                    "earlier key blocks kept per query block besides the diagonal (default 4)")
 
 
 def add_block_gate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", type=int, help="train a block gate instead: tokens per block (e.g. 128); its "
+    p.add_argument("--block-size", type=POS_INT, help="train a block gate instead: tokens per block (e.g. 128); its "
                    "loss is kl (against each block row's pooled attention mass) or bce (against the oracle blocks)")
-    p.add_argument("--block-k", type=int, default=8, help="block gate: earlier key blocks kept per query block, for "
+    p.add_argument("--block-k", type=POS_INT, default=8, help="block gate: earlier key blocks kept per query block, for "
                    "the F1 it logs and the bce target (default 8)")
     p.add_argument("--block-pool", choices=BLOCK_POOLS, default="mean",
                    help="block gate key pooling: mean, or max-min (SeerAttention's; default mean)")
@@ -60,11 +108,15 @@ def add_block_gate_args(p: argparse.ArgumentParser) -> None:
 def routings_from_args(args, context: int, block_size: int | None = None) -> list[Routing]:
     """The routings of --routing x --k (token modes) or x --block-k (block modes). block_size: the default block
     size when --block-size is not given (a loaded block gate's own)."""
+    if args.k is not None and all(mode == "dense" for mode in args.routing):
+        raise GatelabError(f"--k {','.join(map(str, args.k))} is unused: dense routing keeps every key; give a "
+                           f"top-k or soft-gate routing too (e.g. --routing dense,oracle-topk) or drop --k")
+    ks_given = args.k if args.k is not None else [Routing.k]
     out = []
     bs = getattr(args, "block_size", None) or block_size or Routing.block_size
     for mode in args.routing:
         block = mode in BLOCK_MODES
-        ks = [Routing.k] if mode == "dense" else args.block_k if block else args.k
+        ks = [Routing.k] if mode == "dense" else args.block_k if block else ks_given
         for k in ks:
             reading = READINGS[args.reading]
             r = Routing(mode=mode, k=Routing.k if block else k, soft_mask=args.soft_mask or reading["soft_mask"],
@@ -105,8 +157,12 @@ def cmd_info(args) -> None:
 def cmd_prepare(args) -> None:
     from .data import prepare
     out = args.out or f"data/prepared/{args.corpus}"
-    meta = prepare(args.corpus, out, source=args.source, force=args.force, progress=not args.quiet)
-    print(f"prepared {args.corpus} in {out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in meta["tokens"].items()))
+    meta = prepare(args.corpus, out, source=args.source, context=args.context, force=args.force,
+                   progress=not args.quiet)
+    cut = " (cut by tokens: too few or too long documents to split by document)" if meta.get("split_by") == \
+        "tokens" else ""
+    print(f"prepared {args.corpus} in {out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in meta["tokens"].items())
+          + cut)
 
 
 def cmd_train(args) -> None:
@@ -278,7 +334,7 @@ def cmd_hf_eval(args) -> None:
         from .blocks_hf import encode_long_documents
         docs = encode_long_documents(tok, args.context, args.corpus, args.split, args.source)
     else:
-        ids = encode_corpus(tok, args.corpus, args.split, args.source)
+        ids = encode_corpus(tok, args.corpus, args.split, args.source, context=args.context)
     routings = routings_from_args(args, args.context, _gate_block_size(args.gate))
     if args.gate:
         from .hf import load_gates
@@ -320,7 +376,7 @@ def cmd_hf_distill(args) -> None:
         from .blocks_hf import encode_long_documents
         ids = [t for doc in encode_long_documents(tok, args.context, args.corpus, "train", args.source) for t in doc]
     else:
-        ids = encode_corpus(tok, args.corpus, "train", args.source)
+        ids = encode_corpus(tok, args.corpus, "train", args.source, context=args.context)
     k = args.k
     if args.block_size:  # block gates, distilled against each layer's pooled attention mass
         from .blocks_hf import attach_block_gates
@@ -392,14 +448,14 @@ def cmd_demo(args) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="gatelab", description="Learned sparse-attention routing, and whether it "
+    ap = Parser(prog="gatelab", description="Learned sparse-attention routing, and whether it "
                                  "beats a random one (reproduces arXiv 2603.02227).")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the main job on the bundled corpus: train a small dense and a soft-gated "
                        "model, evaluate both under several routings, print a table (minutes on CPU)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=200, help="training steps per model (default 200)")
+    p.add_argument("--steps", type=POS_INT, default=200, help="training steps per model (default 200)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -412,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="bundled", choices=("bundled", "wikitext-103", "wikitext-2", "text"))
     p.add_argument("--source", help="wikitext: folder with wiki.{train,valid,test}.raw; text: a file or folder")
     p.add_argument("--out", help="output folder (default data/prepared/CORPUS)")
+    p.add_argument("--context", type=POS_INT, default=512,
+                   help="the model context you will train with (default 512, the model's default): the train split "
+                        "must hold one window of context+1 tokens and validation and test 2 tokens each; a text "
+                        "corpus whose documents are too few or too long to split 98/1/1 with a full window in every "
+                        "split is cut by tokens instead")
     p.add_argument("--force", action="store_true", help="tokenise again even if the output is current")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
@@ -435,10 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a gate distilled on another checkpoint (the paper's Experiment 3)")
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     p.add_argument("--data", help="prepared corpus folder (default: the one the checkpoint was trained on)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
+    p.add_argument("--batch-size", type=POS_INT, default=16)
+    p.add_argument("--max-tokens", type=NONNEG_INT, default=0, help="evaluate only about this many tokens (0 = all)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="torch seed (stochastic routing)")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="torch seed (stochastic routing)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -455,10 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a gate saved for another base model (its fingerprint differs)")
     p.add_argument("--position", choices=POSITIONS, help="with --model: the gate variant --gate must be (default: "
                    "the one its gate.json records; the random control is always of that variant)")
-    p.add_argument("--k", type=int, default=64, help="keys kept per query under hard top-k (default 64)")
+    p.add_argument("--k", type=POS_INT, default=64, help="keys kept per query under hard top-k (default 64)")
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     p.add_argument("--data", help="prepared corpus folder (default: the checkpoint's)")
-    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
+    p.add_argument("--max-tokens", type=NONNEG_INT, default=0, help="evaluate only about this many tokens (0 = all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when there is one)")
     p.add_argument("--json", help="also write the table and the summary to this JSON file")
     p.set_defaults(func=cmd_audit)
@@ -470,9 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="bundled", choices=("bundled", "wikitext-103", "wikitext-2", "text"))
     p.add_argument("--source")
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only about this many tokens (0 = all)")
+    p.add_argument("--context", type=POS_INT, default=512)
+    p.add_argument("--batch-size", type=POS_INT, default=4)
+    p.add_argument("--max-tokens", type=NONNEG_INT, default=0, help="evaluate only about this many tokens (0 = all)")
     p.add_argument("--gate", help="gates saved by `gatelab hf-distill` (token gates for gate-topk / soft-gate, "
                    "block gates for block-gate / block-soft)")
     p.add_argument("--position", choices=POSITIONS, help="the variant --gate must be (default: the one its "
@@ -501,24 +562,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"--loss task: the soft-gate reading trained through (default {DEFAULT_READING})")
     p.add_argument("--position", choices=POSITIONS, default=DEFAULT_POSITION,
                    help=f"gate variant (default {DEFAULT_POSITION}): {POSITION_HELP}")
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--d-gate", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1000, help="training steps (with --patience: the most)")
-    p.add_argument("--eval-every", type=int, default=0, help="every N steps, the objective (and F1) on held-out "
+    p.add_argument("--k", type=POS_INT, default=64)
+    p.add_argument("--d-gate", type=POS_INT, default=32)
+    p.add_argument("--steps", type=POS_INT, default=1000, help="training steps (with --patience: the most)")
+    p.add_argument("--eval-every", type=NONNEG_INT, default=0, help="every N steps, the objective (and F1) on held-out "
                    "windows (the last --eval-batches x --batch-size windows of the training split, never trained "
                    "on) goes to metrics.jsonl as val_loss; the best evaluation's gates are kept (default 0: off)")
-    p.add_argument("--patience", type=int, default=0, help="stop after this many evaluations in a row without "
+    p.add_argument("--patience", type=NONNEG_INT, default=0, help="stop after this many evaluations in a row without "
                    "improvement (needs --eval-every; default 0: train all --steps)")
-    p.add_argument("--min-delta", type=float, default=0.002, help="an improvement lowers the best held-out value "
+    p.add_argument("--min-delta", type=NONNEG_FLOAT, default=0.002, help="an improvement lowers the best held-out value "
                    "by more than this fraction (default 0.002)")
-    p.add_argument("--eval-batches", type=int, default=2, help="held-out batches (default 2)")
+    p.add_argument("--eval-batches", type=POS_INT, default=2, help="held-out batches (default 2)")
     p.add_argument("--no-step-f1", action="store_true", help="leave the per-step training F1 out of the log (it "
                    "costs a top-k per layer and step; the held-out evaluations still report F1)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--unfreeze-layers", type=_csv(int), help="layers whose q/k/v/o projections also train "
+    p.add_argument("--batch-size", type=POS_INT, default=8)
+    p.add_argument("--context", type=POS_INT, default=512)
+    p.add_argument("--lr", type=POS_FLOAT, default=1e-3)
+    p.add_argument("--seed", type=NONNEG_INT, default=0)
+    p.add_argument("--unfreeze-layers", type=_csv(NONNEG_INT), help="layers whose q/k/v/o projections also train "
                    "(the paper's Tables 7-8)")
     add_block_gate_args(p)
     p.add_argument("--long-docs", action="store_true", help="train on the documents longer than --context only")
@@ -547,18 +608,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "default get its name as a suffix, and their own tables in the report)")
     p.add_argument("--position", choices=POSITIONS, help=f"--suite pretrained: the gate variant of the rerun Table "
                    f"6 units table6-VARIANT-* (default {DEFAULT_POSITION}); the pos-* units study every variant")
-    p.add_argument("--max-steps", type=int, help="--suite pretrained: the step cap of the units trained until the "
+    p.add_argument("--max-steps", type=POS_INT, help="--suite pretrained: the step cap of the units trained until the "
                    "held-out objective stops improving (pos-*, table6-VARIANT-*; default: the protocol's, 800)")
-    p.add_argument("--seeds", type=int, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
-    p.add_argument("--steps", type=int, help="override the end-to-end training steps of the protocol (a quick look; "
+    p.add_argument("--seeds", type=POS_INT, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
+    p.add_argument("--steps", type=POS_INT, help="override the end-to-end training steps of the protocol (a quick look; "
                    "write it to another --out)")
     p.add_argument("--out", help="results folder (default results/PROTOCOL)")
     p.add_argument("--runs", help="checkpoint folder, kept out of git (default runs/PROTOCOL)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--budget-minutes", type=float, help="start no new unit after this many minutes")
-    p.add_argument("--gpus", default=None, help="run independent units concurrently, one process per GPU: a number "
+    p.add_argument("--budget-minutes", type=POS_FLOAT, help="start no new unit after this many minutes")
+    p.add_argument("--gpus", type=_gpus, default=None, help="run independent units concurrently, one process per GPU: a number "
                    "or 'all' visible GPUs (default 1: in this process); with --device cpu, that many CPU processes")
-    p.add_argument("--jobs-per-gpu", type=int, default=1, help="units run concurrently on each GPU (default 1); "
+    p.add_argument("--jobs-per-gpu", type=POS_INT, default=1, help="units run concurrently on each GPU (default 1); "
                    "the 31M model's units leave most of an H100 idle, so 3-4 finish a sweep sooner")
     p.add_argument("--no-report", action="store_true", help="do not rebuild REPORT.md (gatelab report does)")
     p.add_argument("--quiet", action="store_true")
@@ -575,12 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("kl", "bce", "task"), default="kl",
                    help="kl: KL(dense attention || softmax(G)); bce: G vs the oracle top-k mask; "
                         "task: LM loss through the soft gate (default kl)")
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--d-gate", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0, help="gate initialisation and batch order")
+    p.add_argument("--k", type=POS_INT, default=64)
+    p.add_argument("--d-gate", type=POS_INT, default=32)
+    p.add_argument("--steps", type=POS_INT, default=1000)
+    p.add_argument("--batch-size", type=POS_INT, default=16)
+    p.add_argument("--lr", type=POS_FLOAT, default=1e-3)
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="gate initialisation and batch order")
     p.add_argument("--random-control", action="store_true",
                    help="task loss control: write the frozen random gate of the same initialisation, train nothing")
     p.add_argument("--reading", choices=tuple(READINGS), default=None,
@@ -600,12 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", help="a distilled gate to measure instead of the checkpoint's own")
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--k", type=_csv(int), default=[64], help="comma-separated k values (default 64)")
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=POS_INT, default=4)
+    p.add_argument("--batch-size", type=POS_INT, default=8)
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     p.add_argument("--data")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NONNEG_INT, default=0)
     p.add_argument("--out", help="output folder (default: next to the checkpoint, analysis/)")
     p.set_defaults(func=cmd_analyze)
     return ap
@@ -613,17 +674,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:  # argparse: --help exits 0 (let it), a usage error printed its line (Parser.error)
+        if e.code == 2:
+            return 2
+        raise
     # argparse cannot take `key=value` overrides after options that follow another positional; accept them
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit as e:
+            return e.code
     keep_freed_memory()
     try:
+        if getattr(args, "json", None) and Path(args.json).is_dir():  # refuse before the work, not after it
+            raise GatelabError(f"--json {args.json} is a folder; give the name of a file to write")
         args.func(args)
     except GatelabError as e:
         print(f"gatelab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave that cannot be read or written (permissions, a folder, disk full)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"gatelab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gatelab: interrupted", file=sys.stderr)

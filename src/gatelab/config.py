@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import tempfile
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 
 class GatelabError(Exception):
@@ -40,6 +43,74 @@ DEFAULT_READING = "sigmoid"
 GATE_KINDS = ("none", "learned", "random")
 OBJECTIVES = ("lm", "kl", "bce")
 COMPILE_CHOICES = ("auto", True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DTYPES = ("auto", "fp32", "bf16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The allowed range of a numeric config field: lo <= x (lo < x when lo_open), and x < hi when hi is given."""
+
+    lo: float
+    lo_open: bool = False
+    hi: float | None = None
+
+    def __contains__(self, x) -> bool:
+        return (x > self.lo if self.lo_open else x >= self.lo) and (self.hi is None or x < self.hi)
+
+    def __str__(self) -> str:
+        low = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+        return low if self.hi is None else f"{low} and < {self.hi:g}"
+
+
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Limit(1), Limit(0), Limit(0, lo_open=True)
+
+
+def _type_name(kinds: tuple) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def check_fields(obj) -> None:
+    """Type- and range-check every plain field of a config dataclass, in place: ints may be given as integral
+    floats (2e3), numbers must be finite, bools must be true/false; LIMITS and CHOICES of the class say the rest.
+    Raises GatelabError naming the field (e.g. `model.n_layer must be an integer, got 'abc'`)."""
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if not all(k in (int, float, bool, str, type(None)) for k in kinds):
+            continue  # a section (model, routing): checked by its own validate()
+        name, value = cls.PREFIX + f.name, getattr(obj, f.name)
+        if value is None and type(None) in kinds:
+            continue
+        if isinstance(value, bool):
+            ok = bool in kinds
+        elif isinstance(value, int):
+            ok = int in kinds or float in kinds
+            if ok and int not in kinds:
+                value = float(value)
+        elif isinstance(value, float):
+            ok = float in kinds or (int in kinds and math.isfinite(value) and value.is_integer())
+            if ok and float not in kinds:
+                value = int(value)
+            if ok and not math.isfinite(value):
+                raise GatelabError(f"{name} must be a finite number, got {value}")
+        else:
+            ok = isinstance(value, str) and str in kinds
+        choices = cls.CHOICES.get(f.name)
+        if isinstance(choices, re.Pattern):
+            if not (ok and choices.fullmatch(value)):
+                raise GatelabError(f"{name} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        elif choices is not None and not (ok and value in choices):
+            shown = ", ".join(json.dumps(c) if isinstance(c, bool) else str(c) for c in choices)
+            raise GatelabError(f"{name} must be one of {shown}, got {value!r}")
+        if not ok:
+            raise GatelabError(f"{name} must be {_type_name(kinds)}, got {value!r}")
+        setattr(obj, f.name, value)
+        limit = cls.LIMITS.get(f.name)
+        if limit is not None and not isinstance(value, (bool, str)) and value not in limit:
+            raise GatelabError(f"{name} must be {limit}, got {value}")
 
 
 @dataclass
@@ -58,18 +129,15 @@ class ModelConfig:
     block_gate: str = "none"  # a block gate per layer for the block routings: none | learned | random (frozen)
     block_pool: str = "mean"  # the block gate's key pooling: mean | max-min (SeerAttention's; doubles its key input)
 
+    PREFIX: ClassVar[str] = "model."
+    LIMITS: ClassVar[dict] = dict(n_layer=AT_LEAST_1, d_model=AT_LEAST_1, n_head=AT_LEAST_1, d_mlp=AT_LEAST_1,
+                                  context=AT_LEAST_1, vocab_size=AT_LEAST_1, d_gate=AT_LEAST_1, gate_init_std=ABOVE_0)
+    CHOICES: ClassVar[dict] = dict(gate=GATE_KINDS, block_gate=GATE_KINDS, block_pool=BLOCK_POOLS)
+
     def validate(self) -> "ModelConfig":
-        for name in ("n_layer", "d_model", "n_head", "d_mlp", "context", "vocab_size", "d_gate"):
-            if int(getattr(self, name)) < 1:
-                raise GatelabError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)
         if self.d_model % self.n_head:
             raise GatelabError(f"model.d_model ({self.d_model}) is not divisible by model.n_head ({self.n_head})")
-        if self.gate not in GATE_KINDS:
-            raise GatelabError(f"model.gate must be one of {', '.join(GATE_KINDS)}, got {self.gate!r}")
-        if self.block_gate not in GATE_KINDS:
-            raise GatelabError(f"model.block_gate must be one of {', '.join(GATE_KINDS)}, got {self.block_gate!r}")
-        if self.block_pool not in BLOCK_POOLS:
-            raise GatelabError(f"model.block_pool must be one of {', '.join(BLOCK_POOLS)}, got {self.block_pool!r}")
         return self
 
     @property
@@ -100,25 +168,20 @@ class Routing:
     block_size: int = 64
     block_k: int = 4
 
+    PREFIX: ClassVar[str] = "routing."
+    LIMITS: ClassVar[dict] = dict(k=AT_LEAST_1, soft_temperature=ABOVE_0, seed=AT_LEAST_0, block_size=AT_LEAST_1,
+                                  block_k=AT_LEAST_1)
+    CHOICES: ClassVar[dict] = dict(mode=ALL_ROUTING_MODES, soft_mask=SOFT_MASKS)
+
     def validate(self, context: int | None = None) -> "Routing":
-        if self.mode not in ALL_ROUTING_MODES:
-            raise GatelabError(f"unknown routing mode {self.mode!r}; choose one of {', '.join(ALL_ROUTING_MODES)}")
-        if int(self.k) < 1:
-            raise GatelabError(f"routing k must be >= 1, got {self.k}")
+        if isinstance(self.mode, str) and self.mode not in ALL_ROUTING_MODES:
+            raise GatelabError(f"unknown routing mode {self.mode!r}; routing.mode must be one of "
+                               f"{', '.join(ALL_ROUTING_MODES)}")
+        check_fields(self)
         if context is not None and self.mode != "dense" and not self.is_block and self.k > context:
             raise GatelabError(f"routing k ({self.k}) is larger than the context ({context})")
-        if self.soft_mask not in SOFT_MASKS:
-            raise GatelabError(f"soft_mask must be one of {', '.join(SOFT_MASKS)}, got {self.soft_mask!r}")
-        if not self.soft_temperature > 0:
-            raise GatelabError(f"soft_temperature must be > 0, got {self.soft_temperature}")
-        if self.is_block:
-            if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-                raise GatelabError(f"routing block_size must be an integer >= 1, got {self.block_size!r}")
-            if isinstance(self.block_k, bool) or not isinstance(self.block_k, int) or self.block_k < 1:
-                raise GatelabError(f"routing block_k (key blocks kept besides the diagonal) must be an integer >= 1, "
-                                   f"got {self.block_k!r}")
-            if context is not None and self.block_size > context:
-                raise GatelabError(f"routing block_size ({self.block_size}) is larger than the context ({context})")
+        if self.is_block and context is not None and self.block_size > context:
+            raise GatelabError(f"routing block_size ({self.block_size}) is larger than the context ({context})")
         return self
 
     @property
@@ -183,27 +246,36 @@ class TrainConfig:
     init_from: str | None = None  # checkpoint directory whose weights (all but gates) initialise the model
     freeze_model: bool = False  # train only gate projections
 
+    PREFIX: ClassVar[str] = ""
+    # 0 means "off" for eval_every (no periodic evaluation), "the whole split" for eval_tokens, and "no warm-up",
+    # "no weight decay" or "no clipping" for warmup_steps, weight_decay and grad_clip; the last step always logs,
+    # evaluates (unless eval_every is 0) and saves a checkpoint.
+    LIMITS: ClassVar[dict] = dict(steps=AT_LEAST_1, batch_size=AT_LEAST_1, lr=ABOVE_0, min_lr=AT_LEAST_0,
+                                  warmup_steps=AT_LEAST_0, weight_decay=AT_LEAST_0, beta1=Limit(0, hi=1),
+                                  beta2=Limit(0, hi=1), grad_clip=AT_LEAST_0, seed=AT_LEAST_0, eval_every=AT_LEAST_0,
+                                  eval_tokens=AT_LEAST_0, checkpoint_every=AT_LEAST_1, log_every=AT_LEAST_1)
+    CHOICES: ClassVar[dict] = dict(device=DEVICE_PATTERN, dtype=DTYPES, compile=COMPILE_CHOICES,
+                                   objective=OBJECTIVES)
+
     def validate(self) -> "TrainConfig":
+        for name, cls in (("model", ModelConfig), ("routing", Routing)):
+            if not isinstance(getattr(self, name), cls):
+                raise GatelabError(f"{name} must be a section of {name}.* fields (an object), got "
+                                   f"{getattr(self, name)!r}")
         self.model.validate()
         self.routing.validate(self.model.context)
+        check_fields(self)
+        if not self.data:
+            raise GatelabError("data must name a prepared corpus folder, got an empty string")
         if self.routing.needs_gate and self.model.gate == "none":
             raise GatelabError(f"routing {self.routing.mode} needs a gate: set model.gate=learned or random")
         if self.routing.needs_block_gate and self.model.block_gate == "none":
             raise GatelabError(f"routing {self.routing.mode} needs a block gate: set model.block_gate=learned or "
                                f"random")
-        for name in ("steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise GatelabError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.objective not in OBJECTIVES:
-            raise GatelabError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         trains_block_gate = self.routing.is_block and self.model.block_gate == "learned"
         if self.objective != "lm" and self.model.gate != "learned" and not trains_block_gate:
             raise GatelabError(f"objective {self.objective} trains a gate: set model.gate=learned (or, under a block "
                                f"routing, model.block_gate=learned)")
-        if self.compile not in COMPILE_CHOICES:
-            raise GatelabError(f"compile must be one of {', '.join(map(str, COMPILE_CHOICES))}, got {self.compile!r}")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise GatelabError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         return self
 
 
@@ -288,10 +360,15 @@ def read_config_file(path: str | os.PathLike) -> dict:
     try:
         if path.suffix == ".toml":
             import tomllib
-            return tomllib.loads(text)
-        return json.loads(text)
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - report any parse error as a one-line user error
-        raise GatelabError(f"cannot parse config file {path}: {e}") from e
+        raise GatelabError(f"cannot parse config file {path}: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise GatelabError(f"config file {path} must hold an object of fields (e.g. {{\"steps\": 500}}), got "
+                           f"{type(data).__name__}")
+    return data
 
 
 def load_train_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -311,16 +388,29 @@ def train_config_from_dict(data: dict) -> TrainConfig:
 # ----------------------------------------------------------------------------------------------------------
 # atomic output
 
+def follow_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file (or folder) made by tempfile, which creates them private (0600 / 0700), the mode an ordinary
+    open() or mkdir() would have given it under the process's umask (usually 0644 / 0755)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename (with the mode the
+    umask gives new files, not tempfile's private 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        follow_umask(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise GatelabError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -11,12 +11,15 @@ import functools
 import hashlib
 import json
 import lzma
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import GatelabError, atomic_path, write_json
+from .config import GatelabError, follow_umask, write_json
 from .progress import progress_bar
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -69,6 +72,14 @@ def read_bundled() -> Iterator[tuple[str, str]]:
             yield doc["split"], doc["text"]
 
 
+def normalise_text(text: str) -> str:
+    """Text as the tokenizer should see it: no leading byte-order mark (U+FEFF), and CRLF / lone CR line ends
+    turned into LF (so that a file saved on Windows tokenises like the same file saved on Linux)."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _read_utf8(path: Path) -> str:
     if not path.is_file():
         raise GatelabError(f"{path} does not exist")
@@ -77,6 +88,7 @@ def _read_utf8(path: Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise GatelabError(f"{path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+    text = normalise_text(text)
     if not text.strip():
         raise GatelabError(f"{path} is empty")
     return text
@@ -107,12 +119,13 @@ def read_wikitext(name: str, source: str | None) -> Iterator[tuple[str, str]]:
         raise GatelabError(f"{name}: could not load through Hugging Face datasets ({type(e).__name__}); "
                            f"pass --source DIR with the wiki.*.raw files instead") from None
     for split in SPLITS:
-        yield split, "".join(ds[split]["text"])
+        yield split, normalise_text("".join(ds[split]["text"]))
 
 
 def read_text(source: str) -> Iterator[tuple[str, str]]:
-    """Any UTF-8 text file or folder of .txt/.md files: documents in sorted order, the token stream is
-    cut 98/1/1 (train/validation/test) at document boundaries where possible."""
+    """Any UTF-8 text file or folder of .txt/.md files: documents in sorted order, assigned 98/1/1
+    (train/validation/test, by characters) at document boundaries. `prepare` cuts the token stream instead when
+    these document splits are too small for the context (see split_tokens)."""
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".raw"))
@@ -136,13 +149,19 @@ def read_text(source: str) -> Iterator[tuple[str, str]]:
 
 
 def corpus_documents(corpus: str, source: str | None = None) -> Iterator[tuple[str, str]]:
+    """(split, text) of every document; a missing source is reported here, before any reading starts."""
     if corpus == "bundled":
         return read_bundled()
     if corpus in ("wikitext-103", "wikitext-2"):
+        if source and not Path(source).is_dir():
+            raise GatelabError(f"{source} is not a folder: point --source at the unzipped {corpus}-raw folder "
+                               f"(wiki.train.raw, wiki.valid.raw, wiki.test.raw)")
         return read_wikitext(corpus, source)
     if corpus == "text":
         if not source:
             raise GatelabError("corpus 'text' needs --source FILE_OR_DIR")
+        if not Path(source).exists():
+            raise GatelabError(f"{source} does not exist")
         return read_text(source)
     raise GatelabError(f"unknown corpus {corpus!r}; choose bundled, wikitext-103, wikitext-2 or text")
 
@@ -150,9 +169,76 @@ def corpus_documents(corpus: str, source: str | None = None) -> Iterator[tuple[s
 # ----------------------------------------------------------------------------------------------------------
 # prepare: documents -> uint16 token files
 
-def prepare(corpus: str, out_dir: str | Path, source: str | None = None, min_tokens: int = 513,
+FIXED_SPLITS = ("bundled", "wikitext-103", "wikitext-2")  # corpora whose documents come with their split
+TOKEN_CUT = (0.98, 0.01, 0.01)  # fractions of a token-cut stream (text corpora too small to split by document)
+
+
+def split_tokens(corpus: str, docs: list[tuple[str, list[int]]], eot: int | None, context: int) -> tuple[dict, str]:
+    """The token stream of each split, from tokenised documents (each followed by `eot` when not None), and how
+    it was cut: "document" or "tokens".
+
+    Training at `context` needs a train split of at least one window (context + 1 tokens) and validation and
+    test splits of at least one predicted token (2 tokens; evaluation reads non-overlapping chunks, the last one
+    may be short). Corpora with given splits (bundled, WikiText) keep them. A text corpus keeps its document
+    splits when each of them holds a full window; otherwise (too few or too long documents, e.g. one document)
+    its token stream is cut into train / validation / test ranges: 98/1/1, but validation and test get a full
+    window each where the corpus is large enough for that and the train split keeps one."""
+    need = context + 1
+    streams: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for split, ids in docs:
+        streams[split].extend(ids)
+        if eot is not None:
+            streams[split].append(eot)
+    if corpus in FIXED_SPLITS or all(len(streams[s]) >= need for s in SPLITS):
+        how = "document"
+    else:
+        stream = [t for s in SPLITS for t in streams[s]]
+        n = len(stream)
+        room = (n - need) // 2  # the most validation and test may each take while train keeps one window
+        held = min(max(round(TOKEN_CUT[1] * n), min(need, room)), room)
+        if held < 2:
+            raise GatelabError(f"{corpus}: {n:,} tokens in all, too few to train at context {context}: the train "
+                               f"split needs {need:,} tokens (one window) and validation and test 2 each, "
+                               f"{need + 4:,} in all; use a larger corpus or a smaller --context")
+        train_n = n - 2 * held
+        streams = dict(train=stream[:train_n], validation=stream[train_n:train_n + held],
+                       test=stream[train_n + held:])
+        how = "tokens"
+    check_split_sizes(corpus, {s: len(v) for s, v in streams.items()}, context)
+    return streams, how
+
+
+def check_split_sizes(where: str, counts: dict, context: int) -> None:
+    """Raise a clear error unless the splits can train at `context` (see split_tokens)."""
+    if counts["train"] < context + 1:
+        raise GatelabError(f"{where}: the train split has {counts['train']:,} tokens, fewer than one training window "
+                           f"at context {context} ({context + 1:,} tokens); use a larger corpus or a smaller context "
+                           f"(gatelab prepare --context, model.context)")
+    for split in ("validation", "test"):
+        if counts[split] < 2:
+            raise GatelabError(f"{where}: the {split} split has {counts[split]} tokens, nothing to evaluate (it needs "
+                               f"at least 2); use a larger corpus")
+
+
+def _is_current(meta: dict, source_id: str, out_dir: Path, context: int) -> bool:
+    """Whether a prepared folder is what prepare(context=...) would write now."""
+    if meta.get("source_id") != source_id or not all((out_dir / f"{s}.bin").is_file() for s in SPLITS):
+        return False
+    if meta.get("split_by", "document") == "tokens":  # the cut depends on the context
+        return meta.get("context") == context
+    counts = meta.get("tokens", {})
+    if meta.get("corpus") in FIXED_SPLITS:
+        return counts.get("train", 0) >= context + 1 and min(counts.get("validation", 0), counts.get("test", 0)) >= 2
+    return all(counts.get(s, 0) >= context + 1 for s in SPLITS)  # document splits are kept at this context too
+
+
+def prepare(corpus: str, out_dir: str | Path, source: str | None = None, context: int = 512,
             force: bool = False, progress: bool = True) -> dict:
-    """Tokenise `corpus` into out_dir/{split}.bin + meta.json. Skips work already done for the same input."""
+    """Tokenise `corpus` into out_dir/{split}.bin + meta.json, checked to be large enough to train at `context`
+    (see split_tokens). Skips work already done for the same input. Writes into a temporary folder beside
+    out_dir and moves the files in at the end (meta.json last): a failed prepare leaves nothing behind."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise GatelabError(f"--context must be an integer >= 1, got {context!r}")
     out_dir = Path(out_dir)
     meta_path = out_dir / "meta.json"
     enc = gpt2_tokenizer()
@@ -160,32 +246,58 @@ def prepare(corpus: str, out_dir: str | Path, source: str | None = None, min_tok
         raise GatelabError(f"tokenizer vocabulary {enc.n_vocab} does not fit uint16 token files")
     source_id = _source_id(corpus, source)
     if meta_path.is_file() and not force:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("source_id") == source_id and all((out_dir / f"{s}.bin").is_file() for s in SPLITS):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if _is_current(meta, source_id, out_dir, context):
             return meta
-    docs: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for split, text in progress_bar(corpus_documents(corpus, source), desc=f"tokenising {corpus}", unit="doc",
-                            disable=not progress):
-        ids = enc.encode_ordinary(text)
-        docs[split].extend(ids)
-        docs[split].append(EOT)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
+    docs = [(split, enc.encode_ordinary(text)) for split, text in
+            progress_bar(corpus_documents(corpus, source), desc=f"tokenising {corpus}", unit="doc",
+                         disable=not progress)]
+    streams, how = split_tokens(corpus, docs, EOT, context)
+    del docs
+    arrays = {}
     for split in SPLITS:
-        n = len(docs[split])
-        if n < min_tokens:
-            raise GatelabError(f"{corpus}: the {split} split has {n} tokens, fewer than one chunk ({min_tokens}); "
-                               f"use a larger corpus")
-        arr = np.asarray(docs[split], dtype=np.int64)
+        arr = np.asarray(streams[split], dtype=np.int64)
         if arr.max() >= 65536:
             raise GatelabError(f"token id {arr.max()} does not fit uint16")
-        with atomic_path(out_dir / f"{split}.bin") as tmp:
-            arr.astype(np.uint16).tofile(tmp)
-        counts[split] = n
+        arrays[split] = arr.astype(np.uint16)
     meta = dict(corpus=corpus, source=str(source) if source else None, source_id=source_id, tokenizer="gpt2",
-                vocab_size=enc.n_vocab, eot=EOT, dtype="uint16", tokens=counts)
-    write_json(meta_path, meta)
+                vocab_size=enc.n_vocab, eot=EOT, dtype="uint16", tokens={s: len(a) for s, a in arrays.items()},
+                split_by=how, context=context)
+    _write_prepared(out_dir, arrays, meta)
     return meta
+
+
+def _write_prepared(out_dir: Path, arrays: dict, meta: dict) -> None:
+    """Write the token files and meta.json into a temporary folder beside out_dir, then move them in."""
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        for split, arr in arrays.items():
+            arr.tofile(tmp / f"{split}.bin")
+            follow_umask(tmp / f"{split}.bin")
+        write_json(tmp / "meta.json", meta)
+        follow_umask(tmp, directory=True)
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)  # one rename publishes the whole folder
+            return
+        (out_dir / "meta.json").unlink(missing_ok=True)  # a half-moved folder is then no prepared corpus
+        for split in SPLITS:
+            os.replace(tmp / f"{split}.bin", out_dir / f"{split}.bin")
+        os.replace(tmp / "meta.json", out_dir / "meta.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created[1:]:  # parents this call created, innermost first, when still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _source_id(corpus: str, source: str | None) -> str:
@@ -193,7 +305,9 @@ def _source_id(corpus: str, source: str | None) -> str:
     h = hashlib.sha256(corpus.encode())
     if corpus == "bundled":
         h.update((BUNDLED_DIR / "MANIFEST.json").read_bytes())
-    elif source:
+    else:  # text read since BOMs and CR line ends are normalised: prepared again once
+        h.update(b"normalised-text-v2")
+    if corpus != "bundled" and source:
         p = Path(source)
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
@@ -211,7 +325,8 @@ def sample_windows(tokens, step: int, batch_size: int, context: int, seed: int, 
     (a data-parallel rank's shard), so the global batch is the same whatever the number of ranks."""
     import torch
     rng = np.random.default_rng([seed, step, 0])
-    starts = rng.integers(0, len(tokens) - context - 1, size=batch_size)[rows if rows is not None else slice(None)]
+    # starts < len - context - 1 (kept so that batches stay what they were); a split of exactly one window has one
+    starts = rng.integers(0, max(1, len(tokens) - context - 1), size=batch_size)[rows if rows is not None else slice(None)]
     win = torch.from_numpy(np.stack([np.asarray(tokens[s:s + context + 1]) for s in starts]).astype(np.int64))
     return win[:, :-1], win[:, 1:]
 
@@ -228,8 +343,10 @@ class TokenData:
         path = folder / f"{split}.bin"
         if split not in SPLITS or not path.is_file():
             raise GatelabError(f"{folder} has no {split!r} split")
+        if path.stat().st_size < 2:
+            raise GatelabError(f"{path} holds no tokens: prepare the corpus again (gatelab prepare --force)")
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        self.split = split
+        self.split, self.folder = split, folder
         self.vocab_size = int(self.meta["vocab_size"])
 
     def __len__(self) -> int:
@@ -237,8 +354,13 @@ class TokenData:
 
     def _check(self, context: int) -> None:
         if len(self.tokens) < context + 1:
-            raise GatelabError(f"the {self.split} split has {len(self.tokens)} tokens, fewer than one chunk "
-                               f"of {context + 1}")
+            raise GatelabError(f"the {self.split} split of {self.folder} has {len(self.tokens):,} tokens, fewer than "
+                               f"one window of {context + 1:,} (context {context}): use a smaller model.context, or "
+                               f"a larger corpus (gatelab prepare --context {context} checks this)")
+
+    def check_trainable(self, context: int) -> None:
+        """Raise a clear error unless this split can be trained on (train) or evaluated (other splits) at context."""
+        self._check(context if self.split == "train" else 1)
 
     def batch(self, step: int, batch_size: int, context: int, seed: int, rows: slice | None = None):
         """Random windows for training step `step`; a pure function of (seed, step). rows: see sample_windows."""

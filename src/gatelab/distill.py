@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import MODEL_FILE, find_checkpoint
-from .config import (DEFAULT_READING, GatelabError, ModelConfig, Routing, TrainConfig, model_config_from_dict,
-                     soft_gate_routing, to_dict, write_json)
+from .config import (DEFAULT_READING, GatelabError, ModelConfig, Routing, TrainConfig, follow_umask,
+                     model_config_from_dict, soft_gate_routing, to_dict, write_json)
 from .data import sha256_file
 from .routing import BilinearGate, causal_mask, topk_keep_mask
 
@@ -156,6 +156,7 @@ def export_gate(model, cfg: TrainConfig, out_dir: str | Path, extra: dict | None
                 routing=to_dict(cfg.routing), **(extra or {}))
     tmp = out / (GATE_WEIGHTS + ".tmp")
     save_file(state, str(tmp))
+    follow_umask(tmp)  # safetensors creates its files 0600
     tmp.replace(out / GATE_WEIGHTS)
     write_json(out / GATE_META, meta)
     return out / GATE_META

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import GatelabError, Routing, write_json
+from .config import GatelabError, Routing, follow_umask, write_json
 from .hf_gates import DEFAULT_POSITION, check_position, gate_inputs, gate_scores, make_gate
 from .routing import hard_topk_keep, soft_gate_mask
 
@@ -104,7 +104,7 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
     else:
         keep = allowed if mode == "dense" else hard_topk_keep(
             routing, allowed, logits=lambda: S, gate_scores=lambda: G, layer=state["layer"], shape=(B, H, T, S_len),
-            device=query.device)
+            device=query.device, random_cache=state.setdefault("random_keep", {}))
         weights = torch.softmax(S.masked_fill(~keep, float("-inf")), dim=-1)
     weights = torch.nan_to_num(weights, nan=0.0)  # rows with no allowed key (fully padded queries)
     if dropout and module.training:
@@ -234,6 +234,7 @@ def save_gates(model, out_dir: str | Path, extra: dict | None = None) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in ctl.gates.state_dict().items()}
     tmp = out / (GATE_WEIGHTS + ".tmp")
     save_file(state, str(tmp))
+    follow_umask(tmp)  # safetensors creates its files 0600
     tmp.replace(out / GATE_WEIGHTS)
     cfg = model.config
     write_json(out / GATE_META, dict(format="gatelab-hf-gate-v1", base_model=getattr(cfg, "_name_or_path", ""),
@@ -316,14 +317,21 @@ def load_pretrained(path: str | Path, gguf_file: str | None = None, dtype=torch.
     return model.to(device).eval(), tok
 
 
-def encode_corpus(tokenizer, corpus: str = "bundled", split: str = "validation", source: str | None = None) -> list:
-    """A corpus split tokenised with the model's own tokenizer, documents separated by its EOS token."""
-    from .data import corpus_documents
+def encode_corpus(tokenizer, corpus: str = "bundled", split: str = "validation", source: str | None = None,
+                  context: int = 512) -> list:
+    """A corpus split tokenised with the model's own tokenizer, documents separated by its EOS token. A text
+    corpus is split as `gatelab prepare` splits it for `context` (by document, or by tokens when its documents
+    are too few or too long: data.split_tokens)."""
+    from .data import corpus_documents, split_tokens
     eos = tokenizer.eos_token_id
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if corpus == "text":
+        docs = [(doc_split, encode(text)) for doc_split, text in corpus_documents(corpus, source)]
+        return split_tokens(corpus, docs, eos, context)[0][split]
     ids: list[int] = []
     for doc_split, text in corpus_documents(corpus, source):
         if doc_split == split:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids.extend(encode(text))
             if eos is not None:
                 ids.append(eos)
     if len(ids) < 2:

@@ -292,7 +292,13 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
     out, runs = Path(out or "results/pretrained"), Path(runs or "runs/pretrained")
     dev = resolve_device(device)
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(model_path), **(dict(gguf_file=gguf) if gguf else {}))
+    if not Path(model_path).exists():
+        raise GatelabError(f"model {model_path} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_path), **(dict(gguf_file=gguf) if gguf else {}))
+    except Exception as e:  # noqa: BLE001 - missing files, no gguf package...
+        raise GatelabError(f"cannot load the tokenizer of {model_path}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
     train_ids = cached_ids(tok, "train", runs / "tokens" / "train.npy")
     val_ids = cached_ids(tok, "validation", runs / "tokens" / "validation.npy")
     name = Path(model_path).name + (f"/{gguf}" if gguf else "")

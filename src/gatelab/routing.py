@@ -114,15 +114,51 @@ def soft_gate_statistics(gate: BilinearGate, x: torch.Tensor, routing: Routing) 
                 gate_grad_norm=float(torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads))) if grads else None)
 
 
-def fixed_random_scores(layer: int, n_head: int, T: int, S: int, seed: int) -> torch.Tensor:
-    """(n_head, T, S) uniform scores from (seed, layer) on the CPU generator, identical on every device: their
-    top-k is random-topk's fixed subset."""
-    g = torch.Generator().manual_seed(1_000_003 * seed + layer)
-    return torch.rand(n_head, T, S, generator=g)
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+MAX_RANDOM_KEYS = 1 << 32  # positions are hashed as 32-bit integers
+
+
+def _mix32(x):
+    """A bijection of 32-bit integers with strong avalanche (Wellons' lowbias32, the 2022 constants), on Python
+    ints or int64 tensors. Both multipliers are below 2^31, so x * c < 2^63 never overflows int64: the result is
+    exact integer arithmetic, the same on CPU and CUDA."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def _absorb(h, value):
+    """Hash `value` (a 32-bit int or int64 tensor) into the running hash h."""
+    return _mix32(((h ^ value) + _GOLDEN) & _M32)
+
+
+def fixed_random_scores(layer: int, n_head: int, T: int, S: int, seed: int, row_offset: int | None = None,
+                        device=None) -> torch.Tensor:
+    """(n_head, T, S) scores in [0, 1) whose row-wise top-k is random-topk's fixed subset.
+
+    Score (head h, query position i, key position j) is a counter-based hash of (seed, layer, h, i, j), so it
+    does not depend on the sequence length: a prefix of a sequence gets the rows (and subsets) of the full
+    sequence. Queries sit at positions row_offset .. row_offset + T - 1 (default S - T: the last T of the S keys,
+    as with a KV cache). Computed in int64 integer arithmetic, so identical on every device; within a row the
+    scores are distinct (the last mixing step is a bijection of the key position), so top-k has no ties."""
+    offset = S - T if row_offset is None else row_offset
+    if offset < 0 or offset + T > MAX_RANDOM_KEYS or S > MAX_RANDOM_KEYS:
+        raise GatelabError(f"random-topk: positions must lie in [0, {MAX_RANDOM_KEYS}), got rows {offset}.."
+                           f"{offset + T - 1} of {S} keys")
+    base = _absorb(_absorb(_mix32(_GOLDEN), seed & _M32), (seed >> 32) & _M32)
+    base = _absorb(base, layer & _M32)
+    arange = lambda n, start=0: torch.arange(start, start + n, dtype=torch.int64, device=device)  # noqa: E731
+    heads = _absorb(torch.full((n_head, 1, 1), base, dtype=torch.int64, device=device), arange(n_head)[:, None, None])
+    rows = _absorb(heads, arange(T, offset)[None, :, None])  # (H, T, 1)
+    keys = _absorb(rows, arange(S)[None, None, :])  # (H, T, S), distinct within each row
+    return keys.to(torch.float64) / float(1 << 32)
 
 
 class RandomMaskCache:
-    """Fixed random top-k subsets per (layer, head, row), drawn from a seed, cached per size and device."""
+    """Fixed random top-k subsets per (layer, head, row), from a seed, cached per size and device."""
 
     def __init__(self):
         self._cache: dict = {}
@@ -130,16 +166,18 @@ class RandomMaskCache:
     def get(self, layer: int, n_head: int, T: int, k: int, seed: int, device) -> torch.Tensor:
         key = (layer, n_head, T, k, seed, str(device))
         if key not in self._cache:
-            scores = fixed_random_scores(layer, n_head, T, T, seed)
-            self._cache[key] = topk_keep_mask(scores, k, causal_mask(T, "cpu")).to(device)
+            scores = fixed_random_scores(layer, n_head, T, T, seed, device=device)
+            self._cache[key] = topk_keep_mask(scores, k, causal_mask(T, device))
         return self._cache[key]
 
 
 def hard_topk_keep(routing: Routing, allowed: torch.Tensor, *, logits, gate_scores, layer: int, shape,
-                   device) -> torch.Tensor:
+                   device, random_cache: dict | None = None) -> torch.Tensor:
     """The keep-mask of a hard routing mode: the k largest of its scores among the allowed keys.
     logits / gate_scores: callables returning S / G, called only by the mode that needs them;
-    shape: (B, H, T, S) of the attention scores."""
+    shape: (B, H, T, S) of the attention scores. random_cache: a dict in which random-topk keeps its last
+    keep-mask per (layer, size, k, seed, device), reused while the allowed keys are the same (its scores are a
+    hash of the positions, cheap on a GPU but not free on a CPU)."""
     B, H, T, S = shape
     mode = routing.mode
     if mode == "oracle-topk":
@@ -147,7 +185,17 @@ def hard_topk_keep(routing: Routing, allowed: torch.Tensor, *, logits, gate_scor
     elif mode == "gate-topk":
         scores = gate_scores()
     elif mode == "random-topk":
-        scores = fixed_random_scores(layer, H, T, S, routing.seed)[None].to(device)
+        key = (layer, H, T, S, routing.k, routing.seed, str(device))
+        hit = random_cache.get(key) if random_cache is not None else None
+        if hit is not None and hit[0].shape == allowed.shape and torch.equal(hit[0], allowed):
+            return hit[1]
+        keep = topk_keep_mask(fixed_random_scores(layer, H, T, S, routing.seed, device=device)[None], routing.k,
+                              allowed)
+        if random_cache is not None:
+            if len(random_cache) >= 8:
+                random_cache.clear()
+            random_cache[key] = (allowed.clone(), keep)
+        return keep
     elif mode == "stochastic":  # Gumbel top-k on equal logits = a uniformly random k-subset, fresh each call
         scores = torch.rand(B, H, T, S, device=device)
     else:

@@ -165,7 +165,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
     """
     cfg.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     done = out / "done.json"
     cfg_dict = to_dict(cfg)
     if done.is_file() and resume != "never":
@@ -173,22 +172,28 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
         if not same_run(summary.get("config", {}), cfg_dict):
             raise GatelabError(f"{out} holds a finished run with another config; choose another --out")
         return dict(summary, skipped=True)
-    from . import distributed
-    ctx = distributed.setup(cfg.device)
-    device = ctx.device
-    rows = ctx.rows(cfg.batch_size)
+    # everything the user gave is checked before the run directory is made
     train_data = TokenData(cfg.data, "train")
     val_data = TokenData(cfg.data, "validation")
+    train_data.check_trainable(cfg.model.context)
+    val_data.check_trainable(cfg.model.context)
     if train_data.vocab_size > cfg.model.vocab_size:
         raise GatelabError(f"the corpus's tokenizer has {train_data.vocab_size} tokens but model.vocab_size is "
                            f"{cfg.model.vocab_size}")
-    model = model.to(device) if model is not None else build_model(cfg, device)
-    opt = make_optimizer(model, cfg, device)
-    step = 0
+    if cfg.init_from and find_checkpoint(cfg.init_from) is None:
+        raise GatelabError(f"init_from: {cfg.init_from} is not a gatelab checkpoint")
     ckpt_dir = out / "checkpoint"
     found = find_checkpoint(ckpt_dir) if resume != "never" else None
     if resume == "require" and found is None:
         raise GatelabError(f"--resume: {out} has no checkpoint to resume from")
+    from . import distributed
+    ctx = distributed.setup(cfg.device)
+    device = ctx.device
+    rows = ctx.rows(cfg.batch_size)
+    model = model.to(device) if model is not None else build_model(cfg, device)
+    opt = make_optimizer(model, cfg, device)
+    out.mkdir(parents=True, exist_ok=True)
+    step = 0
     if found is not None:
         trainer = read_trainer(found)
         if not same_run(trainer["config"], cfg_dict):
