@@ -66,6 +66,9 @@ check info "${GL[@]}" info
         echo "train-$path-$mode ${GL[*]} train --out $R/train-$path-$mode --quiet $flag ${TINY[*]} routing.mode=$mode routing.k=16 model.gate=$gate"
       fi
     done
+    for mode in block-oracle block-gate block-random block-soft; do
+      echo "train-$path-$mode ${GL[*]} train --out $R/train-$path-$mode --quiet $flag ${TINY[*]} routing.mode=$mode routing.block_size=16 routing.block_k=2 model.block_gate=learned"
+    done
   done
 } | pool
 
@@ -81,6 +84,7 @@ BASE=$R/train-fast-dense/checkpoint
       echo "distill-$path-task-$reading ${GL[*]} distill $BASE --loss task --reading $reading --k 16 --d-gate 16 --steps 6 --batch-size 4 --out $R/distill-$path-task-$reading --quiet $flag eval_every=3 eval_tokens=2048"
     done
   done
+  echo "distill-block-kl ${GL[*]} distill $BASE --loss kl --block-size 16 --block-k 2 --d-gate 16 --steps 6 --batch-size 4 --out $R/distill-block-kl --quiet"
   echo "distill-task-random-control ${GL[*]} distill $BASE --loss task --random-control --k 16 --d-gate 16 --out $R/distill-random-control --quiet"
 } | pool
 
@@ -94,6 +98,7 @@ BASE=$R/train-fast-dense/checkpoint
   for loss in kl bce; do
     echo "eval-gate-$loss ${GL[*]} eval $BASE --gate $R/distill-fast-$loss --routing dense,oracle-topk,gate-topk --k 8,16,32 --max-tokens 4096 --quiet"
   done
+  echo "eval-block-gate ${GL[*]} eval $BASE --gate $R/distill-block-kl --routing dense,block-gate,block-oracle,block-random --block-k 1,2 --max-tokens 4096 --quiet"
   echo "analyze-gate ${GL[*]} analyze $BASE --gate $R/distill-fast-kl --k 8,16 --batches 2 --batch-size 4 --out $R/analyze-gate"
   echo "analyze-own ${GL[*]} analyze $R/train-fast-soft-sigmoid-learned/checkpoint --k 16 --batches 2 --batch-size 4 --out $R/analyze-own"
   echo "audit-gate ${GL[*]} audit $BASE --gate $R/distill-fast-kl --k 16 --max-tokens 4096"
@@ -116,6 +121,10 @@ HF=(--model "$R/tiny-llama" --context 128)
   for reading in "${READINGS[@]}"; do
     echo "hf-distill-task-$reading ${GL[*]} hf-distill ${HF[*]} --loss task --reading $reading --k 16 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-task-$reading --quiet"
   done
+  for pos in rope qk; do
+    echo "hf-distill-kl-$pos ${GL[*]} hf-distill ${HF[*]} --loss kl --position $pos --k 16 --d-gate 16 --steps 4 --batch-size 2 --eval-every 2 --patience 2 --out $R/hf-kl-$pos --quiet"
+  done
+  echo "hf-distill-block ${GL[*]} hf-distill ${HF[*]} --loss kl --block-size 16 --block-k 2 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-block --quiet"
   echo "hf-distill-task-unfrozen ${GL[*]} hf-distill ${HF[*]} --loss task --k 16 --d-gate 16 --steps 4 --batch-size 2 --unfreeze-layers 1,2 --out $R/hf-task-unfrozen --quiet"
 } | pool
 {
@@ -123,6 +132,11 @@ HF=(--model "$R/tiny-llama" --context 128)
   for reading in "${READINGS[@]}"; do
     echo "hf-eval-task-$reading ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-task-$reading --routing soft-gate --reading $reading --k 16 --max-tokens 4096 --quiet"
   done
+  for pos in rope qk; do
+    echo "hf-eval-gate-$pos ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-kl-$pos --position $pos --routing gate-topk,soft-gate --k 16 --max-tokens 4096 --quiet"
+  done
+  echo "hf-eval-block ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block --routing dense,block-gate,block-oracle,block-random,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
+  echo "hf-audit-rope ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl-rope --k 16 --max-tokens 4096"
   echo "hf-audit ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl --k 16 --max-tokens 4096"
 } | pool
 check hf-reproduce-smoke "${GL[@]}" reproduce --suite pretrained --protocol smoke --model "$R/tiny-llama" --out "$R/hf-suite" --runs "$R/hf-suite-runs" --quiet
