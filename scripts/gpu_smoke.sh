@@ -5,6 +5,7 @@
 # routing, model, train, distill, hf or kernels, and commit its output.
 #
 #   bash scripts/gpu_smoke.sh [OUT_DIR]        # default /tmp/gatelab-gpu-smoke; JOBS=N checks at a time (default 6)
+#   ONLY='^(prepare|hf-.*)$' bash scripts/gpu_smoke.sh   # only the checks whose names match (their inputs too)
 #
 # Writes OUT_DIR/summary.md (one line per check: PASS/FAIL, seconds) and OUT_DIR/logs/<check>.log, and exits
 # non-zero if any check failed. Works on CPU too (slowly, and then it proves nothing about CUDA).
@@ -29,8 +30,9 @@ reading_overrides() {  # the routing.* overrides of a soft-gate reading
   esac
 }
 
-check() {  # check NAME CMD...: run CMD, log it, record PASS/FAIL with its time
+check() {  # check NAME CMD...: run CMD, log it, record PASS/FAIL with its time (ONLY=REGEX: only matching names)
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return 0; fi
   local t0=$SECONDS
   if "$@" >"$OUT/logs/$name.log" 2>&1; then echo "PASS $name $((SECONDS - t0))" >>"$OUT/results.txt"
   else echo "FAIL $name $((SECONDS - t0))" >>"$OUT/results.txt"; tail -5 "$OUT/logs/$name.log" | sed "s/^/  [$name] /"; fi

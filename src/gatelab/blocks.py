@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GatelabError, Routing
-from .routing import soft_gate_mask, topk_keep_mask
+from .routing import fixed_random_scores, soft_gate_mask, topk_keep_mask
 
 BACKENDS = ("auto", "flex", "masked")
 
@@ -120,22 +120,12 @@ def select_blocks(scores: torch.Tensor, block_k: int) -> torch.Tensor:
     return keep | torch.eye(nb, dtype=torch.bool, device=scores.device)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """An integer hash on int64 tensors holding 32-bit values (xor-shift and multiply rounds)."""
-    for _ in range(2):
-        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
+@torch.compiler.disable  # integer hashing with 32-bit constants: eager, outside compiled graphs (and CUDA graphs)
 def block_random_scores(layer: int, n_head: int, nb: int, seed: int, device) -> torch.Tensor:
-    """(1, H, nb, nb) uniform scores in [0, 1), a hash of (seed, layer, head, query block, key block): the same on
-    every device and for every sequence length, so block-random's choice for a query block never depends on T."""
-    idx = lambda n: torch.arange(n, dtype=torch.int64, device=device)  # noqa: E731
-    x = _mix32(torch.full((1,), (seed * 1_000_003 + layer) & 0xFFFFFFFF, dtype=torch.int64, device=device))
-    x = _mix32(x ^ idx(n_head)[:, None, None])
-    x = _mix32(x ^ (idx(nb)[None, :, None] * 0x9E3779B1 & 0xFFFFFFFF))
-    x = _mix32(x ^ (idx(nb)[None, None, :] * 0x85EBCA77 & 0xFFFFFFFF))
-    return (x.float() / 2 ** 32)[None]
+    """(1, H, nb, nb) uniform scores in [0, 1): random-topk's counter hash (routing.fixed_random_scores) of (seed,
+    layer, head, query block, key block), the same on every device and for every sequence length, so block-random's
+    choice for a query block never depends on T."""
+    return fixed_random_scores(layer, n_head, nb, nb, seed, row_offset=0, device=device).float()[None]
 
 
 def _repeat_kv(t: torch.Tensor, n_head: int) -> torch.Tensor:

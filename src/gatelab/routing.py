@@ -163,6 +163,7 @@ class RandomMaskCache:
     def __init__(self):
         self._cache: dict = {}
 
+    @torch.compiler.disable  # computed eagerly once: a cached tensor must not be a compiled graph's (CUDA-graph) output
     def get(self, layer: int, n_head: int, T: int, k: int, seed: int, device) -> torch.Tensor:
         key = (layer, n_head, T, k, seed, str(device))
         if key not in self._cache:
