@@ -67,3 +67,16 @@ def test_gpus_beyond_the_visible_ones_is_refused():
     with pytest.raises(GatelabError, match="GPU"):
         workers_for(64, "auto")
     assert workers_for(3, "cpu") == ["cpu"] * 3 and workers_for(1, "cpu") is None
+
+
+def test_reproduce_runs_default_under_out():
+    from pathlib import Path
+
+    from gatelab.reproduce import output_folders
+    assert output_folders(None, None, "smoke") == (Path("results/smoke"), Path("runs/smoke"))
+    assert output_folders("/tmp/x", None, "smoke") == (Path("/tmp/x"), Path("/tmp/x/runs"))
+    assert output_folders("/tmp/x", "/ckpt", "smoke") == (Path("/tmp/x"), Path("/ckpt"))
+    assert output_folders(None, "/ckpt", "pretrained") == (Path("results/pretrained"), Path("/ckpt"))
+    from gatelab.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "OUT/runs" in sub.choices["reproduce"].format_help()

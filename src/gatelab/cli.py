@@ -498,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=POS_INT, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
     p.add_argument("--steps", type=POS_INT, help="override the end-to-end training steps of the protocol (a quick look; "
                    "write it to another --out)")
-    p.add_argument("--out", help="results folder (default results/PROTOCOL)")
-    p.add_argument("--runs", help="checkpoint folder, kept out of git (default runs/PROTOCOL)")
+    p.add_argument("--out", help="results folder (default results/PROTOCOL, or results/pretrained)")
+    p.add_argument("--runs", help="checkpoint folder (default OUT/runs when --out is given, else runs/PROTOCOL or "
+                   "runs/pretrained; every folder named runs/ is kept out of git)")
     p.add_argument("--device", default="auto")
     p.add_argument("--budget-minutes", type=POS_FLOAT, help="start no new unit after this many minutes")
     p.add_argument("--gpus", type=_gpus, default=None, help="run independent units concurrently, one process per GPU: a number "

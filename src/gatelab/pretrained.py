@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import GatelabError, Routing, soft_gate_routing, write_text
-from .reproduce import UnitSuite
+from .reproduce import UnitSuite, output_folders
 
 PAPER = {  # Qwen3-1.7B, from SPEC.md
     "table9": {64: (11.57, 11.52), 128: (11.53, 11.52), 256: (11.52, 11.52)},  # oracle, dense
@@ -236,7 +236,7 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
     if task_steps is not None:
         from dataclasses import replace
         p = replace(p, task_steps=task_steps)
-    out, runs = Path(out or "results/pretrained"), Path(runs or "runs/pretrained")
+    out, runs = output_folders(out, runs, "pretrained")
     dev = resolve_device(device)
     from transformers import AutoTokenizer
     if not Path(model_path).exists():
