@@ -231,7 +231,9 @@ class Suite(UnitSuite):
                     worker = free.pop(0)
                     env = dict(os.environ, PYTHONUNBUFFERED="1")
                     device = self.device
-                    if worker != "cpu":
+                    if worker == "cpu":  # CPU workers share the cores instead of each taking all of them
+                        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(workers))))
+                    else:
                         env["CUDA_VISIBLE_DEVICES"] = worker
                         device = "cuda" if self.device in ("auto", "cuda") else self.device
                     cmd = [sys.executable, "-m", "gatelab", "reproduce", "--protocol", self.p.name, "--only",
