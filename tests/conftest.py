@@ -49,3 +49,24 @@ def tiny_train_config(data, **kw) -> TrainConfig:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def prepared_bundled():
+    """The bundled corpus tokenised where gatelab keeps it (data/prepared/bundled in the checkout), once per
+    session and only when it is not current already."""
+    from gatelab.data import REPO_ROOT, prepare
+    folder = REPO_ROOT / "data" / "prepared" / "bundled"
+    prepare("bundled", folder, progress=False)
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, prepared_bundled):
+    """A fresh working directory whose data/prepared/bundled is the session's prepared bundled corpus (a link),
+    so that end-to-end tests (demo, reproduce) read the relative paths they use and write only here."""
+    link = tmp_path / "data" / "prepared" / "bundled"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(prepared_bundled, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

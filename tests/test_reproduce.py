@@ -1,16 +1,35 @@
-"""The reproduction suite end to end on the smoke protocol: units, skip-finished, report."""
+"""The reproduction suite end to end on the smoke protocol: units, skip-finished, report.
+
+These tests run the smoke protocol's units at a smaller size than `gatelab reproduce --protocol smoke` (fewer
+steps, batch 2, 256 evaluation tokens): a step of its tiny model is dominated by the 50,257-way output head, and
+the pipeline, not the numbers, is what they check."""
 import json
+from dataclasses import replace
 
-from gatelab.reproduce import reproduce
+import pytest
+import torch
+
+import gatelab.reproduce as reproduce_module
+from gatelab.reproduce import PROTOCOLS, reproduce
+
+SMALLER = dict(steps=4, batch_size=2, eval_every=2, eval_tokens=256, distill_steps=3, task_steps=3,
+               task_eval_every=1, warmup_steps=1)
 
 
-def test_smoke_protocol_runs_resumes_and_reports(tmp_path):
-    out, runs = tmp_path / "results", tmp_path / "runs"
-    first = reproduce("smoke", out=str(out), runs=str(runs), only=["baseline", "exp2"], progress=False)
+@pytest.fixture
+def small_smoke(monkeypatch):
+    monkeypatch.setitem(reproduce_module.PROTOCOLS, "smoke", replace(PROTOCOLS["smoke"], **SMALLER))
+
+
+def test_smoke_protocol_runs_resumes_and_reports(workdir, small_smoke):
+    out = workdir / "results"
+    first = reproduce("smoke", out=str(out), only=["baseline", "exp2"], progress=False, device="cpu")
     assert set(first) == {"dense", "exp2-hard-learned", "exp2-hard-random", "exp2-gradient-check"}
     assert all(s.startswith("ran") for s in first.values())
+    assert (out / "runs" / "dense" / "checkpoint" / "model.safetensors").is_file()  # --runs defaults to OUT/runs
+    assert not (workdir / "runs").exists()
     # a second, full run skips what is finished and runs the rest
-    status = reproduce("smoke", out=str(out), runs=str(runs), progress=False)
+    status = reproduce("smoke", out=str(out), progress=False, device="cpu")
     assert len(status) == 39
     assert all(status[n] == "done (skipped)" for n in first)
     assert sum(s.startswith("ran") for s in status.values()) == 35
@@ -40,10 +59,11 @@ def test_smoke_protocol_runs_resumes_and_reports(tmp_path):
     assert next(g for g in grads if g["routing"] == "gate-topk")["exactly_zero"]
 
 
-def test_demo_main_job_runs(tmp_path, monkeypatch):
-    """The README's main job, shortened: prepare the bundled corpus, train both models, print the table."""
+def test_demo_main_job_runs(workdir):
+    """The README's main job, shortened: prepare the bundled corpus (here already current), train both models,
+    print the table."""
     from gatelab.experiments import run_demo
-    monkeypatch.chdir(tmp_path)
+    tmp_path = workdir
     table = run_demo(tmp_path / "demo", steps=2, progress=False, eval_tokens=1024)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "val_ppl" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| dense"] * 3 + ["| soft-gate-learned"] * 5
@@ -51,14 +71,22 @@ def test_demo_main_job_runs(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["rows"][0]["tokens"] == 1024
 
 
-def test_sweep_over_two_workers_matches_the_sequential_run(tmp_path):
+def test_sweep_over_two_workers_matches_the_sequential_run(workdir, monkeypatch, request):
     """`--gpus 2 --device cpu`: units as child processes on two workers, each as soon as its dependency is done;
-    the results equal the in-process run's, and a second sweep skips everything."""
+    the results equal the in-process run's, and a second sweep skips everything. (--steps 4, which the children
+    are given too, keeps it short.)"""
+    tmp_path = workdir
     only = ["baseline", "table4"]
+    # one thread here and in each child, so that float sums run in the same order (an MKL product may change
+    # with the number of threads); the children would otherwise get cores // workers threads each
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     seq = reproduce("smoke", out=str(tmp_path / "seq"), runs=str(tmp_path / "seq-runs"), only=only, progress=False,
-                    device="cpu", report=False)
+                    device="cpu", report=False, steps=4)
     par = reproduce("smoke", out=str(tmp_path / "par"), runs=str(tmp_path / "par-runs"), only=only, progress=False,
-                    device="cpu", report=False, gpus=2)
+                    device="cpu", report=False, gpus=2, steps=4)
     assert set(par) == set(seq) == {"dense", "table4-kl-8", "table4-kl-16", "table4-kl-32"}
     assert all(s.startswith("ran") and s.endswith("on cpu") for s in par.values()), par
     for name in seq:
@@ -67,7 +95,7 @@ def test_sweep_over_two_workers_matches_the_sequential_run(tmp_path):
         assert a["evals"] == b["evals"], name
     assert (tmp_path / "par-runs" / "logs" / "table4-kl-8.log").is_file()
     again = reproduce("smoke", out=str(tmp_path / "par"), runs=str(tmp_path / "par-runs"), only=only, progress=False,
-                      device="cpu", report=False, gpus=2)
+                      device="cpu", report=False, gpus=2, steps=4)
     assert all(s == "done (skipped)" for s in again.values())
 
 
@@ -82,3 +110,16 @@ def test_gpus_beyond_the_visible_ones_is_refused():
     assert workers_for(None, "cpu", per_gpu=2) == ["cpu"] * 2 and workers_for(2, "cpu", per_gpu=2) == ["cpu"] * 4
     with pytest.raises(GatelabError, match="jobs-per-gpu"):
         workers_for(None, "cpu", per_gpu=0)
+
+
+def test_reproduce_runs_default_under_out():
+    from pathlib import Path
+
+    from gatelab.reproduce import output_folders
+    assert output_folders(None, None, "smoke") == (Path("results/smoke"), Path("runs/smoke"))
+    assert output_folders("/tmp/x", None, "smoke") == (Path("/tmp/x"), Path("/tmp/x/runs"))
+    assert output_folders("/tmp/x", "/ckpt", "smoke") == (Path("/tmp/x"), Path("/ckpt"))
+    assert output_folders(None, "/ckpt", "pretrained") == (Path("results/pretrained"), Path("/ckpt"))
+    from gatelab.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "OUT/runs" in sub.choices["reproduce"].format_help()

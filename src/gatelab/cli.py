@@ -611,14 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=POS_INT, help="--suite pretrained: the step cap of the units trained until the "
                    "held-out objective stops improving (pos-*, table6-VARIANT-*; default: the protocol's, 800)")
     p.add_argument("--seeds", type=POS_INT, help="seeds for Experiment 1 and Table 5 (default: the protocol's, 3)")
-    p.add_argument("--steps", type=POS_INT, help="override the end-to-end training steps of the protocol (a quick look; "
-                   "write it to another --out)")
-    p.add_argument("--out", help="results folder (default results/PROTOCOL)")
-    p.add_argument("--runs", help="checkpoint folder, kept out of git (default runs/PROTOCOL)")
+    p.add_argument("--steps", type=POS_INT, help="override the end-to-end training steps of the protocol (a quick "
+                   "look; write it to another --out)")
+    p.add_argument("--out", help="results folder (default results/PROTOCOL, or results/pretrained)")
+    p.add_argument("--runs", help="checkpoint folder (default OUT/runs when --out is given, else runs/PROTOCOL or "
+                   "runs/pretrained; every folder named runs/ is kept out of git)")
     p.add_argument("--device", default="auto")
     p.add_argument("--budget-minutes", type=POS_FLOAT, help="start no new unit after this many minutes")
-    p.add_argument("--gpus", type=_gpus, default=None, help="run independent units concurrently, one process per GPU: a number "
-                   "or 'all' visible GPUs (default 1: in this process); with --device cpu, that many CPU processes")
+    p.add_argument("--gpus", type=_gpus, default=None, help="run independent units concurrently, one process per "
+                   "GPU: a number or 'all' visible GPUs (default 1: in this process); with --device cpu, that many CPU "
+                   "processes, sharing the cores")
     p.add_argument("--jobs-per-gpu", type=POS_INT, default=1, help="units run concurrently on each GPU (default 1); "
                    "the 31M model's units leave most of an H100 idle, so 3-4 finish a sweep sooner")
     p.add_argument("--no-report", action="store_true", help="do not rebuild REPORT.md (gatelab report does)")

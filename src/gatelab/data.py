@@ -305,9 +305,9 @@ def _source_id(corpus: str, source: str | None) -> str:
     h = hashlib.sha256(corpus.encode())
     if corpus == "bundled":
         h.update((BUNDLED_DIR / "MANIFEST.json").read_bytes())
-    else:  # text read since BOMs and CR line ends are normalised: prepared again once
-        h.update(b"normalised-text-v2")
-    if corpus != "bundled" and source:
+        return h.hexdigest()[:16]
+    h.update(b"normalised-text-v2")  # text read since BOMs and CR line ends are normalised: prepared again once
+    if source:
         p = Path(source)
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
@@ -326,7 +326,8 @@ def sample_windows(tokens, step: int, batch_size: int, context: int, seed: int, 
     import torch
     rng = np.random.default_rng([seed, step, 0])
     # starts < len - context - 1 (kept so that batches stay what they were); a split of exactly one window has one
-    starts = rng.integers(0, max(1, len(tokens) - context - 1), size=batch_size)[rows if rows is not None else slice(None)]
+    starts = rng.integers(0, max(1, len(tokens) - context - 1), size=batch_size)
+    starts = starts[rows if rows is not None else slice(None)]
     win = torch.from_numpy(np.stack([np.asarray(tokens[s:s + context + 1]) for s in starts]).astype(np.int64))
     return win[:, :-1], win[:, 1:]
 

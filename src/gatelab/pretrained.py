@@ -27,7 +27,7 @@ import torch
 
 from .config import DEFAULT_READING, GatelabError, Routing, soft_gate_routing, write_text
 from .hf_gates import DEFAULT_POSITION, POSITIONS, check_position
-from .reproduce import UnitSuite
+from .reproduce import UnitSuite, output_folders
 
 PAPER = {  # Qwen3-1.7B, from SPEC.md
     "table9": {64: (11.57, 11.52), 128: (11.53, 11.52), 256: (11.52, 11.52)},  # oracle, dense
@@ -289,7 +289,7 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
         if max_steps < 1:
             raise GatelabError(f"--max-steps must be at least 1, got {max_steps}")
         p = replace(p, converge_max_steps=max_steps)
-    out, runs = Path(out or "results/pretrained"), Path(runs or "runs/pretrained")
+    out, runs = output_folders(out, runs, "pretrained")
     dev = resolve_device(device)
     from transformers import AutoTokenizer
     if not Path(model_path).exists():

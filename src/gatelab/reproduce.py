@@ -273,7 +273,9 @@ class Suite(UnitSuite):
                     worker = free.pop(0)
                     env = dict(os.environ, PYTHONUNBUFFERED="1")
                     device = self.device
-                    if worker != "cpu":
+                    if worker == "cpu":  # CPU workers share the cores instead of each taking all of them
+                        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(workers))))
+                    else:
                         env["CUDA_VISIBLE_DEVICES"] = worker
                         device = "cuda" if self.device in ("auto", "cuda") else self.device
                     cmd = [sys.executable, "-m", "gatelab", "reproduce", "--protocol", self.p.name, "--only",
@@ -308,6 +310,14 @@ class Suite(UnitSuite):
                 proc.terminate()
             bar.close()
         return status
+
+
+def output_folders(out: str | None, runs: str | None, name: str) -> tuple[Path, Path]:
+    """(results, checkpoints) of a suite: results/NAME and runs/NAME by default; with only --out given, the
+    checkpoints go to OUT/runs, so that one folder holds the whole reproduction."""
+    if runs is None:
+        runs = Path(out) / "runs" if out else Path("runs") / name
+    return Path(out or Path("results") / name), Path(runs)
 
 
 def _worker_label(worker: str) -> str:
@@ -562,7 +572,8 @@ def reproduce(protocol: str, out: str | None = None, runs: str | None = None, on
     elif not (Path(p.data) / "meta.json").is_file():
         raise GatelabError(f"protocol {protocol} needs {p.corpus} prepared in {p.data}: run "
                            f"`gatelab prepare --corpus {p.corpus} --source DIR` first")
-    suite = Suite(p, out or f"results/{protocol}", runs or f"runs/{protocol}", progress=progress, device=device)
+    out, runs = output_folders(out, runs, protocol)
+    suite = Suite(p, out, runs, progress=progress, device=device)
     workers = workers_for(gpus, device, jobs_per_gpu)
     if workers:
         status = suite.run_parallel(workers, only, budget_s=budget_s,
