@@ -138,6 +138,12 @@ READING_FACTS = [
 ]
 
 
+def _at_step(curve, step: int):
+    """A validation curve's value at `step`, or at its last evaluation before it (short protocols such as smoke)."""
+    points = [(s, v) for s, v in (curve or []) if s <= step]
+    return max(points)[1] if points else None
+
+
 def reading_study(R: dict) -> dict:
     """Per reading: its measurements (seed 0), each fact's outcome (True / False / None = not measured), its score,
     and which reading the written rule chooses ("chosen"; None until every study unit has finished)."""
@@ -153,7 +159,7 @@ def reading_study(R: dict) -> dict:
                  exp1_random=_eval(random_, "soft-gate"),
                  exp1_learned_max_grad=learned.get("max_grad_norm") if learned else None,
                  table5_learned=_eval(t5l, "soft-gate"), table5_random=_eval(t5r, "soft-gate"),
-                 table5_learned_step500=dict(t5l["curve"]).get(500) if t5l and t5l.get("curve") else None,
+                 table5_learned_step500=_at_step(t5l.get("curve") if t5l else None, 500),
                  exp3_coadapted=_eval(e3, "gate-topk"))
         facts = {key: test(m) for key, _, _, test in READING_FACTS}
         readings[reading] = dict(measured=m, facts=facts, score=sum(v is True for v in facts.values()))
