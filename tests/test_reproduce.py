@@ -48,8 +48,9 @@ def test_smoke_protocol_runs_resumes_and_reports(workdir, small_smoke):
     assert 0.0 <= post["val_f1"] <= 1.0 and list(post["evals"]) == ["block-gate@b=8,k=2"]
     assert set(unit("block-on-dense")["evals"]) == {"dense", "block-oracle@b=8,k=2", "block-random@b=8,k=2"}
     assert "not run" not in report.split("## Table 5")[0]
-    # the study is complete, so the written rule chose a reading and the report says which
-    assert "The rule chooses `" in report and "The study is not complete" not in report
+    # the study is complete, so the written rule chose a reading and the report says which (on this tiny model it
+    # may differ from the default, which the report then flags)
+    assert "he rule chooses `" in report and "The study is not complete" not in report
     assert report.count("reproduced") >= 4
     assert (out / "figure2a_gate_only.png").stat().st_size > 1000
     assert (out / "units" / "fig1-concentration" / "concentration.png").is_file()
