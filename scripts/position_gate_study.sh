@@ -12,6 +12,9 @@
 #       bash scripts/position_gate_study.sh study 7        # until it prints "study: all units done"
 #   then, with the variant V the table picks (and hf_gates.DEFAULT_POSITION set to it):
 #       bash scripts/position_gate_study.sh table6 V 7     # Table 6 with V gates (BCE at k = 64/128/256)
+#   optionally Gemma-3-270M (carried with scripts/carry_gemma3.sh, five calls; /tmp/gemma3): Table 9 and the KL gates
+#   at d_gate 32 of the pre-RoPE variant and of V, into results/pretrained-gemma3/:
+#       bash scripts/position_gate_study.sh gemma V 7
 #
 # `study MINUTES` / `table6 V MINUTES` start no new unit after MINUTES (a unit takes about 1.5-2 minutes for a KL
 # gate, longer for BCE); a unit cut by the call's timeout resumes from its checkpoint in the next call while the
@@ -20,6 +23,10 @@
 # results/pretrained/ (`cp -r FILES_AT/pretrained/. results/pretrained/`) and rebuild the report with
 # `gatelab report --suite pretrained`.
 set -euo pipefail
+if [ "${1:-}" = gemma ]; then
+  MODEL=${MODEL:-/tmp/gemma3}; GGUF=${GGUF:-gemma-3-270m-q4_k_m.gguf}
+  RESULTS=${RESULTS:-results/pretrained-gemma3}; RUNS=${RUNS:-runs/pretrained-gemma3}
+fi
 MODEL=${MODEL:-/tmp/smollm2}
 GGUF=${GGUF:-SmolLM2-135M-Instruct.Q4_1.gguf}
 RESULTS=${RESULTS:-results/pretrained}  # PROTOCOL=smoke RESULTS=/tmp/x RUNS=/tmp/y: a quick CPU check of the commands
@@ -33,7 +40,7 @@ collect() {
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT/pretrained/units"
   cp "$RESULTS"/REPORT.md "$RESULTS"/*.png "$OUT/pretrained/" 2>/dev/null || true
-  for d in "$RESULTS"/units/pos-* "$RESULTS"/units/table6-*-bce-*; do
+  for d in "$RESULTS"/units/table9 "$RESULTS"/units/pos-* "$RESULTS"/units/table6-*-bce-*; do
     [ -f "$d/result.json" ] && cp -r "$d" "$OUT/pretrained/units/"
   done
   return 0
@@ -47,5 +54,8 @@ case "${1:-}" in
   table6)
     V=${2:?usage: $0 table6 none|rope|qk [MINUTES]}
     suite --position "$V" --only "table6-$V-bce" --budget-minutes "${3:-6}";;
-  *) echo "usage: $0 study [MINUTES] | table6 VARIANT [MINUTES]" >&2; exit 2;;
+  gemma)
+    V=${2:?usage: $0 gemma none|rope|qk [MINUTES]}
+    suite --only "table9,pos-none-kl-d32,pos-$V-kl-d32" --budget-minutes "${3:-6}";;
+  *) echo "usage: $0 study [MINUTES] | table6 VARIANT [MINUTES] | gemma VARIANT [MINUTES]" >&2; exit 2;;
 esac

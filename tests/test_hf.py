@@ -214,7 +214,8 @@ def test_task_loss_trains_through_the_reading_it_is_given(tmp_path, reading):
     from gatelab.hf import train_gates
     from gatelab.config import READINGS
     model = tiny("llama")
-    attach_gates(model, d_gate=8, init_std=1.0)  # large gate scores: the readings give clearly different losses
+    # large gate scores: the readings give clearly different losses (thresholds below measured on the pre-RoPE gate)
+    attach_gates(model, d_gate=8, init_std=1.0, position="none")
     set_trainable(model, layers=[])
     ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
     x, y = sample_windows(np.asarray(ids, dtype=np.int64), 0, 4, 32, 0)

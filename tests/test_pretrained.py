@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from gatelab.hf import attach_gates, set_trainable  # noqa: E402
+from gatelab.hf_gates import DEFAULT_POSITION  # noqa: E402
 from gatelab.pretrained import PROTOCOLS, PretrainedSuite, middle_layers, write_pretrained_report  # noqa: E402
 
 from .test_hf import tiny  # noqa: E402
@@ -35,6 +36,7 @@ def test_smoke_suite_runs_skips_and_reports(tmp_path):
     res = {n: json.loads((tmp_path / "out" / "units" / n / "result.json").read_text()) for n in suite.units}
     # Table 7: only the middle layer trains, and only it is gated; the random gate stays as initialised
     assert res["table7-learned"]["unfrozen_layers"] == [0] and res["table7-none"]["gate"] == "none"
+    assert res["table7-learned"]["position"] == "none"  # Tables 7-8 keep the paper's (pre-RoPE) gate form
     assert res["table8-n0-random"]["summary"] is None  # nothing trainable: evaluated, not trained
     assert len(res["table8-n1-learned"]["curve"]) == p.task_steps
     assert set(res["table6-kl-d4"]["evals"]) == {"gate-topk@k=4", "gate-topk@k=8"}
@@ -51,10 +53,11 @@ def test_smoke_suite_runs_skips_and_reports(tmp_path):
         assert len(r["val_f1_layers"]["4"]) == 2 and r["val_f1"]["4"] == pytest.approx(np.mean(r["val_f1_layers"]["4"]))
         gate = json.loads((tmp_path / "runs" / f"pos-{pos}-kl-d4" / "gate.json").read_text())
         assert gate["position"] == pos
-    assert res["table6-none-bce-d4-k8"]["position"] == "none" and res["table6-none-bce-d4-k8"]["k"] == 8
+    rerun = res[f"table6-{DEFAULT_POSITION}-bce-d4-k8"]  # Table 6 again, with the default variant
+    assert rerun["position"] == DEFAULT_POSITION and rerun["k"] == 8
     report = write_pretrained_report(tmp_path / "out", p).read_text()
     for heading in ("## Table 9", "## Table 6", "## Table 7", "## Table 8", "## Gate variants",
-                    "## Table 6 with none gates", "F1 at k = 4 per layer"):
+                    f"## Table 6 with {DEFAULT_POSITION} gates", "F1 at k = 4 per layer"):
         assert heading in report
     study = report.split("## Gate variants")[1].split("F1 at k = 4 per layer")[0]
     assert sum(line.startswith(("| none |", "| rope |", "| qk |")) for line in study.splitlines()) == 3 * 2

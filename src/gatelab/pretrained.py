@@ -217,7 +217,8 @@ class PretrainedSuite(UnitSuite):
         model = self.fresh_model()
         n_layers = model.config.num_hidden_layers
         layers = middle_layers(n_layers, prm["unfreeze"])
-        ctl = attach_gates(model, d_gate=self.p.d_gates[0], gate=prm["gate"])
+        # the paper's gate form (pre-RoPE), whatever DEFAULT_POSITION says: the committed Tables 7-8 used it
+        ctl = attach_gates(model, d_gate=self.p.d_gates[0], gate=prm["gate"], position="none")
         ctl.layers = set(layers) if prm["gated_layers"] == "unfrozen" else None
         names = set_trainable(model, layers=layers)
         soft = soft_gate_routing(prm["reading"], self.p.k)
@@ -228,7 +229,7 @@ class PretrainedSuite(UnitSuite):
         evals = {routing.label(): self.ppl(model, routing)}
         if prm["gate"] != "none":
             evals["dense (same weights)"] = self.ppl(model, Routing())
-        return dict(gate=prm["gate"], reading=prm["reading"], unfrozen_layers=layers, trained=names,
+        return dict(gate=prm["gate"], reading=prm["reading"], position="none", unfrozen_layers=layers, trained=names,
                     gated_layers=prm["gated_layers"], evals=evals, ppl=evals[routing.label()], **trained)
 
 
