@@ -135,3 +135,28 @@ def test_gap_closed_and_steps_taken():
     assert _gap_closed(60.0, t9, 128) is None
     assert _steps_taken(dict(summary=dict(steps=350, max_steps=1000, best_step=300))) == "350/1000 (best 300)"
     assert _steps_taken(dict(summary=dict(steps=500))) == "500"
+
+
+def _pos_unit(root, pos, d, ppls):
+    unit = root / "units" / f"pos-{pos}-kl-d{d}"
+    unit.mkdir(parents=True)
+    evals = {f"gate-topk@k={k}": v for k, v in ppls.items()}
+    (unit / "result.json").write_text(json.dumps(dict(table="positions", position=pos, d_gate=d, evals=evals)))
+
+
+def test_choose_position_follows_the_written_rule(tmp_path):
+    from gatelab.pretrained import choose_position, position_scores
+    t9 = tmp_path / "units" / "table9"
+    t9.mkdir(parents=True)
+    (t9 / "result.json").write_text(json.dumps(dict(table="table9", evals={"oracle-topk@k=64": 40.0,
+                                                                           "oracle-topk@k=128": 38.0})))
+    _pos_unit(tmp_path, "none", 32, {64: 60.0, 128: 45.0})
+    _pos_unit(tmp_path, "rope", 32, {64: 44.0, 128: 39.0})
+    assert choose_position(tmp_path) == DEFAULT_POSITION  # qk has not run: the default stays
+    _pos_unit(tmp_path, "qk", 32, {64: 44.5, 128: 40.0})
+    scores = position_scores(tmp_path)
+    assert scores["rope"] == pytest.approx(((44 / 40) * (39 / 38)) ** 0.5)
+    assert scores["qk"] == pytest.approx(((44.5 / 40) * (40 / 38)) ** 0.5)
+    assert choose_position(tmp_path) == "rope"  # 1.0625 < 1.0822 (qk) < 1.2990 (none)
+    _pos_unit(tmp_path, "qk", 64, {64: 41.0, 128: 38.5})
+    assert choose_position(tmp_path) == DEFAULT_POSITION  # unequal unit counts: the study is incomplete

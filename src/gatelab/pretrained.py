@@ -431,6 +431,39 @@ def _gap_closed(ppl: float | None, t9: dict | None, k: int) -> float | None:
     return None if rand is None or oracle is None or rand == oracle else (rand - ppl) / (rand - oracle)
 
 
+POSITION_RULE = ("the variant whose KL gates deploy closest to the oracle: the lowest geometric mean of deployed "
+                 "hard top-k perplexity / oracle top-k perplexity over every d_gate and k the study ran (Table 9's "
+                 "oracle); ties go to the earlier of none, rope, qk (the simpler gate). Chosen only when every "
+                 "variant has every unit; until then the default stays as it is.")
+
+
+def position_scores(out: str | Path) -> dict[str, float]:
+    """The score of POSITION_RULE per variant (geometric mean of ppl / oracle; lower is better), for the variants
+    whose pos-* units all finished, read from the units' result.json files under `out`."""
+    res = _results(Path(out))
+    oracle = (res.get("table9") or {}).get("evals", {})
+    scores: dict[str, float] = {}
+    for pos in POSITIONS:
+        units = [r for r in res.values() if r.get("table") == "positions" and r.get("position") == pos]
+        ratios = [r["evals"][key] / oracle[f"oracle-topk@k={key.split('=')[1]}"]
+                  for r in units for key in r.get("evals", {})
+                  if key.startswith("gate-topk@k=") and f"oracle-topk@k={key.split('=')[1]}" in oracle]
+        if units and ratios:
+            scores[pos] = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    return scores
+
+
+def choose_position(out: str | Path) -> str:
+    """The gate variant POSITION_RULE picks from the study under `out` (DEFAULT_POSITION while it is incomplete)."""
+    res = _results(Path(out))
+    counts = {pos: sum(r.get("table") == "positions" and r.get("position") == pos for r in res.values())
+              for pos in POSITIONS}
+    scores = position_scores(out)
+    if len(scores) < len(POSITIONS) or len(set(counts.values())) != 1:
+        return DEFAULT_POSITION
+    return min(POSITIONS, key=lambda pos: (round(scores[pos], 6), POSITIONS.index(pos)))
+
+
 def _steps_taken(r: dict) -> str:
     """'taken/cap (best B)' of a unit trained until its held-out objective stopped improving."""
     s = r.get("summary") or {}
@@ -475,6 +508,14 @@ def _position_tables(res: dict, p: PretrainedProtocol, t9: dict | None, out: Pat
                              train_min=_f((r.get("summary") or {}).get("train_s", 0) / 60, ".1f")))
     lines += [format_table(rows, ["variant", "d_gate", "k", "ppl", "oracle", "dense", "random", "vs_oracle",
                                   "gap_closed", "f1", "steps", "train_min"]), ""]
+    scores = position_scores(out)
+    chosen = choose_position(out)
+    lines += [f"The default variant, by the rule written before the study ran: {POSITION_RULE} Scores (lower is "
+              f"better): " + (", ".join(f"{pos} {v:.4f}" for pos, v in scores.items()) or "none yet") + ". "
+              + (f"Chosen: **{chosen}**" + ("" if chosen == DEFAULT_POSITION else
+                 f" (hf_gates.DEFAULT_POSITION is still {DEFAULT_POSITION}: set it to {chosen})")
+                 if len(scores) == len(POSITIONS) else f"Not every variant ran; the default stays {DEFAULT_POSITION}")
+              + ".", ""]
     # per-layer F1 at the protocol's k: where each variant gains or loses
     k = p.k
     cols = [r for r in sorted(study.values(), key=order) if r.get("val_f1_layers")]

@@ -416,7 +416,7 @@ def _block_section(R: dict, protocol) -> tuple[list[str], tuple | None]:
         return ["", "## Block routing (issue 14): absorbed like token routing?", "",
                 "not run (`gatelab reproduce --only block`)"], None
     bs, bk = getattr(protocol, "block_size", 32), getattr(protocol, "block_k", 2)
-    reading = getattr(protocol, "block_reading", "topk-sigmoid-renorm")
+    reading = getattr(protocol, "block_reading", DEFAULT_READING)
     steps = getattr(protocol, "block_steps", None) or protocol.steps
     context = (protocol.model or {}).get("context", 512)
     soft = [n for n in names if n.startswith("block-soft-")]

@@ -46,11 +46,12 @@ class Protocol:
     task_eval_every: int = 100
     note: str = ""
     # block routing (issue 14): the block absorption ablation's blocks, kept key blocks, steps (None: `steps`)
-    # and the soft block gate's reading (READINGS)
+    # and the soft block gate's reading (READINGS): the default reading, which the reading study chose, so the
+    # block ablation is compared with Experiment 1 under the same reading
     block_size: int = 32
     block_k: int = 2
     block_steps: int | None = None
-    block_reading: str = "topk-sigmoid-renorm"
+    block_reading: str = DEFAULT_READING
     block_seeds: int | None = None  # None: `seeds`
 
 
