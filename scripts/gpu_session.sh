@@ -12,6 +12,7 @@
 #        assembles SmolLM2 and starts the gate-variant study (pos-{none,rope,qk}, three processes), then Table 6
 #        with the variant the study picks (pretrained.choose_position) and Tables 7-8 under the default reading;
 #        beside them the block gate at 8K (scripts/block_gpu.sh smollm2, bench-model)
+#   (on a fresh machine, call 1 can be just: carry [".carry"], bash scripts/carry_smollm2.sh receive)
 #   later calls:                       bash scripts/gpu_session.sh wait 560
 #
 # Here: tar xzf FILES_AT/session.tgz -C /tmp/session, then copy units into results/ (see the README's commands).
@@ -47,11 +48,12 @@ collect() {  # everything finished so far -> $OUT/session.tgz, and a progress su
   ls "$REPO"/results/pretrained/units 2>/dev/null | grep -E "^pos-|^table6-.*-bce|^table[78]-" | tr '\n' ' '; echo
   ls -la "$OUT"
 }
+make_repo() { [ -d $REPO/src ] || { mkdir -p $REPO && tar --exclude=./.carry --exclude=./.whl -cf - . | tar -xf - -C $REPO; }; }
 wait_until() { while [ $((SECONDS - T0)) -lt "$1" ]; do sleep 10; done; }
 
 case "${1:-}" in
   start-31m)
-    mkdir -p $REPO && tar --exclude=./.carry --exclude=./.whl -cf - . | tar -xf - -C $REPO
+    make_repo
     bash scripts/carry_smollm2.sh receive
     (cd $REPO && PYTHONPATH=$REPO/src python -m gatelab prepare) || exit 1
     daemon compact "PYTHONPATH=$REPO/src python -m gatelab reproduce --protocol compact --only exp2,exp4,block \
@@ -59,6 +61,7 @@ case "${1:-}" in
     daemon smoke "PYTHONPATH=$REPO/src JOBS=${SMOKE_JOBS:-6} bash scripts/gpu_smoke.sh /tmp/smoke"
     wait_until "${2:-540}"; collect;;
   start-smollm2)
+    make_repo
     bash scripts/carry_smollm2.sh receive && bash scripts/carry_smollm2.sh assemble || exit 1
     cp -r .whl $REPO/ 2>/dev/null
     PT="PYTHONPATH=/tmp/site:$REPO/src python -m gatelab reproduce --suite pretrained --protocol compact \
