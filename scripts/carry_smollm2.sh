@@ -28,7 +28,8 @@ case "${1:-}" in
     echo "first part in .carry/; the second waits in .carry-stash/ (run '$0 next' after device call 1)";;
   next)
     rm -f .carry/smollm2.part-aa && mv .carry-stash/smollm2.part-ab .carry/;;
-  receive)
+  receive)  # parts may come gzipped (gzip -1 saves 4%, which a larger working tree may need)
+    for f in .carry/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
     mkdir -p /tmp/smollm2-parts && cp .carry/* /tmp/smollm2-parts/ && ls -la /tmp/smollm2-parts;;
   assemble)
     mkdir -p /tmp/smollm2 && cat /tmp/smollm2-parts/smollm2.part-* > "/tmp/smollm2/$GGUF"
