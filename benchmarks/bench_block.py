@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab.blocks import (BlockGate, block_sparse_attention, build_block_mask, compiled_flex,  # noqa: E402
-                            select_blocks)
+                            previous_block_rows, select_blocks)
 from gatelab.config import Routing  # noqa: E402
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
@@ -160,9 +160,10 @@ def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, check
             bk, achieved = block_k_for(nb, target)
             with torch.no_grad():
                 scores = gate(x, bs).float()
-                keep = select_blocks(scores, bk)
+                keep = select_blocks(previous_block_rows(scores), bk)
                 bm = build_block_mask(keep, bs, T)
-                mask_ms = timed(lambda: build_block_mask(select_blocks(gate(x, bs).float(), bk), bs, T), device,
+                mask_ms = timed(lambda: build_block_mask(select_blocks(previous_block_rows(gate(x, bs).float()), bk),
+                                                         bs, T), device,
                                 args.iters, args.warmup)[0]
                 fwd_ms, fwd_mib = timed(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), device, args.iters,
                                         args.warmup)

@@ -111,6 +111,18 @@ def earlier_blocks(nb: int, device) -> torch.Tensor:
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril(-1)
 
 
+def previous_block_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Causal block scores: row i becomes row i-1 (row 0, which has no earlier block to choose, is zeros).
+
+    A query block's own pooled row reads every token of the block, so choosing its key blocks by it lets a query's
+    output depend on later tokens of its block (measured by future_token_influence); trained end to end, a model
+    reads the future through that. Row i-1 (the previous, complete query block against key blocks j <= i-1) only
+    reads tokens every query of block i can see, and its entries cover exactly block i's earlier blocks j < i. Every
+    block selection (gate, soft gate, oracle) and the distillation targets go through this, so they stay one
+    consistent quantity."""
+    return F.pad(scores[..., :-1, :], (0, 0, 1, 0))
+
+
 def select_blocks(scores: torch.Tensor, block_k: int) -> torch.Tensor:
     """Keep-mask (..., nb, nb) over blocks: each query block's diagonal block and its block_k highest-scoring
     earlier blocks (all of them when it has block_k or fewer). scores: (..., nb, nb), e.g. (B, H, nb, nb)."""
@@ -266,7 +278,8 @@ def soft_block_attention(q, k, v, G: torch.Tensor, routing: Routing, allowed: to
     B, H, T, D = q.shape
     nb = G.shape[-1]
     earlier = earlier_blocks(nb, q.device)
-    log_m = soft_gate_mask(G.float(), replace(routing, mode="soft-gate", k=routing.block_k), earlier, log=True)
+    log_m = soft_gate_mask(previous_block_rows(G.float()), replace(routing, mode="soft-gate", k=routing.block_k),
+                           earlier, log=True)
     log_m = log_m.masked_fill(torch.eye(nb, dtype=torch.bool, device=q.device), 0.0)
     blk = torch.arange(T, device=q.device) // routing.block_size
     ok = token_causal(T, T, q.device) if allowed is None else token_causal(T, T, q.device) & allowed
@@ -298,9 +311,9 @@ def block_routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer
     if routing.mode == "block-soft":
         return soft_block_attention(q, k, v, gate_scores(), routing, allowed, scale)
     if routing.mode == "block-oracle":
-        scores = block_attention_mass(q.detach(), k.detach(), routing.block_size, allowed, scale)
+        scores = previous_block_rows(block_attention_mass(q.detach(), k.detach(), routing.block_size, allowed, scale))
     elif routing.mode == "block-gate":
-        scores = gate_scores()
+        scores = previous_block_rows(gate_scores())
     else:
         scores = block_random_scores(layer, q.shape[1], n_blocks(T, routing.block_size), routing.seed, q.device)
     keep = select_blocks(scores.detach(), routing.block_k)
@@ -353,7 +366,8 @@ def block_gate_objective(layers, objective: str, block_k: int) -> tuple[torch.Te
     if objective not in ("kl", "bce"):
         raise GatelabError(f"block gates distil with loss kl or bce, got {objective!r}")
     total, f1s = 0.0, []
-    for mass, G in layers:
+    for mass, G in layers:  # the rows selection uses: each query block's scores from the previous block
+        mass, G = previous_block_rows(mass), previous_block_rows(G)
         total = total + (block_kl(mass, G) if objective == "kl" else block_bce(mass, G, block_k))
         f1s.append(block_f1(mass, G, block_k))
     return total / len(f1s), sum(f1s) / len(f1s)
@@ -377,6 +391,15 @@ def block_distill_loss(model, x: torch.Tensor, objective: str, routing: Routing)
 
 
 BLOCK_GATE_FORMAT = "gatelab-block-gate-v1"
+# what a block gate's scores mean, recorded in saved gates: each query block ranked by the previous block's row
+# (previous_block_rows). Gates saved before it (own-row, not causal) have no such field and are refused.
+BLOCK_ROWS = "previous-block"
+
+
+def check_block_rows(meta: dict, path) -> None:
+    if meta.get("block_rows") != BLOCK_ROWS:
+        raise GatelabError(f"block gate {path} was distilled before block selection became causal (its gate.json has "
+                           f"no block_rows: {BLOCK_ROWS!r}); distil it again")
 
 
 def export_block_gate(model, cfg, out_dir):
@@ -399,7 +422,8 @@ def export_block_gate(model, cfg, out_dir):
                 base_sha256=sha256_file(base / MODEL_FILE) if base else None, n_layer=model.cfg.n_layer,
                 n_head=model.cfg.n_head, d_model=model.cfg.d_model, d_gate=model.cfg.d_gate,
                 block_pool=model.cfg.block_pool, block_size=cfg.routing.block_size, block_k=cfg.routing.block_k,
-                loss=cfg.objective, steps=cfg.steps, seed=cfg.seed, routing=to_dict(cfg.routing))
+                loss=cfg.objective, steps=cfg.steps, seed=cfg.seed, routing=to_dict(cfg.routing),
+                block_rows=BLOCK_ROWS)
     tmp = out / (GATE_WEIGHTS + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(out / GATE_WEIGHTS)
@@ -409,6 +433,7 @@ def export_block_gate(model, cfg, out_dir):
 
 def attach_block_gate(model, meta: dict, state: dict) -> dict:
     """Give every layer of the GPT the saved block gate (frozen); the checks of distill.attach_gate ran already."""
+    check_block_rows(meta, "(GPT block gate)")
     cfg = model.cfg
     device = next(model.parameters()).device
     for i, block in enumerate(model.blocks):

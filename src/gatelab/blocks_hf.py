@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import BlockGate, _repeat_kv, block_attention_mass, block_routed_attention, token_causal
+from .blocks import BLOCK_ROWS, BlockGate, _repeat_kv, block_attention_mass, block_routed_attention, token_causal
 from .config import GatelabError, Routing
 
 
@@ -44,7 +44,7 @@ def attach_block_gates(model, d_gate: int = 32, gate: str = "learned", pool: str
     model.gatelab_gates = gates
     ctl.gates, ctl.kind, ctl.d_gate = gates, gate, d_gate
     ctl.gate_type, ctl.block_size, ctl.block_backend = "block", block_size, backend
-    ctl.gate_meta = dict(gate_type="block", block_pool=pool, block_size=block_size)
+    ctl.gate_meta = dict(gate_type="block", block_pool=pool, block_size=block_size, block_rows=BLOCK_ROWS)
     for i, attn in enumerate(attns):
         attn._gatelab["gate"] = gates[i]
     return ctl

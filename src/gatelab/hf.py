@@ -278,7 +278,9 @@ def load_gates(model, path: str | Path, allow_other_base: bool = False,
         raise GatelabError(f"gate {path} was trained on other weights ({meta.get('base_model')}); "
                            f"pass allow_other_base=True to use it anyway")
     if meta.get("gate_type") == "block":
+        from .blocks import check_block_rows
         from .blocks_hf import attach_block_gates
+        check_block_rows(meta, path)
         ctl = attach_block_gates(model, d_gate=int(meta["d_gate"]), gate="random", pool=meta["block_pool"],
                                  block_size=int(meta["block_size"]))
     else:
