@@ -12,6 +12,7 @@
 #        assembles SmolLM2 and starts the gate-variant study (pos-{none,rope,qk}, three processes), then Table 6
 #        with the variant the study picks (pretrained.choose_position) and Tables 7-8 under the default reading;
 #        beside them the block gate at 8K (scripts/block_gpu.sh smollm2, bench-model)
+#   COMPACT_ONLY=block picks the compact experiments of start-31m; ONLY='regex' limits the smoke to those checks
 #   (on a fresh machine, call 1 can be just: carry [".carry"], bash scripts/carry_smollm2.sh receive)
 #   later calls:                       bash scripts/gpu_session.sh wait 560
 #
@@ -56,7 +57,7 @@ case "${1:-}" in
     make_repo
     bash scripts/carry_smollm2.sh receive
     (cd $REPO && PYTHONPATH=$REPO/src python -m gatelab prepare) || exit 1
-    daemon compact "PYTHONPATH=$REPO/src python -m gatelab reproduce --protocol compact --only exp2,exp4,block \
+    daemon compact "PYTHONPATH=$REPO/src python -m gatelab reproduce --protocol compact --only ${COMPACT_ONLY:-exp2,exp4,block} \
       --jobs-per-gpu ${COMPACT_JOBS:-8} --out /tmp/compact --runs /tmp/runs-compact --no-report --quiet"
     daemon smoke "PYTHONPATH=$REPO/src JOBS=${SMOKE_JOBS:-6} bash scripts/gpu_smoke.sh /tmp/smoke"
     wait_until "${2:-540}"; collect;;
