@@ -13,7 +13,9 @@ lookups, i.e. with the untied output head; L layers, T context, d width) against
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import statistics
 import sys
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab.config import ModelConfig, Routing, TrainConfig  # noqa: E402
+from gatelab import kernels  # noqa: E402
+from gatelab.config import READINGS, ModelConfig, Routing, TrainConfig, soft_gate_routing  # noqa: E402
 from gatelab.evaluate import autocast_for  # noqa: E402
 from gatelab.model import GPT  # noqa: E402
 from gatelab.distributed import Context  # noqa: E402
@@ -62,13 +65,43 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "eager-bf16": ("auto", False, False),  # gatelab's path before the fast path (bf16 autocast, eager)
     "compiled": ("auto", "default", True),  # torch.compile without CUDA graphs, fused output-head loss
     "fast": ("auto", "auto", True),  # the default on one GPU: bf16, torch.compile with CUDA graphs, fused loss
+    "fast-sort": ("auto", "auto", True),  # "fast" without kernels.py (row sort, scatter, explicit soft gate)
+    "fast-flexhard": ("auto", "auto", True),  # "fast" with hard keep-masks applied by flex_attention, not SDPA
     "compiled-unfused": ("auto", "default", False),  # profile_step.py only: what the fused loss replaces
 }
 
 
+@contextlib.contextmanager
+def variant_switches(variant: str):
+    """The kernels.py switches of a variant; compiled graphs are dropped around it so none is reused across."""
+    saved = os.environ.get("GATELAB_KERNELS"), kernels.HARD_ATTENTION
+    os.environ["GATELAB_KERNELS"] = "0" if variant in ("fast-sort", "eager-bf16", "reference") else "1"
+    kernels.HARD_ATTENTION = "flex" if variant == "fast-flexhard" else "sdpa"
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop("GATELAB_KERNELS", None)
+        else:
+            os.environ["GATELAB_KERNELS"] = saved[0]
+        kernels.HARD_ATTENTION = saved[1]
+
+
+def parse_mode(text: str, k: int) -> Routing:
+    """'soft-gate:topk-sigmoid' is the soft gate under a named reading; a plain mode name is Routing(mode, k)."""
+    mode, _, reading = text.partition(":")
+    if mode == "soft-gate" and reading:
+        return soft_gate_routing(reading, k)
+    if reading:
+        raise SystemExit(f"only soft-gate takes a reading (one of {', '.join(READINGS)}), got {text!r}")
+    return Routing(mode=mode, k=k)
+
+
 def train_step(mcfg: dict, routing: Routing, batch: int, device, variant: str):
     """gatelab's own training step (the objective module `train` builds, backward, clipping, fused AdamW) on a
-    fixed random batch. Returns (step function, model, torch.compile mode or None, list the losses go to)."""
+    fixed random batch. Returns (step function, model, torch.compile mode or None, list the losses go to,
+    gradient function: one forward and backward from the current weights -> (loss, flat gradient))."""
     dtype, compiled, fused = VARIANTS[variant]
     gate = "learned" if routing.needs_gate else "none"
     torch.manual_seed(0)
@@ -94,12 +127,54 @@ def train_step(mcfg: dict, routing: Routing, batch: int, device, variant: str):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         losses.append(loss.detach().clone())
-    return step, model, mode, losses
+
+    def gradient():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        torch.manual_seed(0)
+        with autocast_for(device, dtype):
+            loss, _ = run_objective(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+        flat = torch.cat(grads).clone()
+        opt.zero_grad(set_to_none=True)
+        return float(loss), flat
+    return step, model, mode, losses, gradient
 
 
-def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, steps: int, warmup: int) -> dict:
-    """Times `train_step` of one variant: the first step (compilation included) and the median of `steps`."""
-    step, model, mode, losses = train_step(mcfg, routing, batch, device, variant)
+def gradient_check(mcfg: dict, routing: Routing, batch: int, device, fast_gradient) -> dict:
+    """The fast variant's first loss and gradient (fast_gradient: its `gradient` function, called before any step)
+    against the eager bf16 path without kernels.py on the same weights and batch: relative error and cosine.
+    Stochastic routing draws its subsets differently on the two paths, so only its loss is compared."""
+    t0 = time.perf_counter()
+    loss_fast, g_fast = fast_gradient()
+    compile_s = time.perf_counter() - t0
+    with variant_switches("eager-bf16"):
+        _, _, _, _, plain_gradient = train_step(mcfg, routing, batch, device, "eager-bf16")
+        loss_plain, g_plain = plain_gradient()
+    rel = float((g_fast - g_plain).norm() / g_plain.norm())
+    cos = float(torch.nn.functional.cosine_similarity(g_fast, g_plain, dim=0))
+    same_masks = routing.mode != "stochastic"
+    ok = abs(loss_fast - loss_plain) < 2e-2 * abs(loss_plain) and (not same_masks or (cos > 0.99 and rel < 0.1))
+    return dict(routing=routing.label(), batch=batch, fast=loss_fast, plain=loss_plain, plain_variant="eager-bf16",
+                grad_rel_err=rel if same_masks else None, grad_cos=cos if same_masks else None, ok=ok,
+                compile_s=compile_s)
+
+
+def bench_train(mcfg: dict, routing: Routing, batch: int, device, variant: str, steps: int, warmup: int,
+                checks: list | None = None) -> dict:
+    """Times `train_step` of one variant: the first step (compilation included) and the median of `steps`.
+    checks: when given, the variant's first gradient is compared with the plain path's first (gradient_check)."""
+    with variant_switches(variant):
+        step, model, mode, losses, gradient = train_step(mcfg, routing, batch, device, variant)
+        check = gradient_check(mcfg, routing, batch, device, gradient) if checks is not None else None
+        if check is not None:
+            checks.append(dict(check, variant=variant))
+        return _time_train(step, model, mode, losses, routing, batch, device, variant, steps, warmup)
+
+
+def _time_train(step, model, mode, losses, routing, batch, device, variant, steps, warmup) -> dict:
     dtype, _, fused = VARIANTS[variant]
     T = model.cfg.context
     if device.type == "cuda":
@@ -156,12 +231,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="paper")
     ap.add_argument("--batches", default="16,64")
-    ap.add_argument("--modes", default="dense,soft-gate,gate-topk,oracle-topk,stochastic")
+    ap.add_argument("--modes", default="dense,soft-gate,soft-gate:topk-sigmoid,soft-gate:sigmoid-renorm,gate-topk,"
+                    "oracle-topk,random-topk,stochastic",
+                    help="routing modes; soft-gate:READING names a soft-gate reading (soft-gate alone: the default)")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--eager-modes", default="dense,soft-gate",
+    ap.add_argument("--eager-modes", default="dense",
                     help="modes also timed on the eager bf16 path, to show what each fast-path part buys")
+    ap.add_argument("--sort-modes", default="soft-gate:topk-sigmoid,gate-topk,oracle-topk,stochastic",
+                    help="modes also timed as fast-sort (without kernels.py: the row sort and explicit soft gate)")
+    ap.add_argument("--flexhard-modes", default="gate-topk",
+                    help="modes also timed as fast-flexhard (the keep-mask applied by flex_attention, not SDPA)")
+    ap.add_argument("--no-check", action="store_true", help="skip the gradient check of each fast variant")
+    ap.add_argument("--tag", default="", help="suffix of the output files' names")
     ap.add_argument("--compiled-modes", default="dense",
                     help="modes also timed compiled without CUDA graphs, to show what the graphs buy")
     ap.add_argument("--out", default="benchmarks/results")
@@ -181,24 +264,23 @@ def main() -> None:
         ref = bench_train(mcfg, Routing(), batch, device, "reference", args.steps, args.warmup)
         rows.append(ref)
         show(ref)
-        for mode in args.modes.split(","):
-            routing = Routing(mode=mode, k=k)
-            variants = ["fast"] + (["eager-bf16"] if mode in args.eager_modes.split(",") else []) + \
-                (["compiled"] if mode in args.compiled_modes.split(",") and device.type == "cuda" else [])
+        for text in args.modes.split(","):
+            routing = parse_mode(text, k)
+            cuda = device.type == "cuda"
+            variants = ["fast"] + (["eager-bf16"] if text in args.eager_modes.split(",") else []) + \
+                (["compiled"] if text in args.compiled_modes.split(",") and cuda else []) + \
+                (["fast-sort"] if text in args.sort_modes.split(",") else []) + \
+                (["fast-flexhard"] if text in args.flexhard_modes.split(",") else [])
             for variant in variants:
-                r = bench_train(mcfg, routing, batch, device, variant, args.steps, args.warmup)
+                check = variant.startswith("fast") and not args.no_check
+                r = bench_train(mcfg, routing, batch, device, variant, args.steps, args.warmup,
+                                checks if check else None)
                 r["vs_reference"] = ref["step_ms"] / r["step_ms"]
+                dense = next((x for x in rows if x["batch"] == batch and x["routing"] == "dense"
+                              and x["variant"] == "fast"), None)
+                r["vs_dense_fast"] = r["step_ms"] / dense["step_ms"] if dense else None
                 rows.append(r)
                 show(r)
-            eager = next((x for x in rows if x["batch"] == batch and x["routing"] == routing.label()
-                          and x["variant"] == "eager-bf16"), None)
-            fast = next(x for x in rows if x["batch"] == batch and x["routing"] == routing.label()
-                        and x["variant"] == "fast")
-            if mode == "dense" or eager is not None:  # the fast path's first loss against the plain path's
-                other = eager if eager is not None else ref
-                checks.append(dict(routing=routing.label(), batch=batch, fast=fast["first_loss"],
-                                   plain=other["first_loss"], plain_variant=other["variant"],
-                                   ok=abs(fast["first_loss"] - other["first_loss"]) < 2e-2 * abs(other["first_loss"])))
     rows.append(bench_distill(mcfg, k, 16, device, args.steps, args.warmup))
     rows.append(bench_eval(mcfg, 16, device, args.steps, args.warmup))
     peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
@@ -210,6 +292,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=name, torch=torch.__version__, command=" ".join(sys.argv), model=args.model,
                 peak_bf16_tflops=peak, checks=checks, rows=rows)
+    slug += f"-{args.tag}" if args.tag else ""
     (out / f"{slug}.json").write_text(json.dumps(meta, indent=1) + "\n")
     lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
              "Step = gatelab's training step (loss, backward, gradient clipping, AdamW) on random tokens; median of "
@@ -217,22 +300,29 @@ def main() -> None:
              "*eager-bf16*: bf16 autocast, eager; *compiled*: bf16, torch.compile (default mode), fused "
              "output-head loss; *fast*: the default on one GPU, as *compiled* plus CUDA graphs (mode "
              "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
-             f"({peak} TFLOP/s).", "",
-             "| kind | variant | routing | batch | tokens/s | step ms | vs eager fp32 | compile | first step s | "
-             "peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"({peak} TFLOP/s). *fast-sort*: *fast* without kernels.py (the row sort, the scattered mask, the "
+             "explicit soft gate: the fast path before issue 15); *fast-flexhard*: *fast* with the keep-mask applied "
+             "by flex_attention instead of SDPA's boolean mask. *step / dense*: the step time over *fast* dense's.",
+             "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
+             "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
     for r in rows:
         rate = fmt(r.get("tokens_per_s"), ",.0f") if "tokens_per_s" in r else f"{r['steps_per_s']:.1f} steps/s"
         ratio = fmt(r.get("vs_reference", 1.0), ".2f") + "x" if r["kind"] == "train" else "-"
+        vs_dense = fmt(r.get("vs_dense_fast"), ".2f") + ("x" if r.get("vs_dense_fast") else "")
         lines.append(f"| {r['kind']} | {r.get('variant', '-')} | {r['routing']} | {r['batch']} | {rate} | "
-                     f"{r['step_ms']:.2f} | {ratio} | {r.get('compile', '-')} | {fmt(r.get('first_step_s'), '.1f')} | "
+                     f"{r['step_ms']:.2f} | {vs_dense} | {ratio} | {r.get('compile', '-')} | {fmt(r.get('first_step_s'), '.1f')} | "
                      f"{fmt(r.get('peak_mem_gib'), '.2f')} | {fmt(r.get('mfu'), '.1%')} |")
-    lines += ["", "Fast path vs plain path, loss of the first step on the same weights and batch (bf16 tolerance 2%):",
-              "", "| routing | batch | fast | plain | plain variant | ok |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c['routing']} | {c['batch']} | {c['fast']:.5f} | {c['plain']:.5f} | {c['plain_variant']} | "
-              f"{c['ok']} |" for c in checks]
+    lines += ["", "Each fast variant against the plain path (eager bf16, no kernels.py) on the same weights and batch: "
+              "the first loss (within 2%) and the whole gradient (relative error < 0.1, cosine > 0.99; not for "
+              "stochastic, whose two paths draw different subsets). *compile s*: the variant's first call.", "",
+              "| variant | routing | batch | fast loss | plain loss | grad rel. err | grad cosine | compile s | ok |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['variant']} | {c['routing']} | {c['batch']} | {c['fast']:.5f} | {c['plain']:.5f} | "
+              f"{fmt(c['grad_rel_err'], '.4f')} | {fmt(c['grad_cos'], '.5f')} | {c['compile_s']:.1f} | {c['ok']} |"
+              for c in checks]
     (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if not all(c["ok"] for c in checks):

@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     routing = Routing(mode=args.mode, k=args.k)
-    step, _, _, _ = train_step({}, routing, args.batch, device, args.variant)
+    step, *_ = train_step({}, routing, args.batch, device, args.variant)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -218,3 +218,40 @@ def test_random_topk_subsets_are_uniform():
     assert row.std() < 2 * (H * layers * (k / T) * (1 - k / T)) ** 0.5  # binomial spread, not clumped
     early, late = row[: T // 2].sum(), row[T // 2:].sum()
     assert abs(early - late) < 0.15 * (early + late)
+
+
+READINGS = [dict(soft_mask="sigmoid", soft_renormalize=False), dict(soft_mask="sigmoid", soft_renormalize=True),
+            dict(soft_mask="topk-sigmoid", soft_renormalize=False),
+            dict(soft_mask="topk-sigmoid", soft_renormalize=True)]
+
+
+@pytest.mark.parametrize("reading", READINGS, ids=lambda r: f"{r['soft_mask']}-renorm{r['soft_renormalize']}")
+def test_flex_soft_gate_matches_the_explicit_soft_gate(reading):
+    """The compiled training step's soft gate (flex_attention, log m as a score_mod; the non-renormalised reading via
+    the ratio of two log-sum-exps) computes the explicit reference's output (forward on CPU: flex_attention has no
+    CPU backward; the GPU benchmark compares gradients)."""
+    from gatelab.routing import soft_gate_flex_attention
+    from gatelab.kernels import causal_kth_largest
+    g = torch.Generator().manual_seed(3)
+    B, H, T, D = 2, 2, 20, 8
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    G = torch.randn(B, H, T, T, generator=g) * 2
+    r = Routing(mode="soft-gate", k=6, soft_temperature=0.5, **reading)
+    tau = causal_kth_largest(G, r.k) if r.soft_mask == "topk-sigmoid" else None
+    fast = soft_gate_flex_attention(q, k, v, G, r, tau)
+    ref = routed_attention(q, k, v, r, gate_scores=lambda: G)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["oracle-topk", "random-topk"])
+def test_flex_hard_mask_matches_sdpa_with_the_mask(mode):
+    """The keep-mask applied as a flex_attention score_mod (-inf outside it) equals SDPA with the boolean mask."""
+    from gatelab.routing import causal_flex_attention
+    g = torch.Generator().manual_seed(4)
+    B, H, T, D = 2, 2, 20, 8
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    keep = topk_keep_mask(torch.randn(B if mode == "oracle-topk" else 1, H, T, T, generator=g), 5, causal_mask(T, None))
+    keep4 = keep.expand(B, H, T, T)
+    fast = causal_flex_attention(q, k, v, lambda s, b, h, i, j: torch.where(keep4[b, h, i, j], s, float("-inf")))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import GatelabError, Routing
 
 
@@ -47,6 +48,11 @@ def causal_mask(T: int, device) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
+def causal_rows(T: int, S: int, device) -> torch.Tensor:
+    """(T, S) bool for T queries at the last T of S positions (as with a KV cache): True where key j <= query."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
 def row_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest entries of each row (last dim), largest first.
 
@@ -77,13 +83,17 @@ def topk_keep_mask(scores: torch.Tensor, k: int, causal: torch.Tensor) -> torch.
     return keep & causal  # rows with < k causal keys picked some -inf future keys: drop them
 
 
-def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log: bool = False) -> torch.Tensor:
+def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log: bool = False,
+                   tau: torch.Tensor | None = None) -> torch.Tensor:
     """The soft gate's multiplicative mask m (or log m when `log`) over the allowed keys (`causal`: any bool
-    mask broadcastable to G, e.g. causal & not padding); other entries get 0 / -inf."""
+    mask broadcastable to G, e.g. causal & not padding); other entries get 0 / -inf. tau: topk-sigmoid's row
+    thresholds when the caller has them already (kernels.causal_kth_largest)."""
     T = G.shape[-1]
     t = routing.soft_temperature
     if routing.soft_mask == "topk-sigmoid":
-        if routing.k < T:
+        if tau is not None:
+            pass
+        elif routing.k < T:
             tau = row_topk(G.detach().masked_fill(~causal, float("-inf")), routing.k)[0][..., -1:]
             few_keys = causal.sum(-1, keepdim=True) <= routing.k  # such rows keep all their keys
             tau = tau.masked_fill(few_keys, float("-inf"))
@@ -135,6 +145,19 @@ def _absorb(h, value):
     return _mix32(((h ^ value) + _GOLDEN) & _M32)
 
 
+def random_row_hashes(layer: int, n_head: int, T: int, seed: int, row_offset: int = 0, device=None) -> torch.Tensor:
+    """(n_head, T) int64: the hash of (seed, layer, head, query position) from which fixed_random_scores hashes each
+    key position (kernels.hashed_topk_keep takes these directly)."""
+    if row_offset < 0 or row_offset + T > MAX_RANDOM_KEYS:
+        raise GatelabError(f"random-topk: positions must lie in [0, {MAX_RANDOM_KEYS}), got rows {row_offset}.."
+                           f"{row_offset + T - 1}")
+    base = _absorb(_absorb(_mix32(_GOLDEN), seed & _M32), (seed >> 32) & _M32)
+    base = _absorb(base, layer & _M32)
+    arange = lambda n, start=0: torch.arange(start, start + n, dtype=torch.int64, device=device)  # noqa: E731
+    heads = _absorb(torch.full((n_head, 1), base, dtype=torch.int64, device=device), arange(n_head)[:, None])
+    return _absorb(heads, arange(T, row_offset)[None, :])
+
+
 def fixed_random_scores(layer: int, n_head: int, T: int, S: int, seed: int, row_offset: int | None = None,
                         device=None) -> torch.Tensor:
     """(n_head, T, S) scores in [0, 1) whose row-wise top-k is random-topk's fixed subset.
@@ -148,12 +171,8 @@ def fixed_random_scores(layer: int, n_head: int, T: int, S: int, seed: int, row_
     if offset < 0 or offset + T > MAX_RANDOM_KEYS or S > MAX_RANDOM_KEYS:
         raise GatelabError(f"random-topk: positions must lie in [0, {MAX_RANDOM_KEYS}), got rows {offset}.."
                            f"{offset + T - 1} of {S} keys")
-    base = _absorb(_absorb(_mix32(_GOLDEN), seed & _M32), (seed >> 32) & _M32)
-    base = _absorb(base, layer & _M32)
-    arange = lambda n, start=0: torch.arange(start, start + n, dtype=torch.int64, device=device)  # noqa: E731
-    heads = _absorb(torch.full((n_head, 1, 1), base, dtype=torch.int64, device=device), arange(n_head)[:, None, None])
-    rows = _absorb(heads, arange(T, offset)[None, :, None])  # (H, T, 1)
-    keys = _absorb(rows, arange(S)[None, None, :])  # (H, T, S), distinct within each row
+    rows = random_row_hashes(layer, n_head, T, seed, offset, device)[..., None]  # (H, T, 1)
+    keys = _absorb(rows, torch.arange(S, dtype=torch.int64, device=device))  # (H, T, S), distinct within each row
     return keys.to(torch.float64) / float(1 << 32)
 
 
@@ -218,10 +237,14 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
         raise GatelabError(f"routing {mode} needs a gate, and this model has none (load one with --gate, or "
                            f"build the model with model.gate=learned|random)")
     causal = causal_mask(T, q.device)
+    fast = kernels.kernels_enabled(q)  # the sort-free Triton selection (kernels.py); else the torch reference
     if mode == "soft-gate":
         G = gate_scores().float()
+        tau = (kernels.causal_kth_largest(G, routing.k) if fast and routing.soft_mask == "topk-sigmoid" else None)
+        if fast and flex_ready():
+            return soft_gate_flex_attention(q, k, v, G, routing, tau)
         if routing.soft_renormalize:  # softmax(S + log m): A * m renormalised
-            log_m = soft_gate_mask(G, routing, causal, log=True)
+            log_m = soft_gate_mask(G, routing, causal, log=True, tau=tau)
             if log_m.requires_grad and not (q.requires_grad or k.requires_grad or v.requires_grad):
                 # Only the mask wants a gradient (a gate trained on a frozen model, e.g. Table 5). PyTorch's fused
                 # SDPA kernels decide from q/k/v alone whether to keep the softmax statistics that their backward
@@ -232,11 +255,60 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
             return F.scaled_dot_product_attention(q, k, v, attn_mask=log_m.to(q.dtype))
         S = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)
         A = torch.softmax(S.masked_fill(~causal, float("-inf")), dim=-1)
-        return (A * soft_gate_mask(G, routing, causal)).to(v.dtype) @ v
+        return (A * soft_gate_mask(G, routing, causal, tau=tau)).to(v.dtype) @ v
     if mode == "random-topk":  # fixed subsets: cached per layer and size
         cache = random_masks if random_masks is not None else RandomMaskCache()
         keep = cache.get(layer, H, T, routing.k, routing.seed, q.device)
+    elif fast and mode in ("oracle-topk", "gate-topk"):
+        scores = q @ k.transpose(-1, -2) if mode == "oracle-topk" else gate_scores()
+        keep = kernels.causal_topk_keep(scores, routing.k)
+    elif fast and mode == "stochastic":  # a fresh uniformly random k-subset per row: hashes of fresh row seeds
+        keep = kernels.hashed_topk_keep(torch.randint(0, 1 << 32, (B, H, T), device=q.device), routing.k, T)
     else:
         keep = hard_topk_keep(routing, causal, logits=lambda: q @ k.transpose(-1, -2), gate_scores=gate_scores,
                               layer=layer, shape=(B, H, T, T), device=q.device)
+    if fast and flex_ready() and kernels.HARD_ATTENTION == "flex":
+        keep4 = keep.expand(B, H, T, T)  # random-topk's cached (H, T, T) masks broadcast over the batch
+        return causal_flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: torch.where(
+            keep4[b, h, i, j], score, float("-inf")))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flex_attention paths (issue 15): no T x T attention matrix. flex_attention is fast only when compiled, so they
+# serve the compiled training step (train.py's fast path) on CUDA; eager code keeps the explicit reference above.
+
+def flex_ready() -> bool:
+    """Whether flex_attention may serve this call: inside a torch.compile'd region (it is slow eagerly)."""
+    return torch.compiler.is_compiling()
+
+
+def _causal(b, h, i, j):
+    return j <= i
+
+
+def causal_flex_attention(q, k, v, score_mod=None, return_lse: bool = False):
+    """Causal flex_attention (queries and keys of the same T positions) with an optional score_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    T = q.shape[-2]
+    block_mask = create_block_mask(_causal, None, None, T, T, device=q.device)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=return_lse)
+
+
+def soft_gate_flex_attention(q, k, v, G: torch.Tensor, routing: Routing, tau: torch.Tensor | None):
+    """The soft gate (every reading) through flex_attention: log m = logsigmoid((G - tau) / t) added to the scores.
+    Renormalised, that is softmax(S + log m) itself. Not renormalised, A * m = exp(S + log m - lse(S)), i.e. the
+    renormalised output times exp(lse(S + log m) - lse(S)); a second flex pass gives lse(S). Gradients reach q, k,
+    v and G (a captured buffer of the score_mod) through both passes."""
+    t = routing.soft_temperature
+    thr = tau[..., 0] if tau is not None else None
+
+    def add_log_mask(score, b, h, i, j):
+        z = G[b, h, i, j] - thr[b, h, i] if thr is not None else G[b, h, i, j]
+        return score + F.logsigmoid(z / t)
+
+    if routing.soft_renormalize:
+        return causal_flex_attention(q, k, v, add_log_mask)
+    out, lse_masked = causal_flex_attention(q, k, v, add_log_mask, return_lse=True)
+    _, lse = causal_flex_attention(q, k, v, return_lse=True)
+    return out * torch.exp(lse_masked - lse)[..., None].to(out.dtype)

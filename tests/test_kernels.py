@@ -1,0 +1,127 @@
+"""The sort-free Triton selection (kernels.py) against the torch reference, run on CPU under Triton's interpreter.
+
+Triton decides at import whether kernels are interpreted, so the comparisons run in a child process with
+TRITON_INTERPRET=1. Exact: the same keep-sets (no ties in these scores), exactly k keys per row, the same
+thresholds, random-topk's subsets from the in-kernel hash, and whole routed-attention outputs.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from gatelab import kernels, routing
+
+pytest.importorskip("triton")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_interpreted(code: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+SHAPES = [(2, 2, 40, 40, 8, "float32"), (1, 3, 17, 33, 5, "bfloat16"), (1, 2, 30, 30, 1, "float32"),
+          (1, 1, 100, 100, 99, "float32"), (2, 1, 9, 9, 3, "float16")]
+
+
+def test_kernel_selection_matches_the_reference_exactly():
+    out = run_interpreted(f"""
+        import torch
+        from gatelab import kernels, routing
+        assert kernels.kernels_enabled(torch.zeros(1))
+        torch.manual_seed(0)
+        for B, H, T, S, k, dt in {SHAPES!r}:
+            x = torch.randn(B, H, T, S).to(getattr(torch, dt))
+            x[0, 0, -1, :3] = torch.tensor([float("inf"), -float("inf"), -0.0]).to(x.dtype)
+            causal = routing.causal_rows(T, S, None)
+            keep = kernels.causal_topk_keep(x, k)
+            ref = routing.topk_keep_mask(x, k, causal)
+            assert torch.equal(keep, ref), (B, H, T, S, k, dt)
+            assert torch.equal(keep.sum(-1), causal.sum(-1).clamp(max=k).expand(B, H, T)), "exactly k per row"
+            tau = kernels.causal_kth_largest(x, k)
+            want = routing.row_topk(x.float().masked_fill(~causal, float("-inf")), k)[0][..., -1:]
+            want = want.masked_fill(causal.sum(-1, keepdim=True) <= k, float("-inf"))
+            assert torch.equal(tau, want), (B, H, T, S, k, dt)
+        for layer, H, T, S, k, seed in [(3, 2, 20, 20, 4, 7), (0, 4, 33, 33, 10, 2**40 + 5), (1, 1, 8, 24, 3, 0)]:
+            rows = routing.random_row_hashes(layer, H, T, seed, S - T)[None]
+            keep = kernels.hashed_topk_keep(rows, k, S)
+            ref = routing.topk_keep_mask(routing.fixed_random_scores(layer, H, T, S, seed)[None], k,
+                                         routing.causal_rows(T, S, None))
+            assert torch.equal(keep, ref), (layer, H, T, S, k, seed)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def test_kernel_ties_keep_exactly_k_and_only_top_scores():
+    out = run_interpreted("""
+        import torch
+        from gatelab import kernels
+        x = torch.zeros(1, 1, 12, 12)
+        x[..., ::3] = 1.0  # many equal scores: the threshold value is tied
+        keep = kernels.causal_topk_keep(x, 3)
+        rows = torch.arange(12)
+        assert torch.equal(keep.sum(-1)[0, 0], (rows + 1).clamp(max=3)), keep.sum(-1)
+        ones = (x == 1) & torch.ones(12, 12, dtype=torch.bool).tril()
+        # a row with >= 3 ones keeps only ones; rows with fewer keep all their ones
+        assert bool(((keep & ~ones).sum(-1)[0, 0][ones.sum(-1)[0, 0] >= 3] == 0).all())
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("mode", ["oracle-topk", "gate-topk", "soft-gate-topk-sigmoid"])
+def test_routed_attention_with_kernel_equals_reference(mode):
+    out = run_interpreted(f"""
+        import os, torch
+        from gatelab import routing
+        from gatelab.config import Routing
+        torch.manual_seed(1)
+        B, H, T, D = 2, 2, 24, 8
+        q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+        G = torch.randn(B, H, T, T)
+        mode = {mode!r}
+        r = (Routing(mode="soft-gate", k=5, soft_mask="topk-sigmoid") if mode.startswith("soft")
+             else Routing(mode=mode, k=5))
+        fast = routing.routed_attention(q, k, v, r, gate_scores=lambda: G)
+        os.environ["GATELAB_KERNELS"] = "0"
+        ref = routing.routed_attention(q, k, v, r, gate_scores=lambda: G)
+        assert torch.equal(fast, ref), (fast - ref).abs().max()
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def test_stochastic_kernel_keeps_fresh_uniform_subsets():
+    out = run_interpreted("""
+        import torch
+        from gatelab import kernels
+        torch.manual_seed(0)
+        B, H, T, k = 1, 1, 64, 8
+        counts = torch.zeros(T)
+        draws = []
+        for _ in range(200):
+            keep = kernels.hashed_topk_keep(torch.randint(0, 1 << 32, (B, H, T)), k, T)
+            assert torch.equal(keep.sum(-1)[0, 0], torch.arange(1, T + 1).clamp(max=k))
+            counts += keep[0, 0, -1].float()
+            draws.append(keep[0, 0, -1])
+        assert not torch.equal(draws[0], draws[1])  # fresh each call
+        # each of the last row's 64 keys is kept with probability 8/64: 25 of 200 draws, sd ~4.7
+        assert counts.min() >= 5 and counts.max() <= 50, counts
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def test_kernels_stay_off_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.kernels_enabled(torch.zeros(1))
+    x = torch.randn(1, 2, 10, 10)
+    assert torch.equal(kernels.causal_topk_keep(x, 3), routing.topk_keep_mask(x, 3, routing.causal_mask(10, None)))
