@@ -244,6 +244,7 @@ def main() -> None:
     ap.add_argument("--flexhard-modes", default="gate-topk",
                     help="modes also timed as fast-flexhard (the keep-mask applied by flex_attention, not SDPA)")
     ap.add_argument("--no-check", action="store_true", help="skip the gradient check of each fast variant")
+    ap.add_argument("--skip-extra", action="store_true", help="skip the distillation and evaluation rows")
     ap.add_argument("--tag", default="", help="suffix of the output files' names")
     ap.add_argument("--compiled-modes", default="dense",
                     help="modes also timed compiled without CUDA graphs, to show what the graphs buy")
@@ -260,6 +261,52 @@ def main() -> None:
         print(f"{r['variant']:10s} {r['routing']:40s} batch {r['batch']:3d}: {r['tokens_per_s']:12,.0f} tok/s "
               f"{r['step_ms']:8.2f} ms ({r.get('vs_reference', 1):.2f}x the reference) first step "
               f"{r['first_step_s']:.1f} s", flush=True)
+    def write() -> str:
+        """Writes the JSON and markdown of every row so far (after each row: a killed run keeps what it measured)."""
+        peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
+        for r in rows:
+            if r["kind"] == "train" and peak:
+                r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = dict(device=name, torch=torch.__version__, command=" ".join(sys.argv), model=args.model,
+                    peak_bf16_tflops=peak, checks=checks, rows=rows)
+        slug += f"-{args.tag}" if args.tag else ""
+        (out / f"{slug}.json").write_text(json.dumps(meta, indent=1) + "\n")
+        lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
+                 "Step = gatelab's training step (loss, backward, gradient clipping, AdamW) on random tokens; median of "
+                 f"{args.steps} steps after {args.warmup} warm-up steps. *reference*: eager fp32 with full logits; "
+                 "*eager-bf16*: bf16 autocast, eager; *compiled*: bf16, torch.compile (default mode), fused "
+                 "output-head loss; *fast*: the default on one GPU, as *compiled* plus CUDA graphs (mode "
+                 "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
+                 f"({peak} TFLOP/s). *fast-sort*: *fast* without kernels.py (the row sort, the scattered mask, the "
+                 "explicit soft gate: the fast path before issue 15); *fast-flexhard*: *fast* with the keep-mask applied "
+                 "by flex_attention instead of SDPA's boolean mask. *step / dense*: the step time over *fast* dense's.",
+                 "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
+                 "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def fmt(v, spec):
+            return "-" if v is None else format(v, spec)
+        for r in rows:
+            rate = fmt(r.get("tokens_per_s"), ",.0f") if "tokens_per_s" in r else f"{r['steps_per_s']:.1f} steps/s"
+            ratio = fmt(r.get("vs_reference", 1.0), ".2f") + "x" if r["kind"] == "train" else "-"
+            vs_dense = fmt(r.get("vs_dense_fast"), ".2f") + ("x" if r.get("vs_dense_fast") else "")
+            lines.append(f"| {r['kind']} | {r.get('variant', '-')} | {r['routing']} | {r['batch']} | {rate} | "
+                         f"{r['step_ms']:.2f} | {vs_dense} | {ratio} | {r.get('compile', '-')} | "
+                         f"{fmt(r.get('first_step_s'), '.1f')} | {fmt(r.get('peak_mem_gib'), '.2f')} | "
+                         f"{fmt(r.get('mfu'), '.1%')} |")
+        lines += ["", "Each fast variant against the plain path (eager bf16, no kernels.py) on the same weights and batch: "
+                  "the first loss (within 2%) and the whole gradient (relative error < 0.1, cosine > 0.99; not for "
+                  "stochastic, whose two paths draw different subsets). *compile s*: the variant's first call.", "",
+                  "| variant | routing | batch | fast loss | plain loss | grad rel. err | grad cosine | compile s | ok |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['variant']} | {c['routing']} | {c['batch']} | {c['fast']:.5f} | {c['plain']:.5f} | "
+                  f"{fmt(c['grad_rel_err'], '.4f')} | {fmt(c['grad_cos'], '.5f')} | {c['compile_s']:.1f} | {c['ok']} |"
+                  for c in checks]
+        (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
+        return "\n".join(lines)
+
     for batch in batches:
         ref = bench_train(mcfg, Routing(), batch, device, "reference", args.steps, args.warmup)
         rows.append(ref)
@@ -281,50 +328,11 @@ def main() -> None:
                 r["vs_dense_fast"] = r["step_ms"] / dense["step_ms"] if dense else None
                 rows.append(r)
                 show(r)
-    rows.append(bench_distill(mcfg, k, 16, device, args.steps, args.warmup))
-    rows.append(bench_eval(mcfg, 16, device, args.steps, args.warmup))
-    peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
-    for r in rows:
-        if r["kind"] == "train" and peak:
-            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=name, torch=torch.__version__, command=" ".join(sys.argv), model=args.model,
-                peak_bf16_tflops=peak, checks=checks, rows=rows)
-    slug += f"-{args.tag}" if args.tag else ""
-    (out / f"{slug}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
-             "Step = gatelab's training step (loss, backward, gradient clipping, AdamW) on random tokens; median of "
-             f"{args.steps} steps after {args.warmup} warm-up steps. *reference*: eager fp32 with full logits; "
-             "*eager-bf16*: bf16 autocast, eager; *compiled*: bf16, torch.compile (default mode), fused "
-             "output-head loss; *fast*: the default on one GPU, as *compiled* plus CUDA graphs (mode "
-             "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
-             f"({peak} TFLOP/s). *fast-sort*: *fast* without kernels.py (the row sort, the scattered mask, the "
-             "explicit soft gate: the fast path before issue 15); *fast-flexhard*: *fast* with the keep-mask applied "
-             "by flex_attention instead of SDPA's boolean mask. *step / dense*: the step time over *fast* dense's.",
-             "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
-             "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-    for r in rows:
-        rate = fmt(r.get("tokens_per_s"), ",.0f") if "tokens_per_s" in r else f"{r['steps_per_s']:.1f} steps/s"
-        ratio = fmt(r.get("vs_reference", 1.0), ".2f") + "x" if r["kind"] == "train" else "-"
-        vs_dense = fmt(r.get("vs_dense_fast"), ".2f") + ("x" if r.get("vs_dense_fast") else "")
-        lines.append(f"| {r['kind']} | {r.get('variant', '-')} | {r['routing']} | {r['batch']} | {rate} | "
-                     f"{r['step_ms']:.2f} | {vs_dense} | {ratio} | {r.get('compile', '-')} | {fmt(r.get('first_step_s'), '.1f')} | "
-                     f"{fmt(r.get('peak_mem_gib'), '.2f')} | {fmt(r.get('mfu'), '.1%')} |")
-    lines += ["", "Each fast variant against the plain path (eager bf16, no kernels.py) on the same weights and batch: "
-              "the first loss (within 2%) and the whole gradient (relative error < 0.1, cosine > 0.99; not for "
-              "stochastic, whose two paths draw different subsets). *compile s*: the variant's first call.", "",
-              "| variant | routing | batch | fast loss | plain loss | grad rel. err | grad cosine | compile s | ok |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['variant']} | {c['routing']} | {c['batch']} | {c['fast']:.5f} | {c['plain']:.5f} | "
-              f"{fmt(c['grad_rel_err'], '.4f')} | {fmt(c['grad_cos'], '.5f')} | {c['compile_s']:.1f} | {c['ok']} |"
-              for c in checks]
-    (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                write()
+    if not args.skip_extra:
+        rows.append(bench_distill(mcfg, k, 16, device, args.steps, args.warmup))
+        rows.append(bench_eval(mcfg, 16, device, args.steps, args.warmup))
+    print(write())
     if not all(c["ok"] for c in checks):
         sys.exit("fast path disagrees with the plain path (see the table above)")
 
