@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab import kernels  # noqa: E402
+from gatelab import model as gatelab_model  # noqa: E402
 from gatelab.config import READINGS, ModelConfig, Routing, TrainConfig, soft_gate_routing  # noqa: E402
 from gatelab.evaluate import autocast_for  # noqa: E402
 from gatelab.model import GPT  # noqa: E402
@@ -67,6 +68,7 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "fast": ("auto", "auto", True),  # the default on one GPU: bf16, torch.compile with CUDA graphs, fused loss
     "fast-sort": ("auto", "auto", True),  # "fast" without kernels.py (row sort, scatter, explicit soft gate)
     "fast-flexhard": ("auto", "auto", True),  # "fast" with hard keep-masks applied by flex_attention, not SDPA
+    "fast-chunk8k": ("auto", "auto", True),  # "fast" with the fused loss over 8,192 rows at once (default 2,048)
     "compiled-unfused": ("auto", "default", False),  # profile_step.py only: what the fused loss replaces
 }
 
@@ -74,9 +76,10 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
 @contextlib.contextmanager
 def variant_switches(variant: str):
     """The kernels.py switches of a variant; compiled graphs are dropped around it so none is reused across."""
-    saved = os.environ.get("GATELAB_KERNELS"), kernels.HARD_ATTENTION
+    saved = os.environ.get("GATELAB_KERNELS"), kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS
     os.environ["GATELAB_KERNELS"] = "0" if variant in ("fast-sort", "eager-bf16", "reference") else "1"
     kernels.HARD_ATTENTION = "flex" if variant == "fast-flexhard" else "sdpa"
+    gatelab_model.LOSS_CHUNK_ROWS = 8192 if variant == "fast-chunk8k" else saved[2]
     torch._dynamo.reset()
     try:
         yield
@@ -85,7 +88,7 @@ def variant_switches(variant: str):
             os.environ.pop("GATELAB_KERNELS", None)
         else:
             os.environ["GATELAB_KERNELS"] = saved[0]
-        kernels.HARD_ATTENTION = saved[1]
+        kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS = saved[1], saved[2]
 
 
 def parse_mode(text: str, k: int) -> Routing:
@@ -243,6 +246,8 @@ def main() -> None:
                     help="modes also timed as fast-sort (without kernels.py: the row sort and explicit soft gate)")
     ap.add_argument("--flexhard-modes", default="gate-topk",
                     help="modes also timed as fast-flexhard (the keep-mask applied by flex_attention, not SDPA)")
+    ap.add_argument("--chunk-modes", default="dense",
+                    help="modes also timed as fast-chunk8k (the fused loss over 8,192 rows at once)")
     ap.add_argument("--no-check", action="store_true", help="skip the gradient check of each fast variant")
     ap.add_argument("--skip-extra", action="store_true", help="skip the distillation and evaluation rows")
     ap.add_argument("--tag", default="", help="suffix of the output files' names")
@@ -282,7 +287,8 @@ def main() -> None:
                  "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
                  f"({peak} TFLOP/s). *fast-sort*: *fast* without kernels.py (the row sort, the scattered mask, the "
                  "explicit soft gate: the fast path before issue 15); *fast-flexhard*: *fast* with the keep-mask applied "
-                 "by flex_attention instead of SDPA's boolean mask. *step / dense*: the step time over *fast* dense's.",
+                 "by flex_attention instead of SDPA's boolean mask; *fast-chunk8k*: *fast* with the fused loss over "
+                 "8,192 rows of logits at once (default 2,048). *step / dense*: the step time over *fast* dense's.",
                  "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
                  "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -317,7 +323,8 @@ def main() -> None:
             variants = ["fast"] + (["eager-bf16"] if text in args.eager_modes.split(",") else []) + \
                 (["compiled"] if text in args.compiled_modes.split(",") and cuda else []) + \
                 (["fast-sort"] if text in args.sort_modes.split(",") else []) + \
-                (["fast-flexhard"] if text in args.flexhard_modes.split(",") else [])
+                (["fast-flexhard"] if text in args.flexhard_modes.split(",") else []) + \
+                (["fast-chunk8k"] if text in args.chunk_modes.split(",") and cuda else [])
             for variant in variants:
                 check = variant.startswith("fast") and not args.no_check
                 r = bench_train(mcfg, routing, batch, device, variant, args.steps, args.warmup,

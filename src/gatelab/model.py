@@ -187,8 +187,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w * factor if grad_w is not None else None, None, None, None)
 
 
+LOSS_CHUNK_ROWS = 2048  # rows of logits formed at once (benchmarks/bench_train.py times other sizes)
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                         chunk_rows: int = 2048) -> torch.Tensor:
+                         chunk_rows: int | None = None) -> torch.Tensor:
     """cross_entropy(h @ weight.T, targets) without materialising the logits: h (N, C), weight (V, C).
 
     Matches `F.cross_entropy(F.linear(h, weight).float(), targets)` under the same autocast: the matrix products
@@ -200,4 +203,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
-        return _LinearCrossEntropy.apply(h.to(dtype), weight, targets, chunk_rows, reduction)
+        return _LinearCrossEntropy.apply(h.to(dtype), weight, targets, chunk_rows or LOSS_CHUNK_ROWS, reduction)
