@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import statistics
 import sys
@@ -76,19 +75,15 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
 @contextlib.contextmanager
 def variant_switches(variant: str):
     """The kernels.py switches of a variant; compiled graphs are dropped around it so none is reused across."""
-    saved = os.environ.get("GATELAB_KERNELS"), kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS
-    os.environ["GATELAB_KERNELS"] = "0" if variant in ("fast-sort", "eager-bf16", "reference") else "1"
+    saved = kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS
+    kernels.ENABLED = variant not in ("fast-sort", "eager-bf16", "reference")
     kernels.HARD_ATTENTION = "flex" if variant == "fast-flexhard" else "sdpa"
     gatelab_model.LOSS_CHUNK_ROWS = 8192 if variant == "fast-chunk8k" else saved[2]
     torch._dynamo.reset()
     try:
         yield
     finally:
-        if saved[0] is None:
-            os.environ.pop("GATELAB_KERNELS", None)
-        else:
-            os.environ["GATELAB_KERNELS"] = saved[0]
-        kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS = saved[1], saved[2]
+        kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS = saved
 
 
 def parse_mode(text: str, k: int) -> Routing:

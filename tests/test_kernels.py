@@ -80,8 +80,8 @@ def test_kernel_ties_keep_exactly_k_and_only_top_scores():
 @pytest.mark.parametrize("mode", ["oracle-topk", "gate-topk", "soft-gate-topk-sigmoid"])
 def test_routed_attention_with_kernel_equals_reference(mode):
     out = run_interpreted(f"""
-        import os, torch
-        from gatelab import routing
+        import torch
+        from gatelab import kernels, routing
         from gatelab.config import Routing
         torch.manual_seed(1)
         B, H, T, D = 2, 2, 24, 8
@@ -91,7 +91,7 @@ def test_routed_attention_with_kernel_equals_reference(mode):
         r = (Routing(mode="soft-gate", k=5, soft_mask="topk-sigmoid") if mode.startswith("soft")
              else Routing(mode=mode, k=5))
         fast = routing.routed_attention(q, k, v, r, gate_scores=lambda: G)
-        os.environ["GATELAB_KERNELS"] = "0"
+        kernels.ENABLED = False
         ref = routing.routed_attention(q, k, v, r, gate_scores=lambda: G)
         assert torch.equal(fast, ref), (fast - ref).abs().max()
         print("ok")
@@ -120,8 +120,8 @@ def test_stochastic_kernel_keeps_fresh_uniform_subsets():
     assert out.strip().endswith("ok")
 
 
-def test_kernels_stay_off_on_cpu_without_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_kernels_stay_off_on_cpu_without_the_interpreter():
+    assert not kernels._INTERPRET
     assert not kernels.kernels_enabled(torch.zeros(1))
     x = torch.randn(1, 2, 10, 10)
     assert torch.equal(kernels.causal_topk_keep(x, 3), routing.topk_keep_mask(x, 3, routing.causal_mask(10, None)))

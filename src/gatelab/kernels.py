@@ -31,12 +31,14 @@ MAX_KERNEL_KEYS = 8192
 HARD_ATTENTION = os.environ.get("GATELAB_HARD_ATTENTION", "sdpa")  # a row is held in registers/shared memory: longer rows use the torch reference
 
 
+ENABLED = os.environ.get("GATELAB_KERNELS", "1") != "0"  # GATELAB_KERNELS=0 (or kernels.ENABLED = False): torch only
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
+
+
 def kernels_enabled(t: torch.Tensor) -> bool:
-    """Whether the Triton kernel serves tensor t: Triton importable, and t on CUDA (or Triton's CPU interpreter),
-    unless GATELAB_KERNELS=0."""
-    if triton is None or os.environ.get("GATELAB_KERNELS", "1") == "0":
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the Triton kernel serves tensor t: Triton importable, kernels not switched off (ENABLED), and t on
+    CUDA (or on CPU under Triton's interpreter). Module constants, so a compiled graph guards on them."""
+    return triton is not None and ENABLED and (t.is_cuda or _INTERPRET)
 
 
 if triton is not None:

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 15's GPU measurements (outputs under $OUT, which the device tool brings back; copy them to
+# benchmarks/results/ or results/gpu-smoke/ as each step says). Each step fits one device call.
+#
+#   bash scripts/kernels_gpu.sh smoke   # the GPU smoke's training, distillation and evaluation checks of every token
+#                                       #   routing mode and reading (compiled and reference paths) -> $OUT/smoke-kernels.md
+#   bash scripts/kernels_gpu.sh topk    # the keep-mask kernel vs topk / sort -> $OUT/topk-<gpu>.md
+#   bash scripts/kernels_gpu.sh train   # the training step of every routing mode, fast vs fast-sort (before the
+#                                       #   kernels) vs flex hard masks, with the in-run gradient check
+#                                       #   -> $OUT/<gpu>-batch16.{json,md}
+set -uo pipefail
+OUT=${OUT:?set by the device tool}
+export PYTHONPATH=${PWD}/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+case "${1:-}" in
+  smoke)
+    ONLY='^(prepare|train-(fast|reference)-(dense|oracle-topk|gate-topk|random-topk|stochastic|soft-.*)|distill-.*|eval-.*)$' \
+      JOBS=${JOBS:-10} bash scripts/gpu_smoke.sh /tmp/smoke-kernels > /tmp/smoke-kernels.log 2>&1
+    status=$?
+    cp /tmp/smoke-kernels/summary.md "$OUT/smoke-kernels.md"
+    grep '^FAIL' /tmp/smoke-kernels/results.txt | awk '{print $2}' | head -4 | while read -r n; do
+      tail -60 "/tmp/smoke-kernels/logs/$n.log" > "$OUT/FAIL-$n.log"; done
+    head -1 "$OUT/smoke-kernels.md"; exit $status;;
+  topk)
+    python benchmarks/bench_topk.py --out "$OUT";;
+  train)
+    python benchmarks/bench_train.py --batches 16 --compiled-modes none --skip-extra --tag batch16 --out "$OUT" \
+      ${MODES:+--modes "$MODES"};;
+  *) echo "usage: $0 smoke|topk|train" >&2; exit 2;;
+esac
