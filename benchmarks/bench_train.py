@@ -254,7 +254,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     mcfg = MODELS[args.model]
     k = min(args.k, ModelConfig(**mcfg).context)
-    rows, checks = [], []
+    rows, checks, failures = [], [], []
     batches = [int(b) for b in args.batches.split(",")]
 
     def show(r):
@@ -271,7 +271,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(device=name, torch=torch.__version__, command=" ".join(sys.argv), model=args.model,
-                    peak_bf16_tflops=peak, checks=checks, rows=rows)
+                        peak_bf16_tflops=peak, checks=checks, rows=rows, failures=failures)
         slug += f"-{args.tag}" if args.tag else ""
         (out / f"{slug}.json").write_text(json.dumps(meta, indent=1) + "\n")
         lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
@@ -305,6 +305,7 @@ def main() -> None:
         lines += [f"| {c['variant']} | {c['routing']} | {c['batch']} | {c['fast']:.5f} | {c['plain']:.5f} | "
                   f"{fmt(c['grad_rel_err'], '.4f')} | {fmt(c['grad_cos'], '.5f')} | {c['compile_s']:.1f} | {c['ok']} |"
                   for c in checks]
+        lines += [f"\nFAILED: {f['variant']} {f['routing']} batch {f['batch']}: {f['error']}" for f in failures]
         (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
         return "\n".join(lines)
 
@@ -322,8 +323,14 @@ def main() -> None:
                 (["fast-chunk8k"] if text in args.chunk_modes.split(",") and cuda else [])
             for variant in variants:
                 check = variant.startswith("fast") and not args.no_check
-                r = bench_train(mcfg, routing, batch, device, variant, args.steps, args.warmup,
-                                checks if check else None)
+                try:
+                    r = bench_train(mcfg, routing, batch, device, variant, args.steps, args.warmup,
+                                    checks if check else None)
+                except Exception as e:  # noqa: BLE001 - recorded, and the run goes on to the other variants
+                    print(f"{variant} {routing.label()}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    failures.append(dict(variant=variant, routing=routing.label(), batch=batch,
+                                         error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    continue
                 r["vs_reference"] = ref["step_ms"] / r["step_ms"]
                 dense = next((x for x in rows if x["batch"] == batch and x["routing"] == "dense"
                               and x["variant"] == "fast"), None)
@@ -335,6 +342,8 @@ def main() -> None:
         rows.append(bench_distill(mcfg, k, 16, device, args.steps, args.warmup))
         rows.append(bench_eval(mcfg, 16, device, args.steps, args.warmup))
     print(write())
+    if failures:
+        sys.exit(f"{len(failures)} variant(s) failed (listed above)")
     if not all(c["ok"] for c in checks):
         sys.exit("fast path disagrees with the plain path (see the table above)")
 

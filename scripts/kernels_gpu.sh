@@ -23,7 +23,7 @@ case "${1:-}" in
   topk)
     python benchmarks/bench_topk.py --out "$OUT";;
   train)
-    python benchmarks/bench_train.py --batches 16 --compiled-modes none --skip-extra --tag batch16 --out "$OUT" \
+    python benchmarks/bench_train.py --batches 16 --compiled-modes none --skip-extra --tag "${TAG:-batch16}" --out "$OUT" \
       ${MODES:+--modes "$MODES"};;
   *) echo "usage: $0 smoke|topk|train" >&2; exit 2;;
 esac

@@ -100,17 +100,18 @@ def _launch(scores, row_hash, shape, k: int, offset: int, write_keep: bool, writ
     B, H, T, S = shape
     n_rows = B * H * T
     device = (scores if scores is not None else row_hash).device
-    keep = torch.empty(shape, dtype=torch.bool, device=device) if write_keep else None
+    keep = torch.empty(shape, dtype=torch.int8, device=device) if write_keep else None  # bool after the kernel
     tau = torch.empty((B, H, T, 1), dtype=torch.float32, device=device) if write_tau else None
     block_n = max(16, triton.next_power_of_2(S))
     block_m = max(1, min(16, 4096 // block_n))
     dummy = keep if keep is not None else tau
     _topk_rows_kernel[(triton.cdiv(n_rows, block_m),)](
         scores if scores is not None else dummy, row_hash if row_hash is not None else dummy,
-        keep.view(torch.int8) if keep is not None else dummy, tau if tau is not None else dummy,
+        keep if keep is not None else dummy, tau if tau is not None else dummy,
         n_rows, T, S, offset, k, HASHED=row_hash is not None, WRITE_KEEP=write_keep, WRITE_TAU=write_tau,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if block_n <= 1024 else 8)
-    return keep, tau
+    # a comparison, not a dtype view: torch.compile's lowering of int8 -> bool views fails (torch 2.11)
+    return (keep != 0 if keep is not None else None), tau
 
 
 def _fits(scores: torch.Tensor) -> bool:
