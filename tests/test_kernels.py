@@ -77,7 +77,7 @@ def test_kernel_ties_keep_exactly_k_and_only_top_scores():
     assert out.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("mode", ["oracle-topk", "gate-topk", "soft-gate-topk-sigmoid"])
+@pytest.mark.parametrize("mode", ["oracle-topk", "gate-topk", "random-topk", "soft-gate-topk-sigmoid"])
 def test_routed_attention_with_kernel_equals_reference(mode):
     out = run_interpreted(f"""
         import torch

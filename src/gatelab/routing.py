@@ -256,7 +256,10 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
         S = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)
         A = torch.softmax(S.masked_fill(~causal, float("-inf")), dim=-1)
         return (A * soft_gate_mask(G, routing, causal, tau=tau)).to(v.dtype) @ v
-    if mode == "random-topk":  # fixed subsets: cached per layer and size
+    if mode == "random-topk" and fast:  # the fixed subsets hashed in-kernel: no cache, no graph break
+        rows = random_row_hashes(layer, H, T, routing.seed, 0, q.device)[None]
+        keep = kernels.hashed_topk_keep(rows, routing.k, T).expand(B, H, T, T)
+    elif mode == "random-topk":  # fixed subsets: cached per layer and size
         cache = random_masks if random_masks is not None else RandomMaskCache()
         keep = cache.get(layer, H, T, routing.k, routing.seed, q.device)
     elif fast and mode in ("oracle-topk", "gate-topk"):
