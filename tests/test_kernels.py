@@ -93,7 +93,8 @@ def test_routed_attention_with_kernel_equals_reference(mode):
         fast = routing.routed_attention(q, k, v, r, gate_scores=lambda: G)
         kernels.ENABLED = False
         ref = routing.routed_attention(q, k, v, r, gate_scores=lambda: G)
-        assert torch.equal(fast, ref), (fast - ref).abs().max()
+        # the same keep-sets; SDPA may take another CPU kernel for a batch-expanded mask (1e-7 apart)
+        torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
         print("ok")
     """)
     assert out.strip().endswith("ok")
