@@ -28,7 +28,12 @@ except ImportError:  # pragma: no cover - depends on the install
 MAX_KERNEL_KEYS = 8192
 # how a compiled hard routing applies its keep-mask: "sdpa" (a boolean attn_mask: PyTorch's memory-efficient
 # kernel) or "flex" (flex_attention with the mask as a score_mod); benchmarks/bench_train.py measures both
-HARD_ATTENTION = os.environ.get("GATELAB_HARD_ATTENTION", "sdpa")  # a row is held in registers/shared memory: longer rows use the torch reference
+HARD_ATTENTION = os.environ.get("GATELAB_HARD_ATTENTION", "sdpa")
+# how a compiled renormalised soft gate attends: "explicit" (routing.py's reference: SDPA with log m as a float
+# mask) or "flex" (flex_attention with log m as a score_mod). Measured on an H100 (benchmarks/README.md): flex
+# was not faster, and the non-renormalised readings' flex form (two passes and their log-sum-exps) failed to
+# compile on torch 2.11 (an Inductor lowering error), so it serves renormalised readings only, on request.
+SOFT_ATTENTION = os.environ.get("GATELAB_SOFT_ATTENTION", "explicit")  # a row is held in registers/shared memory: longer rows use the torch reference
 
 
 ENABLED = os.environ.get("GATELAB_KERNELS", "1") != "0"  # GATELAB_KERNELS=0 (or kernels.ENABLED = False): torch only

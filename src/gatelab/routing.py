@@ -241,7 +241,7 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
     if mode == "soft-gate":
         G = gate_scores().float()
         tau = (kernels.causal_kth_largest(G, routing.k) if fast and routing.soft_mask == "topk-sigmoid" else None)
-        if fast and flex_ready():
+        if fast and flex_ready() and kernels.SOFT_ATTENTION == "flex" and routing.soft_renormalize:
             return soft_gate_flex_attention(q, k, v, G, routing, tau)
         if routing.soft_renormalize:  # softmax(S + log m): A * m renormalised
             log_m = soft_gate_mask(G, routing, causal, log=True, tau=tau)
