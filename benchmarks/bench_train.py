@@ -114,7 +114,7 @@ def train_step(mcfg: dict, routing: Routing, batch: int, device, variant: str):
     y = torch.randint(0, model.cfg.vocab_size, (batch, T), generator=g).to(device)
     losses = []
 
-    def step():
+    def forward_backward():
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         torch.manual_seed(0)  # stochastic routing draws the same masks in every variant
@@ -122,20 +122,17 @@ def train_step(mcfg: dict, routing: Routing, batch: int, device, variant: str):
             loss, _ = run_objective(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        return loss
+
+    def step():
+        loss = forward_backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         losses.append(loss.detach().clone())
 
     def gradient():
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        torch.manual_seed(0)
-        with autocast_for(device, dtype):
-            loss, _ = run_objective(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
-        flat = torch.cat(grads).clone()
+        loss = forward_backward()
+        flat = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]).clone()
         opt.zero_grad(set_to_none=True)
         return float(loss), flat
     return step, model, mode, losses, gradient

@@ -137,15 +137,10 @@ def causal_topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
 def causal_kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(B, H, T, 1) float32: the k-th largest causal score of each row, -inf where a row has <= k causal keys
     (the threshold of the topk-sigmoid soft gate)."""
-    from .routing import causal_rows, row_topk
+    from .routing import causal_rows, row_kth_largest
     B, H, T, S = scores.shape
-    causal = causal_rows(T, S, scores.device)
-    few = causal.sum(-1, keepdim=True) <= k
     if k >= S or not _fits(scores):
-        if k >= S:
-            return torch.full((B, H, T, 1), float("-inf"), device=scores.device)
-        tau = row_topk(scores.detach().float().masked_fill(~causal, float("-inf")), k)[0][..., -1:]
-        return tau.masked_fill(few, float("-inf"))
+        return row_kth_largest(scores.detach().float(), k, causal_rows(T, S, scores.device))
     _, tau = _launch(scores.detach().contiguous(), None, (B, H, T, S), k, S - T, False, True)
     return tau
 

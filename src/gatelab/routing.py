@@ -83,22 +83,25 @@ def topk_keep_mask(scores: torch.Tensor, k: int, causal: torch.Tensor) -> torch.
     return keep & causal  # rows with < k causal keys picked some -inf future keys: drop them
 
 
+def row_kth_largest(scores: torch.Tensor, k: int, allowed: torch.Tensor) -> torch.Tensor:
+    """(..., 1): the k-th largest allowed score of each row, -inf for rows with k or fewer allowed keys (they keep
+    them all): the topk-sigmoid threshold. allowed broadcasts to scores (kernels.causal_kth_largest is the fast
+    causal form)."""
+    if k >= scores.shape[-1]:
+        return torch.full_like(scores[..., :1], float("-inf"))
+    tau = row_topk(scores.masked_fill(~allowed, float("-inf")), k)[0][..., -1:]
+    return tau.masked_fill(allowed.sum(-1, keepdim=True) <= k, float("-inf"))
+
+
 def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log: bool = False,
                    tau: torch.Tensor | None = None) -> torch.Tensor:
     """The soft gate's multiplicative mask m (or log m when `log`) over the allowed keys (`causal`: any bool
     mask broadcastable to G, e.g. causal & not padding); other entries get 0 / -inf. tau: topk-sigmoid's row
     thresholds when the caller has them already (kernels.causal_kth_largest)."""
-    T = G.shape[-1]
     t = routing.soft_temperature
     if routing.soft_mask == "topk-sigmoid":
-        if tau is not None:
-            pass
-        elif routing.k < T:
-            tau = row_topk(G.detach().masked_fill(~causal, float("-inf")), routing.k)[0][..., -1:]
-            few_keys = causal.sum(-1, keepdim=True) <= routing.k  # such rows keep all their keys
-            tau = tau.masked_fill(few_keys, float("-inf"))
-        else:
-            tau = torch.full_like(G[..., :1], float("-inf"))
+        if tau is None:
+            tau = row_kth_largest(G.detach(), routing.k, causal)
         z = (G - tau) / t
     else:
         z = G / t
