@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab.blocks import (BlockGate, block_sparse_attention, build_block_mask, compiled_flex,  # noqa: E402
-                            previous_block_rows, select_blocks)
+from gatelab.blocks import (BlockGate, block_mask_from_scores, block_sparse_attention, build_block_mask,  # noqa: E402
+                            compiled_flex, previous_block_rows, select_blocks)
 from gatelab.config import Routing  # noqa: E402
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
@@ -159,14 +159,22 @@ def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, check
                 continue
             bk, achieved = block_k_for(nb, target)
             with torch.no_grad():
-                scores = gate(x, bs).float()
-                keep = select_blocks(previous_block_rows(scores), bk)
-                bm = build_block_mask(keep, bs, T)
-                mask_ms = timed(lambda: build_block_mask(select_blocks(previous_block_rows(gate(x, bs).float()), bk),
-                                                         bs, T), device,
-                                args.iters, args.warmup)[0]
+                scores = previous_block_rows(gate(x, bs).float())
+                keep = select_blocks(scores, bk)
+                # what a routing builds (blocks.block_mask_from_scores: top-k indices, causal mask_mod, no
+                # query-side lists without a backward pass), and the keep-mask build before it (issue 14's first
+                # measurement: select_blocks, argsort, a mask_mod that reads the keep-mask)
+                bm = block_mask_from_scores(scores, bk, bs, T, backward=False)
+                bm_keep = build_block_mask(keep, bs, T, mask_mod="selection")
+                mask_ms = timed(lambda: block_mask_from_scores(previous_block_rows(gate(x, bs).float()), bk, bs, T,
+                                                               backward=False), device, args.iters, args.warmup)[0]
+                mask_keep_ms = timed(lambda: build_block_mask(select_blocks(previous_block_rows(gate(x, bs).float()),
+                                                                            bk), bs, T, mask_mod="selection"),
+                                     device, args.iters, args.warmup)[0]
                 fwd_ms, fwd_mib = timed(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), device, args.iters,
                                         args.warmup)
+                fwd_keep_ms = timed(lambda: flex(q, k, v, block_mask=bm_keep, enable_gqa=True), device, args.iters,
+                                    args.warmup)[0]
                 if B * H * T * T <= 2 ** 31:  # the flex output against the masked path on the same selection
                     ref = block_sparse_attention(q, k, v, keep, bs, backend="masked").float()
                     err = float((flex(q, k, v, block_mask=bm, enable_gqa=True).float() - ref).abs().max())
@@ -177,8 +185,10 @@ def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, check
                        ideal_speedup=round(nb * (nb + 1) / 2 / kept_tiles(nb, bk), 2),
                        dense_ms=dense[0], dense_kind=dense_kind, dense_mib=dense[1], flex_ms=fwd_ms, flex_mib=fwd_mib,
                        gate_and_mask_ms=mask_ms, speedup=dense[0] / fwd_ms,
-                       speedup_with_gate=dense[0] / (fwd_ms + mask_ms))
+                       speedup_with_gate=dense[0] / (fwd_ms + mask_ms),
+                       flex_selection_mod_ms=fwd_keep_ms, gate_and_keep_mask_ms=mask_keep_ms)
             if with_bwd:
+                bm = block_mask_from_scores(scores, bk, bs, T, backward=True)
                 qg2, kg2, vg2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
                 fb_ms, fb_mib = timed(lambda: flex(qg2, kg2, vg2, block_mask=bm, enable_gqa=True).backward(dout),
                                       device, args.iters, args.warmup)
@@ -291,17 +301,22 @@ def markdown(data: dict) -> str:
              f"{data['block_size']}; dtype {data['dtype']}. Sparsity = share of the causal block tiles skipped; "
              f"ideal = causal tiles / kept tiles. Times are medians of {data['iters']} calls after {data['warmup']}.",
              "", "## Attention (one layer)", "",
+             "*flex ms* and *gate + mask ms* are what a block routing runs (the BlockMask built straight from the "
+             "top-k block indices, a causal mask_mod on the diagonal blocks); the *before* columns are issue 14's first "
+             "build, timed in the same run: a keep-mask, argsort and a mask_mod that reads the keep-mask.", "",
              "| batch x tokens | sparsity (k) | ideal | dense ms | flex ms | speed-up | gate + mask ms | speed-up with "
-             "gate | dense / flex MiB | fwd+bwd dense ms | fwd+bwd flex ms | fwd+bwd speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gate | flex ms before | gate + mask ms before | dense / flex MiB | fwd+bwd dense ms | fwd+bwd flex ms | "
+             "fwd+bwd speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["attention"]:
         if "skipped" in r:
             lines.append(f"| {r['shape']} | {fmt(r.get('target_sparsity'))} | skipped ({r['skipped']}) |"
-                         + " |" * 9)
+                         + " |" * 11)
             continue
         lines.append(f"| {r['shape']} | {r['sparsity']:.3f} ({r['block_k']}) | {r['ideal_speedup']:.2f}x | "
                      f"{r['dense_ms']:.3f} | {r['flex_ms']:.3f} | {r['speedup']:.2f}x | {r['gate_and_mask_ms']:.3f} | "
-                     f"{r['speedup_with_gate']:.2f}x | {fmt(r['dense_mib'], 0)} / {fmt(r['flex_mib'], 0)} | "
+                     f"{r['speedup_with_gate']:.2f}x | {fmt(r.get('flex_selection_mod_ms'))} | "
+                     f"{fmt(r.get('gate_and_keep_mask_ms'))} | {fmt(r['dense_mib'], 0)} / {fmt(r['flex_mib'], 0)} | "
                      f"{fmt(r.get('dense_fwd_bwd_ms'))} | {fmt(r.get('flex_fwd_bwd_ms'))} | "
                      f"{fmt(r.get('speedup_fwd_bwd'), 2)}{'x' if r.get('speedup_fwd_bwd') else ''} |")
     lines += ["", "## End-to-end prefill (batch 1, whole model, gate + selection + BlockMask + flex in every layer)",

@@ -68,6 +68,8 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "fast-sort": ("auto", "auto", True),  # "fast" without kernels.py (row sort, scatter, explicit soft gate)
     "fast-flexhard": ("auto", "auto", True),  # "fast" with hard keep-masks applied by flex_attention, not SDPA
     "fast-chunk8k": ("auto", "auto", True),  # "fast" with the fused loss over 8,192 rows at once (default 2,048)
+    "fast-explicit": ("auto", "auto", True),  # "fast" with the soft gate's explicit path (G, S, mask in memory)
+    "fast-fused": ("auto", "auto", True),  # "fast" with the soft gate's fused kernel (kernels.soft_gate_attention)
     "compiled-unfused": ("auto", "default", False),  # profile_step.py only: what the fused loss replaces
 }
 
@@ -75,15 +77,16 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
 @contextlib.contextmanager
 def variant_switches(variant: str):
     """The kernels.py switches of a variant; compiled graphs are dropped around it so none is reused across."""
-    saved = kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS
+    saved = kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION
     kernels.ENABLED = variant not in ("fast-sort", "eager-bf16", "reference")
     kernels.HARD_ATTENTION = "flex" if variant == "fast-flexhard" else "sdpa"
     gatelab_model.LOSS_CHUNK_ROWS = 8192 if variant == "fast-chunk8k" else saved[2]
+    kernels.SOFT_ATTENTION = {"fast-explicit": "explicit", "fast-fused": "fused"}.get(variant, saved[3])
     torch._dynamo.reset()
     try:
         yield
     finally:
-        kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS = saved
+        kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION = saved
 
 
 def parse_mode(text: str, k: int) -> Routing:
@@ -240,6 +243,8 @@ def main() -> None:
                     help="modes also timed as fast-flexhard (the keep-mask applied by flex_attention, not SDPA)")
     ap.add_argument("--chunk-modes", default="dense",
                     help="modes also timed as fast-chunk8k (the fused loss over 8,192 rows at once)")
+    ap.add_argument("--soft-modes", default="soft-gate,soft-gate:sigmoid-renorm,soft-gate:topk-sigmoid",
+                    help="modes also timed as fast-explicit and fast-fused (the soft gate's two attention paths)")
     ap.add_argument("--no-check", action="store_true", help="skip the gradient check of each fast variant")
     ap.add_argument("--skip-extra", action="store_true", help="skip the distillation and evaluation rows")
     ap.add_argument("--tag", default="", help="suffix of the output files' names")
@@ -280,7 +285,9 @@ def main() -> None:
                  f"({peak} TFLOP/s). *fast-sort*: *fast* without kernels.py (the row sort, the scattered mask, the "
                  "explicit soft gate: the fast path before issue 15); *fast-flexhard*: *fast* with the keep-mask applied "
                  "by flex_attention instead of SDPA's boolean mask; *fast-chunk8k*: *fast* with the fused loss over "
-                 "8,192 rows of logits at once (default 2,048). *step / dense*: the step time over *fast* dense's.",
+                 "8,192 rows of logits at once (default 2,048); *fast-explicit* / *fast-fused*: *fast* with the soft gate's "
+                 "explicit path (G, S and the mask in memory) / its fused flash-style kernel "
+                 "(kernels.soft_gate_attention). *step / dense*: the step time over *fast* dense's.",
                  "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
                  "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -317,7 +324,8 @@ def main() -> None:
                 (["compiled"] if text in args.compiled_modes.split(",") and cuda else []) + \
                 (["fast-sort"] if text in args.sort_modes.split(",") else []) + \
                 (["fast-flexhard"] if text in args.flexhard_modes.split(",") else []) + \
-                (["fast-chunk8k"] if text in args.chunk_modes.split(",") and cuda else [])
+                (["fast-chunk8k"] if text in args.chunk_modes.split(",") and cuda else []) + \
+                (["fast-explicit", "fast-fused"] if text in args.soft_modes.split(",") and cuda else [])
             for variant in variants:
                 check = variant.startswith("fast") and not args.no_check
                 try:

@@ -5,7 +5,7 @@
 #   bash scripts/kernels_gpu.sh smoke   # the GPU smoke's training, distillation and evaluation checks of every token
 #                                       #   routing mode and reading (compiled and reference paths) -> $OUT/smoke-kernels.md
 #   bash scripts/kernels_gpu.sh topk    # the keep-mask kernel vs topk / sort -> $OUT/topk-<gpu>.md
-#   bash scripts/kernels_gpu.sh train   # the training step of every routing mode, fast vs fast-sort (before the
+#   bash scripts/kernels_gpu.sh train   # the training step of every routing mode (MODES, TAG, EXTRA: more bench_train flags), fast vs fast-sort (before the
 #                                       #   kernels) vs flex hard masks, with the in-run gradient check
 #                                       #   -> $OUT/<gpu>-batch16.{json,md}
 set -uo pipefail
@@ -24,6 +24,6 @@ case "${1:-}" in
     python benchmarks/bench_topk.py --out "$OUT";;
   train)
     python benchmarks/bench_train.py --batches 16 --compiled-modes none --skip-extra --tag "${TAG:-batch16}" --out "$OUT" \
-      ${MODES:+--modes "$MODES"};;
+      ${MODES:+--modes "$MODES"} ${EXTRA:-};;
   *) echo "usage: $0 smoke|topk|train" >&2; exit 2;;
 esac

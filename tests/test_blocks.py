@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from gatelab.blocks import (BlockGate, block_attention_mass, block_random_scores, block_routed_attention,
-                            block_sparse_attention, build_block_mask, pool_blocks, previous_block_rows,
-                            select_blocks)
+from gatelab.blocks import (BlockGate, block_attention_mass, block_mask_from_scores, block_random_scores,
+                            block_routed_attention, block_sparse_attention, build_block_mask, pool_blocks,
+                            previous_block_rows, select_blocks)
 from gatelab.config import GatelabError, ModelConfig, Routing
 from gatelab.model import GPT
 from tests.conftest import tiny_model_config, tiny_train_config
@@ -143,6 +143,32 @@ def test_masked_path_handles_short_last_blocks_and_the_models_own_mask():
     with pytest.raises(GatelabError, match="causal"):
         block_sparse_attention(q[:, :, :48], k[:, :, :48], v[:, :, :48], keep[..., :3, :3], BS,
                                allowed=allowed[..., :48, :48], backend="flex")
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
+def test_block_mask_from_scores_is_the_selection_and_flex_on_it_matches_the_reference(k):
+    """The BlockMask a routing builds straight from top-k indices lists exactly select_blocks' blocks (the
+    diagonal partial, the rest full), with or without the backward pass's query-side lists, and compiled flex
+    over it (causal mask_mod only) gives the dense masked reference."""
+    nb = T // BS
+    scores = previous_block_rows(torch.randn(B, H, nb, nb))
+    keep = select_blocks(scores, k)
+    bm = block_mask_from_scores(scores, k, BS, T)
+    assert torch.equal(bm.to_dense().bool(), keep)
+    assert torch.equal(bm.full_kv_num_blocks, torch.arange(nb).clamp(max=min(k, nb - 1)).to(torch.int32).expand(
+        B, H, nb))
+    assert torch.equal(bm.kv_num_blocks, torch.ones(B, H, nb, dtype=torch.int32))
+    assert block_mask_from_scores(scores, k, BS, T, backward=False).q_indices is None
+    assert bm.q_indices is not None
+    q, k_, v = qkv(5)
+    with torch.no_grad():
+        out = block_routed_attention(q, k_, v, Routing(mode="block-oracle", block_size=BS, block_k=max(k, 1)),
+                                     backend="flex")
+        oracle = select_blocks(previous_block_rows(block_attention_mass(q, k_, BS)), max(k, 1))
+        assert torch.allclose(out, reference_attention(q, k_, v, oracle, BS), atol=1e-5)
+        # the keep-mask form with either mask_mod: the same blocks
+        for mod in ("causal", "selection"):
+            assert torch.equal(build_block_mask(keep, BS, T, mask_mod=mod).to_dense().bool(), keep)
 
 
 def test_every_block_mode_routes_through_its_scores():

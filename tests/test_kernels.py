@@ -100,6 +100,67 @@ def test_routed_attention_with_kernel_equals_reference(mode):
     assert out.strip().endswith("ok")
 
 
+def test_fused_soft_gate_kernel_matches_the_explicit_soft_gate_in_every_reading():
+    """kernels.soft_gate_attention (one flash-style kernel each way) against the explicit soft gate in fp32, for
+    both masks x both renormalisations: the output and the gradients of q, k, v and both gate projections; T = 40
+    is not a multiple of the tile (16 under the interpreter), so edge tiles are covered. fp16: Triton's interpreter
+    cannot multiply bf16 tiles (numpy has no bf16); bf16 is checked on the GPU by benchmarks/bench_train.py."""
+    out = run_interpreted("""
+        import math
+        import torch
+        from gatelab import kernels, routing
+        from gatelab.config import Routing
+        torch.manual_seed(0)
+        B, H, T, D, DG = 1, 2, 40, 16, 16
+        causal = routing.causal_mask(T, None)
+        for mask in ("sigmoid", "topk-sigmoid"):
+            for renorm in (False, True):
+                r = Routing(mode="soft-gate", k=8, soft_mask=mask, soft_renormalize=renorm, soft_temperature=0.7)
+                leaves = [torch.randn(B, H, T, n).half().requires_grad_() for n in (D, D, D, DG, DG)]
+                q, k, v, gq0, gk0 = leaves
+                dout = torch.randn(B, H, T, D)
+
+                def reference():
+                    G = (gq0.float() / math.sqrt(DG)) @ gk0.float().transpose(-1, -2)
+                    S = q.float() @ k.float().transpose(-1, -2) / math.sqrt(D)
+                    if renorm:
+                        return torch.softmax(S + routing.soft_gate_mask(G, r, causal, log=True), -1) @ v.float()
+                    A = torch.softmax(S.masked_fill(~causal, float("-inf")), -1)
+                    return (A * routing.soft_gate_mask(G, r, causal)) @ v.float()
+
+                def fused():
+                    gq = gq0 / math.sqrt(DG)
+                    tau = None
+                    if mask == "topk-sigmoid":
+                        tau = kernels.causal_kth_largest((gq.float() @ gk0.float().transpose(-1, -2)).detach(), r.k)
+                    return kernels.soft_gate_attention(q, k, v, gq, gk0, r.soft_temperature, renorm, tau)
+
+                got = []
+                for fn in (reference, fused):
+                    for t in leaves:
+                        t.grad = None
+                    o = fn()
+                    o.float().backward(dout)
+                    got.append([o.detach().float()] + [t.grad.float() for t in leaves])
+                for name, a, b in zip(("out", "dq", "dk", "dv", "dgq", "dgk"), *got):
+                    rel = float((a - b).norm() / a.norm())
+                    assert rel < 3e-3, (mask, renorm, name, rel)
+        # dispatch: routed_attention takes the kernel when asked for it and given the gate's factors
+        r = Routing(mode="soft-gate", k=8)
+        q, k, v, gq, gk = (torch.randn(B, H, T, n).half() for n in (D, D, D, DG, DG))
+        kernels.SOFT_ATTENTION = "fused"
+        fused = routing.routed_attention(q, k, v, r, gate_scores=lambda: gq @ gk.transpose(-1, -2),
+                                         gate_factors=lambda: (gq, gk))
+        assert torch.equal(fused, kernels.soft_gate_attention(q, k, v, gq, gk, 1.0, False))
+        kernels.SOFT_ATTENTION = "explicit"
+        explicit = routing.routed_attention(q.float(), k.float(), v.float(), r,
+                                            gate_scores=lambda: gq.float() @ gk.float().transpose(-1, -2))
+        torch.testing.assert_close(fused.float(), explicit, rtol=5e-3, atol=5e-3)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
 def test_stochastic_kernel_keeps_fresh_uniform_subsets():
     out = run_interpreted("""
         import torch

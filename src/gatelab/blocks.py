@@ -19,7 +19,8 @@ Scores per routing mode:
 Selection reuses routing.topk_keep_mask (the token routings' keep-mask from top-k over scores) over the strictly
 earlier blocks. Attention over the kept blocks runs through one of two paths with the same result:
   flex    torch.nn.attention.flex_attention with a BlockMask built from the block selection: the chosen earlier
-          blocks are "full" blocks (no mask evaluated), the diagonal the only "partial" block; no T x T tensor.
+          blocks are "full" blocks (no mask evaluated), the diagonal the only "partial" block (a causal mask_mod);
+          no T x T tensor. A routing builds it straight from the top-k block indices (block_mask_from_scores).
           Compiled (torch.compile); used on CUDA when T is a multiple of block_size and block_size a multiple of
           128 (the H100 kernels' default tiles), since that is where it skips work.
   masked  the selection expanded to a token mask (B, H, T, T), then scaled_dot_product_attention: the CPU path,
@@ -184,6 +185,19 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, allo
 _FLEX = None
 
 
+def _has_compute_q_blocks() -> bool:
+    try:
+        import inspect
+
+        from torch.nn.attention.flex_attention import BlockMask
+        return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+    except (ImportError, ValueError, TypeError):
+        return False
+
+
+_HAS_COMPUTE_Q_BLOCKS = _has_compute_q_blocks()
+
+
 def has_flex() -> bool:
     """Whether this torch has flex_attention (2.5 and later)."""
     try:
@@ -203,31 +217,75 @@ def compiled_flex():
     return _FLEX
 
 
-def build_block_mask(keep: torch.Tensor, block_size: int, T: int):
-    """A flex_attention BlockMask for a block keep-mask (Bs, H, nb, nb) (Bs = batch or 1), T = nb * block_size:
-    the kept earlier blocks are full blocks (no mask_mod evaluated there), the diagonal the one partial block,
-    with a causal mask_mod. Built from the (nb x nb) selection alone: no T x T tensor."""
+def _causal_mod(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _selection_mod(keep: torch.Tensor, block_size: int):
+    """A mask_mod that encodes the block selection itself (for flex_attention run eagerly, which ignores a
+    BlockMask's block lists and evaluates the mask_mod everywhere)."""
+    if keep.shape[0] == 1:
+        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & keep[0, h, q_idx // block_size, kv_idx // block_size]
+    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & keep[b, h, q_idx // block_size, kv_idx // block_size]
+
+
+def _diagonal_blocks(Bs: int, H: int, nb: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Bs, H, nb) ones and (Bs, H, nb, nb) int32 whose row i starts with i: the diagonal block of each query block
+    as its one partial block. (Not cached: a tensor cached from inside a CUDA-graphed region would be overwritten.)"""
+    idx = torch.arange(nb, dtype=torch.int32, device=device)
+    first = F.pad(idx[:, None], (0, nb - 1))
+    return (torch.ones(Bs, H, nb, dtype=torch.int32, device=device), first.expand(Bs, H, nb, nb).contiguous())
+
+
+def _block_mask(full_num: torch.Tensor, full_idx: torch.Tensor, block_size: int, T: int, mask_mod=None,
+                backward: bool = True):
+    """BlockMask with the listed earlier blocks full (no mask_mod evaluated there) and the diagonal the one partial
+    block. mask_mod: the partial blocks' (default: causal, all that the diagonal needs when flex_attention runs
+    compiled and follows the block lists). backward=False skips the transposed (query-side) lists that only the
+    backward pass reads."""
     from torch.nn.attention.flex_attention import BlockMask
-    Bs, H, nb, _ = keep.shape
+    Bs, H, nb = full_num.shape
     if nb * block_size != T:
         raise GatelabError(f"the flex path needs the sequence length ({T}) to be a multiple of block_size "
                            f"({block_size})")
-    eye = torch.eye(nb, dtype=torch.bool, device=keep.device)
-    full = keep & ~eye
+    one, diag_idx = _diagonal_blocks(Bs, H, nb, full_num.device)
+    extra = {} if backward or not _HAS_COMPUTE_Q_BLOCKS else dict(compute_q_blocks=False)
+    return BlockMask.from_kv_blocks(one, diag_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod or _causal_mod,
+                                    seq_lengths=(T, T), **extra)
+
+
+def build_block_mask(keep: torch.Tensor, block_size: int, T: int, mask_mod: str = "causal",
+                     backward: bool = True):
+    """A flex_attention BlockMask for a block keep-mask (Bs, H, nb, nb) (Bs = batch or 1), T = nb * block_size:
+    the kept earlier blocks are full blocks, the diagonal the one partial block. Built from the (nb x nb)
+    selection alone: no T x T tensor. mask_mod "selection" also encodes the selection in the mask_mod (right
+    under eager flex_attention too), "causal" only causality (compiled flex_attention: the diagonal is all it
+    evaluates there; benchmarks/bench_block.py times both)."""
+    Bs, H, nb, _ = keep.shape
+    full = keep & ~torch.eye(nb, dtype=torch.bool, device=keep.device)
     full_num = full.sum(-1, dtype=torch.int32)
     full_idx = torch.argsort(full.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
-    diag_num = torch.ones(Bs, H, nb, dtype=torch.int32, device=keep.device)
-    diag_idx = torch.argsort(eye.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
-    diag_idx = diag_idx.expand(Bs, H, nb, nb).contiguous()
-    keep = keep.contiguous()
-    if Bs == 1:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & keep[0, h, q_idx // block_size, kv_idx // block_size]
-    else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & keep[b, h, q_idx // block_size, kv_idx // block_size]
-    return BlockMask.from_kv_blocks(diag_num, diag_idx, full_num, full_idx.contiguous(), BLOCK_SIZE=block_size,
-                                    mask_mod=mask_mod, seq_lengths=(T, T))
+    mod = _selection_mod(keep.contiguous(), block_size) if mask_mod == "selection" else _causal_mod
+    return _block_mask(full_num, full_idx.contiguous(), block_size, T, mod, backward)
+
+
+def block_mask_from_scores(scores: torch.Tensor, block_k: int, block_size: int, T: int, backward: bool = True):
+    """The BlockMask of select_blocks(scores, block_k) built straight from the scores (Bs, H, nb, nb) (causal rows,
+    i.e. after previous_block_rows): the top-k indices of each row's earlier blocks are the full-block lists, so
+    no keep-mask, sort or scatter is built on the way (a handful of kernel launches per layer, where
+    build_block_mask's path took about 460 operator calls). The mask_mod is causal only: for compiled
+    flex_attention (compiled_flex), which evaluates it on the diagonal blocks alone."""
+    Bs, H, nb, _ = scores.shape
+    kk = min(block_k, nb - 1)
+    if kk <= 0:
+        full_num = torch.zeros(Bs, H, nb, dtype=torch.int32, device=scores.device)
+        return _block_mask(full_num, torch.zeros(Bs, H, nb, nb, dtype=torch.int32, device=scores.device),
+                           block_size, T, None, backward)
+    earlier = earlier_blocks(nb, scores.device)
+    idx = scores.detach().float().masked_fill(~earlier, float("-inf")).topk(kk, dim=-1).indices.to(torch.int32)
+    full_idx = F.pad(idx, (0, nb - kk)).contiguous()  # row i lists its min(i, k) earlier blocks first
+    full_num = torch.arange(nb, device=scores.device).clamp(max=kk).to(torch.int32).expand(Bs, H, nb).contiguous()
+    return _block_mask(full_num, full_idx, block_size, T, None, backward)
 
 
 def token_keep(keep: torch.Tensor, block_size: int, T: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,6 +311,15 @@ def resolve_backend(backend: str, q: torch.Tensor, block_size: int, allowed) -> 
     return backend
 
 
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _no_cpu_backward(q, k, v) -> None:
+    if not q.is_cuda and _wants_grad(q, k, v):
+        raise GatelabError("flex_attention has no backward pass on CPU: use the masked block path there")
+
+
 def block_sparse_attention(q, k, v, keep: torch.Tensor, block_size: int, allowed: torch.Tensor | None = None,
                            scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, Hk, T, D) restricted to the kept blocks (keep: (B|1, H, nb,
@@ -261,10 +328,9 @@ def block_sparse_attention(q, k, v, keep: torch.Tensor, block_size: int, allowed
     path = resolve_backend(backend, q, block_size, allowed)
     gqa = k.shape[1] != H
     if path == "flex":
-        if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise GatelabError("flex_attention has no backward pass on CPU: use the masked block path there")
-        return compiled_flex()(q, k, v, block_mask=build_block_mask(keep, block_size, T), scale=scale,
-                               enable_gqa=gqa)
+        _no_cpu_backward(q, k, v)
+        return compiled_flex()(q, k, v, block_mask=build_block_mask(keep, block_size, T, backward=_wants_grad(q, k, v)),
+                               scale=scale, enable_gqa=gqa)
     mask = token_keep(keep, block_size, T, allowed)
     out = F.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H), attn_mask=mask, scale=scale)
     return out if allowed is None else out.nan_to_num(0.0)  # queries with no allowed key (padding) give 0
@@ -316,8 +382,12 @@ def block_routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer
         scores = previous_block_rows(gate_scores())
     else:
         scores = block_random_scores(layer, q.shape[1], n_blocks(T, routing.block_size), routing.seed, q.device)
+    if resolve_backend(backend, q, routing.block_size, allowed) == "flex":  # no keep-mask on the way
+        _no_cpu_backward(q, k, v)
+        bm = block_mask_from_scores(scores, routing.block_k, routing.block_size, T, backward=_wants_grad(q, k, v))
+        return compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     keep = select_blocks(scores.detach(), routing.block_k)
-    return block_sparse_attention(q, k, v, keep, routing.block_size, allowed, scale, backend)
+    return block_sparse_attention(q, k, v, keep, routing.block_size, allowed, scale, "masked")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,19 +25,41 @@ try:  # Triton ships with CUDA builds of torch; CPU builds run the torch referen
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-MAX_KERNEL_KEYS = 8192
+MAX_KERNEL_KEYS = 8192  # a row is held in registers: longer rows use the torch reference
 # how a compiled hard routing applies its keep-mask: "sdpa" (a boolean attn_mask: PyTorch's memory-efficient
 # kernel) or "flex" (flex_attention with the mask as a score_mod); benchmarks/bench_train.py measures both
 HARD_ATTENTION = os.environ.get("GATELAB_HARD_ATTENTION", "sdpa")
-# how a compiled renormalised soft gate attends: "explicit" (routing.py's reference: SDPA with log m as a float
-# mask) or "flex" (flex_attention with log m as a score_mod). Measured on an H100 (benchmarks/README.md): flex
-# was not faster, and the non-renormalised readings' flex form (two passes and their log-sum-exps) failed to
-# compile on torch 2.11 (an Inductor lowering error), so it serves renormalised readings only, on request.
-SOFT_ATTENTION = os.environ.get("GATELAB_SOFT_ATTENTION", "explicit")  # a row is held in registers/shared memory: longer rows use the torch reference
+# how the soft gate attends on CUDA: "explicit" (routing.py's reference: G, S and the mask formed in memory),
+# "fused" (soft_gate_attention below: one flash-style Triton kernel each way, G formed tile by tile from the gate's
+# two projections), or "flex" (flex_attention with log m as a score_mod, renormalised readings only: the
+# unrenormalised form failed to compile on torch 2.11). benchmarks/bench_train.py times them side by side.
+SOFT_ATTENTION = os.environ.get("GATELAB_SOFT_ATTENTION", "explicit")
 
 
 ENABLED = os.environ.get("GATELAB_KERNELS", "1") != "0"  # GATELAB_KERNELS=0 (or kernels.ENABLED = False): torch only
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
+
+
+def _interpreter_scalar_loop_bounds() -> None:
+    """Triton's CPU interpreter (3.x) turns a kernel's scalars into one-element arrays and converts them with int(),
+    which numpy 2.4 refuses for arrays of one dimension, so a loop bound like range(0, T, N) fails there. Make the
+    interpreter's conversion take the one element. Interpreter (tests) only; compiled kernels are untouched."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_gatelab", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._gatelab = True
+    interpreter._patch_lang_tensor = patched
+
+
+if triton is not None and _INTERPRET:
+    _interpreter_scalar_loop_bounds()
 
 
 def kernels_enabled(t: torch.Tensor) -> bool:
@@ -49,11 +71,12 @@ def kernels_enabled(t: torch.Tensor) -> bool:
 if triton is not None:
     @triton.jit
     def _mix32(x):
-        """routing._mix32 (lowbias32) on int64 values below 2^32."""
+        """routing._mix32 (lowbias32) on uint32 values: products wrap modulo 2^32, which is the reference's
+        `& 0xFFFFFFFF`."""
         x = x ^ (x >> 16)
-        x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+        x = x * 0x21F0AAAD
         x = x ^ (x >> 15)
-        x = (x * 0x735A2D97) & 0xFFFFFFFF
+        x = x * 0x735A2D97
         return x ^ (x >> 15)
 
     @triton.jit
@@ -61,42 +84,41 @@ if triton is not None:
                           HASHED: tl.constexpr, WRITE_KEEP: tl.constexpr, WRITE_TAU: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """BLOCK_M rows per program. Row r (of B*H*T, row-major) is query position i = r % T + offset, allowed keys
-        j <= i. Scores come from scores_ptr (contiguous rows of S), or with HASHED from the hash of (row_hash[r], j)."""
+        j <= i. Scores come from scores_ptr (contiguous rows of S), or with HASHED from the hash of (row_hash[r], j).
+        Keys are uint32 (half the registers of int64, and native 32-bit integer arithmetic)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         pos = rows % T + offset
         allowed = (cols[None, :] <= pos[:, None]) & (cols[None, :] < S) & row_ok[:, None]
         if HASHED:  # routing._absorb(row hash, j): distinct within a row, so no ties
-            h = tl.load(row_hash_ptr + rows, mask=row_ok, other=0)
-            key = _mix32(((h[:, None] ^ cols[None, :].to(tl.int64)) + 0x9E3779B9) & 0xFFFFFFFF)
-        else:  # order-preserving map of float32 bits to [0, 2^32)
+            h = tl.load(row_hash_ptr + rows, mask=row_ok, other=0).to(tl.uint32)
+            key = _mix32((h[:, None] ^ cols[None, :].to(tl.uint32)) + 0x9E3779B9)
+        else:  # order-preserving map of float32 bits to uint32
             x = tl.load(scores_ptr + rows[:, None].to(tl.int64) * S + cols[None, :], mask=allowed, other=0.0)
-            bits = x.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
             key = tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-        key = tl.where(allowed, key, -1)
+        key = tl.where(allowed, key, 0)  # below every candidate threshold (each has a bit set)
         n_allowed = tl.minimum(pos + 1, S)
-        # bisection: the largest t with count(key >= t) >= k is the k-th largest key
-        lo = tl.zeros([BLOCK_M], dtype=tl.int64)
-        hi = tl.full([BLOCK_M], 0xFFFFFFFF, dtype=tl.int64)
+        # the k-th largest key, bit by bit from the top: keep a bit when at least k keys reach the candidate
+        kth = tl.zeros([BLOCK_M], dtype=tl.uint32)
+        bit = tl.full([BLOCK_M], 0x80000000, dtype=tl.uint32)
         for _ in range(32):
-            mid = (lo + hi + 1) >> 1
-            count = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1)
-            enough = count >= k
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid - 1)
+            cand = kth | bit
+            count = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+            kth = tl.where(count >= k, cand, kth)
+            bit = bit >> 1
         few = n_allowed <= k  # such rows keep every allowed key
         if WRITE_KEEP:
-            above = key > lo[:, None]
-            tie = (key == lo[:, None]).to(tl.int32)
+            above = key > kth[:, None]
+            tie = ((key == kth[:, None]) & allowed).to(tl.int32)
             room = k - tl.sum(above.to(tl.int32), axis=1)
             keep = above | ((tie != 0) & (tl.cumsum(tie, axis=1) <= room[:, None]))
             keep = (keep | few[:, None]) & allowed
             tl.store(keep_ptr + rows[:, None].to(tl.int64) * S + cols[None, :], keep.to(tl.int8),
                      mask=(cols[None, :] < S) & row_ok[:, None])
         if WRITE_TAU:  # the k-th largest score as a float (-inf for rows that keep everything)
-            bits = tl.where(lo >= 0x80000000, lo ^ 0x80000000, lo ^ 0xFFFFFFFF)
-            bits = tl.where(bits >= 0x80000000, bits - 0x100000000, bits).to(tl.int32)
+            bits = tl.where(kth >= 0x80000000, kth ^ 0x80000000, kth ^ 0xFFFFFFFF)
             tau = tl.where(few, float("-inf"), bits.to(tl.float32, bitcast=True))
             tl.store(tau_ptr + rows, tau, mask=row_ok)
 
@@ -156,3 +178,211 @@ def hashed_topk_keep(row_hash: torch.Tensor, k: int, S: int) -> torch.Tensor:
         return topk_keep_mask(keys.to(torch.float64), k, causal_rows(T, S, row_hash.device))
     keep, _ = _launch(None, row_hash.contiguous(), (B, H, T, S), k, S - T, True, False)
     return keep
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The soft gate as one flash-style kernel (issue 15): attention under m = sigmoid((G - tau) / t) without a T x T
+# tensor in memory. G = gq gk^T (the bilinear gate's two projections, gq already scaled by 1 / sqrt(d_gate)) is
+# computed tile by tile beside S = q k^T, like S itself. Both readings fit the online softmax:
+#   unrenormalised  out_i = sum_j softmax(S)_ij m_ij v_j: the running sum of exp(S - max) (no m) normalises, the
+#                   accumulator sums exp(S - max) m v; L_i = lse(S)
+#   renormalised    out_i = softmax(S + log m)_i v: plain flash attention on S + log m; L_i = lse(S + log m)
+# Backward (W = the weights applied to v, dW = dO v^T, D_i = dO_i . out_i):
+#   unrenormalised  P = exp(S - L), W = P m:   dS = P (m dW - D),  dz = W dW (1 - m)
+#   renormalised    W = exp(S + log m - L):    dS = W (dW - D),    dz = dS (1 - m)
+# and dv = W^T dO, dq = scale dS k, dk = scale dS^T q, dgq = dz gk / t, dgk = dz^T gq / t; tau (topk-sigmoid's
+# detached row threshold) gets none. routing.routed_attention's explicit path is the reference (tests/test_kernels.py).
+
+if triton is not None:
+    @triton.jit
+    def _soft_tile(q, k, gq, gk, tau, rows, cols, T, sm_scale, inv_t, RENORM: tl.constexpr):
+        """Scores of one (query tile, key tile): S (scaled), log m and m, and the causal validity."""
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        z = (tl.dot(gq, tl.trans(gk)) - tau[:, None]) * inv_t
+        log_m = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))
+        ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T) & (rows[:, None] < T)
+        return s, log_m, tl.exp(log_m), ok
+
+    @triton.jit
+    def _soft_fwd_kernel(Q, K, V, GQ, GK, TAU, O, L, T, sm_scale, inv_t,
+                         RENORM: tl.constexpr, HAS_TAU: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        d, g = tl.arange(0, D), tl.arange(0, DG)
+        base = bh.to(tl.int64) * T
+        row_ok = rows < T
+        q = tl.load(Q + (base + rows)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        gq = tl.load(GQ + (base + rows)[:, None] * DG + g[None, :], mask=row_ok[:, None], other=0.0)
+        tau = tl.load(TAU + base + rows, mask=row_ok, other=0.0) if HAS_TAU else tl.zeros([BLOCK_M], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start in range(0, (pid_m + 1) * BLOCK_M, BLOCK_N):  # past T: masked
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < T
+            k = tl.load(K + (base + cols)[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + (base + cols)[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0)
+            gk = tl.load(GK + (base + cols)[:, None] * DG + g[None, :], mask=col_ok[:, None], other=0.0)
+            s, log_m, m, ok = _soft_tile(q, k, gq, gk, tau, rows, cols, T, sm_scale, inv_t, RENORM)
+            s = tl.where(ok, s + log_m if RENORM else s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T: nothing allowed
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            w = p if RENORM else p * m
+            acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(O + (base + rows)[:, None] * D + d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(L + base + rows, m_i + tl.log(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _soft_bwd_weights(q, k, v, gq, gk, tau, do, lse, delta, rows, cols, T, sm_scale, inv_t,
+                          RENORM: tl.constexpr):
+        """W (applied to v), dS and dz of one tile in the backward pass (zero outside the causal entries)."""
+        s, log_m, m, ok = _soft_tile(q, k, gq, gk, tau, rows, cols, T, sm_scale, inv_t, RENORM)
+        dw = tl.dot(do, tl.trans(v)).to(tl.float32)
+        if RENORM:
+            w = tl.where(ok, tl.exp(s + log_m - lse[:, None]), 0.0)
+            ds = w * (dw - delta[:, None])
+            dz = ds * (1.0 - m)
+        else:
+            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+            w = p * m
+            ds = p * (m * dw - delta[:, None])
+            dz = w * dw * (1.0 - m)
+        return w, ds, dz
+
+    @triton.jit
+    def _soft_bwd_kv_kernel(Q, K, V, GQ, GK, TAU, DO, L, DELTA, DK, DV, DGK, T, sm_scale, inv_t,
+                            RENORM: tl.constexpr, HAS_TAU: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dk, dv, dgk of one key tile: a loop over the query tiles that can see it."""
+        pid_n, bh = tl.program_id(0), tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        d, g = tl.arange(0, D), tl.arange(0, DG)
+        base = bh.to(tl.int64) * T
+        col_ok = cols < T
+        k = tl.load(K + (base + cols)[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + (base + cols)[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0)
+        gk = tl.load(GK + (base + cols)[:, None] * DG + g[None, :], mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        dgk = tl.zeros([BLOCK_N, DG], tl.float32)
+        for start in range((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, T, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < T
+            q = tl.load(Q + (base + rows)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+            gq = tl.load(GQ + (base + rows)[:, None] * DG + g[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + (base + rows)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+            tau = tl.load(TAU + base + rows, mask=row_ok, other=0.0) if HAS_TAU else tl.zeros([BLOCK_M], tl.float32)
+            lse = tl.load(L + base + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + base + rows, mask=row_ok, other=0.0)
+            w, ds, dz = _soft_bwd_weights(q, k, v, gq, gk, tau, do, lse, delta, rows, cols, T, sm_scale, inv_t,
+                                          RENORM)
+            dv += tl.dot(tl.trans(w.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dgk += tl.dot(tl.trans(dz.to(gq.dtype)), gq)
+        tl.store(DK + (base + cols)[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=col_ok[:, None])
+        tl.store(DV + (base + cols)[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DGK + (base + cols)[:, None] * DG + g[None, :], (dgk * inv_t).to(DGK.dtype.element_ty),
+                 mask=col_ok[:, None])
+
+    @triton.jit
+    def _soft_bwd_q_kernel(Q, K, V, GQ, GK, TAU, DO, L, DELTA, DQ, DGQ, T, sm_scale, inv_t,
+                           RENORM: tl.constexpr, HAS_TAU: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dq, dgq of one query tile: a loop over the key tiles it sees."""
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        d, g = tl.arange(0, D), tl.arange(0, DG)
+        base = bh.to(tl.int64) * T
+        row_ok = rows < T
+        q = tl.load(Q + (base + rows)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        gq = tl.load(GQ + (base + rows)[:, None] * DG + g[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + (base + rows)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        tau = tl.load(TAU + base + rows, mask=row_ok, other=0.0) if HAS_TAU else tl.zeros([BLOCK_M], tl.float32)
+        lse = tl.load(L + base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + base + rows, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        dgq = tl.zeros([BLOCK_M, DG], tl.float32)
+        for start in range(0, (pid_m + 1) * BLOCK_M, BLOCK_N):  # past T: masked
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < T
+            k = tl.load(K + (base + cols)[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + (base + cols)[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0)
+            gk = tl.load(GK + (base + cols)[:, None] * DG + g[None, :], mask=col_ok[:, None], other=0.0)
+            w, ds, dz = _soft_bwd_weights(q, k, v, gq, gk, tau, do, lse, delta, rows, cols, T, sm_scale, inv_t,
+                                          RENORM)
+            dq += tl.dot(ds.to(k.dtype), k)
+            dgq += tl.dot(dz.to(gk.dtype), gk)
+        tl.store(DQ + (base + rows)[:, None] * D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(DGQ + (base + rows)[:, None] * DG + g[None, :], (dgq * inv_t).to(DGQ.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+SOFT_TILE = 64  # query and key tile of the soft-gate kernel
+
+
+def _soft_launch_args(T: int):
+    tile = SOFT_TILE if not _INTERPRET else 16
+    return tile, dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=4, num_stages=2)
+
+
+class _SoftGateAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gq, gk, tau, inv_t: float, renorm: bool):
+        B, H, T, D = q.shape
+        tile, opts = _soft_launch_args(T)
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        has_tau = tau is not None
+        tau_arg = tau if has_tau else lse
+        _soft_fwd_kernel[(triton.cdiv(T, tile), B * H)](
+            q, k, v, gq, gk, tau_arg, out, lse, T, D ** -0.5, inv_t, RENORM=renorm, HAS_TAU=has_tau, D=D,
+            DG=gq.shape[-1], **opts)
+        ctx.save_for_backward(q, k, v, gq, gk, tau_arg, out, lse)
+        ctx.inv_t, ctx.renorm, ctx.has_tau = inv_t, renorm, has_tau
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, gq, gk, tau, out, lse = ctx.saved_tensors
+        B, H, T, D = q.shape
+        tile, opts = _soft_launch_args(T)
+        dout = dout.contiguous()
+        delta = (dout.float() * out.float()).sum(-1)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dgq, dgk = torch.empty_like(gq), torch.empty_like(gk)
+        common = dict(RENORM=ctx.renorm, HAS_TAU=ctx.has_tau, D=D, DG=gq.shape[-1], **opts)
+        _soft_bwd_kv_kernel[(triton.cdiv(T, tile), B * H)](
+            q, k, v, gq, gk, tau, dout, lse, delta, dk, dv, dgk, T, D ** -0.5, ctx.inv_t, **common)
+        _soft_bwd_q_kernel[(triton.cdiv(T, tile), B * H)](
+            q, k, v, gq, gk, tau, dout, lse, delta, dq, dgq, T, D ** -0.5, ctx.inv_t, **common)
+        return dq, dk, dv, dgq, dgk, None, None, None
+
+
+def soft_gate_fits(q: torch.Tensor, gq: torch.Tensor) -> bool:
+    """Whether the fused soft-gate kernel serves these inputs: kernels enabled for q, 16-bit inputs (fp32 keeps the
+    explicit path, whose matrix products the kernel's tensor-core tiles would round), power-of-two head and gate
+    widths of 16..128."""
+    pow2 = lambda n: 16 <= n <= 128 and n & (n - 1) == 0  # noqa: E731
+    return (kernels_enabled(q) and q.dtype in (torch.bfloat16, torch.float16) and pow2(q.shape[-1])
+            and pow2(gq.shape[-1]))
+
+
+def soft_gate_attention(q, k, v, gq, gk, temperature: float, renormalize: bool,
+                        tau: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q, k, v (B, H, T, D) under the soft gate m = sigmoid((gq gk^T - tau) / temperature)
+    (gq, gk: (B, H, T, d_gate), gq already scaled by 1 / sqrt(d_gate); tau: (B, H, T, 1) topk-sigmoid row
+    thresholds, treated as constants, or None), unrenormalised (softmax(S) * m) or renormalised (softmax(S + log m)),
+    with gradients for q, k, v, gq and gk. One flash-style Triton kernel each way: no T x T tensor."""
+    dt = q.dtype
+    args = [t.to(dt).contiguous() for t in (q, k, v, gq, gk)]
+    tau = tau[..., 0].float().contiguous() if tau is not None else None
+    return _SoftGateAttention.apply(*args, tau, 1.0 / temperature, renormalize)

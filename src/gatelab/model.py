@@ -43,8 +43,9 @@ class Attention(nn.Module):
             y = block_routed_attention(q, k, v, routing, gate_scores=block_scores, layer=self.layer)
             return self.proj(y.transpose(1, 2).reshape(B, T, C))
         gate_scores = (lambda: self.gate(x)) if self.gate is not None else None
+        gate_factors = (lambda: self.gate.factors(x, scaled=True)) if self.gate is not None else None
         y = routed_attention(q, k, v, routing, gate_scores=gate_scores, layer=self.layer,
-                             random_masks=self.random_masks)
+                             random_masks=self.random_masks, gate_factors=gate_factors)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

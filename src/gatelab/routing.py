@@ -36,10 +36,16 @@ class BilinearGate(nn.Module):
         nn.init.normal_(self.wq, std=self.init_std)
         nn.init.normal_(self.wk, std=self.init_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C) -> gate scores (B, H, T, T), not yet causally masked."""
+    def factors(self, x: torch.Tensor, scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, C) -> (X W_gq, X W_gk), each (B, H, T, d_gate); scaled: the first divided by sqrt(d_gate), so
+        that G = gq gk^T (what the fused soft-gate kernel takes: it never forms G)."""
         gq = torch.einsum("btc,hcd->bhtd", x, self.wq.to(x.dtype))
         gk = torch.einsum("btc,hcd->bhtd", x, self.wk.to(x.dtype))
+        return (gq / math.sqrt(self.d_gate) if scaled else gq), gk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) -> gate scores (B, H, T, T), not yet causally masked."""
+        gq, gk = self.factors(x)
         return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)
 
 
@@ -227,10 +233,12 @@ def hard_topk_keep(routing: Routing, allowed: torch.Tensor, *, logits, gate_scor
 
 
 def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int = 0,
-                     random_masks: RandomMaskCache | None = None) -> torch.Tensor:
+                     random_masks: RandomMaskCache | None = None, gate_factors=None) -> torch.Tensor:
     """Causal attention of q, k, v (B, H, T, D) under `routing`.
 
-    gate_scores: a callable returning G (B, H, T, T), needed by gate-topk and soft-gate.
+    gate_scores: a callable returning G (B, H, T, T), needed by gate-topk and soft-gate. gate_factors: optionally a
+    callable returning (gq, gk) with G = gq gk^T (BilinearGate.factors), which lets the fused soft-gate kernel
+    (kernels.soft_gate_attention, kernels.SOFT_ATTENTION = "fused") run without forming G.
     """
     B, H, T, D = q.shape
     mode = routing.mode
@@ -241,6 +249,15 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
                            f"build the model with model.gate=learned|random)")
     causal = causal_mask(T, q.device)
     fast = kernels.kernels_enabled(q)  # the sort-free Triton selection (kernels.py); else the torch reference
+    if mode == "soft-gate" and fast and kernels.SOFT_ATTENTION == "fused" and gate_factors is not None:
+        gq, gk = gate_factors()
+        if kernels.soft_gate_fits(q, gq):
+            tau = None
+            if routing.soft_mask == "topk-sigmoid":  # the row threshold needs G's rows: formed once, no gradient
+                with torch.no_grad():
+                    tau = kernels.causal_kth_largest(gate_scores().float(), routing.k)
+            return kernels.soft_gate_attention(q, k, v, gq, gk, routing.soft_temperature, routing.soft_renormalize,
+                                               tau)
     if mode == "soft-gate":
         G = gate_scores().float()
         tau = (kernels.causal_kth_largest(G, routing.k) if fast and routing.soft_mask == "topk-sigmoid" else None)
