@@ -196,7 +196,8 @@ def hashed_topk_keep(row_hash: torch.Tensor, k: int, S: int) -> torch.Tensor:
 if triton is not None:
     @triton.jit
     def _soft_tile(q, k, gq, gk, tau, rows, cols, T, sm_scale, inv_t, RENORM: tl.constexpr):
-        """Scores of one (query tile, key tile): S (scaled), log m and m, and the causal validity."""
+        """Scores of one (query tile, key tile): S (scaled), log m and m, and the causal validity. The scales are
+        compile-time constants (fp32; under torch.compile, Inductor passes a runtime Python float as fp64)."""
         s = tl.dot(q, tl.trans(k)) * sm_scale
         z = (tl.dot(gq, tl.trans(gk)) - tau[:, None]) * inv_t
         log_m = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))
@@ -204,7 +205,7 @@ if triton is not None:
         return s, log_m, tl.exp(log_m), ok
 
     @triton.jit
-    def _soft_fwd_kernel(Q, K, V, GQ, GK, TAU, O, L, T, sm_scale, inv_t,
+    def _soft_fwd_kernel(Q, K, V, GQ, GK, TAU, O, L, T, sm_scale: tl.constexpr, inv_t: tl.constexpr,
                          RENORM: tl.constexpr, HAS_TAU: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -257,7 +258,7 @@ if triton is not None:
         return w, ds, dz
 
     @triton.jit
-    def _soft_bwd_kv_kernel(Q, K, V, GQ, GK, TAU, DO, L, DELTA, DK, DV, DGK, T, sm_scale, inv_t,
+    def _soft_bwd_kv_kernel(Q, K, V, GQ, GK, TAU, DO, L, DELTA, DK, DV, DGK, T, sm_scale: tl.constexpr, inv_t: tl.constexpr,
                             RENORM: tl.constexpr, HAS_TAU: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dk, dv, dgk of one key tile: a loop over the query tiles that can see it."""
@@ -293,7 +294,7 @@ if triton is not None:
                  mask=col_ok[:, None])
 
     @triton.jit
-    def _soft_bwd_q_kernel(Q, K, V, GQ, GK, TAU, DO, L, DELTA, DQ, DGQ, T, sm_scale, inv_t,
+    def _soft_bwd_q_kernel(Q, K, V, GQ, GK, TAU, DO, L, DELTA, DQ, DGQ, T, sm_scale: tl.constexpr, inv_t: tl.constexpr,
                            RENORM: tl.constexpr, HAS_TAU: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dq, dgq of one query tile: a loop over the key tiles it sees."""
@@ -326,26 +327,32 @@ if triton is not None:
                  mask=row_ok[:, None])
 
 
-SOFT_TILE = 64  # query and key tile of the soft-gate kernel
+def _soft_configs():
+    """Tile shapes and warps tried once per (T, D, d_gate) on the GPU (triton.autotune); the interpreter runs one."""
+    if _INTERPRET:
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16), num_warps=1, num_stages=1)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=2)
+            for m, n, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 32, 4))]
 
 
-def _soft_launch_args(T: int):
-    tile = SOFT_TILE if not _INTERPRET else 16
-    return tile, dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=4, num_stages=2)
+if triton is not None:
+    _soft_fwd = triton.autotune(_soft_configs(), key=["T", "D", "DG", "RENORM"])(_soft_fwd_kernel)
+    # the backward kernels write their whole outputs: no reset between autotuning trials is needed
+    _soft_bwd_kv = triton.autotune(_soft_configs(), key=["T", "D", "DG", "RENORM"])(_soft_bwd_kv_kernel)
+    _soft_bwd_q = triton.autotune(_soft_configs(), key=["T", "D", "DG", "RENORM"])(_soft_bwd_q_kernel)
 
 
 class _SoftGateAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gq, gk, tau, inv_t: float, renorm: bool):
         B, H, T, D = q.shape
-        tile, opts = _soft_launch_args(T)
         out = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         has_tau = tau is not None
         tau_arg = tau if has_tau else lse
-        _soft_fwd_kernel[(triton.cdiv(T, tile), B * H)](
+        _soft_fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
             q, k, v, gq, gk, tau_arg, out, lse, T, D ** -0.5, inv_t, RENORM=renorm, HAS_TAU=has_tau, D=D,
-            DG=gq.shape[-1], **opts)
+            DG=gq.shape[-1])
         ctx.save_for_backward(q, k, v, gq, gk, tau_arg, out, lse)
         ctx.inv_t, ctx.renorm, ctx.has_tau = inv_t, renorm, has_tau
         return out
@@ -354,15 +361,14 @@ class _SoftGateAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, gq, gk, tau, out, lse = ctx.saved_tensors
         B, H, T, D = q.shape
-        tile, opts = _soft_launch_args(T)
         dout = dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dgq, dgk = torch.empty_like(gq), torch.empty_like(gk)
-        common = dict(RENORM=ctx.renorm, HAS_TAU=ctx.has_tau, D=D, DG=gq.shape[-1], **opts)
-        _soft_bwd_kv_kernel[(triton.cdiv(T, tile), B * H)](
+        common = dict(RENORM=ctx.renorm, HAS_TAU=ctx.has_tau, D=D, DG=gq.shape[-1])
+        _soft_bwd_kv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
             q, k, v, gq, gk, tau, dout, lse, delta, dk, dv, dgk, T, D ** -0.5, ctx.inv_t, **common)
-        _soft_bwd_q_kernel[(triton.cdiv(T, tile), B * H)](
+        _soft_bwd_q[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
             q, k, v, gq, gk, tau, dout, lse, delta, dq, dgq, T, D ** -0.5, ctx.inv_t, **common)
         return dq, dk, dv, dgq, dgk, None, None, None
 

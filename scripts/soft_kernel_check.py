@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""GPU check of the fused soft-gate kernel (kernels.soft_gate_attention) at the paper's shape, eager and compiled:
+output and gradients against the explicit soft gate (routing.routed_attention) in bf16, and the forward + backward
+time of each. Prints full tracebacks (bench_train.py records only the first 300 characters of a failure).
+
+    PYTHONPATH=src python scripts/soft_kernel_check.py
+"""
+import math
+import time
+import traceback
+
+import torch
+
+from gatelab import kernels, routing
+from gatelab.config import Routing
+
+torch.manual_seed(0)
+dev = "cuda"
+B, H, T, D, DG = 16, 4, 512, 64, 32
+
+
+def inputs():
+    return [torch.randn(B, H, T, n, device=dev, dtype=torch.bfloat16, requires_grad=True) for n in (D, D, D, DG, DG)]
+
+
+def run(path, r, leaves, dout):
+    q, k, v, gq0, gk0 = leaves
+    kernels.SOFT_ATTENTION = path
+    gq = gq0 / math.sqrt(DG)
+    out = routing.routed_attention(q, k, v, r, gate_scores=lambda: gq @ gk0.transpose(-1, -2),
+                                   gate_factors=lambda: (gq, gk0))
+    out.backward(dout)
+    return out
+
+
+def timed(fn, n=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+for reading in ("sigmoid", "sigmoid-renorm", "topk-sigmoid"):
+    r = Routing(mode="soft-gate", k=64, soft_mask="topk-sigmoid" if reading.startswith("topk") else "sigmoid",
+                soft_renormalize=reading.endswith("renorm"))
+    leaves = inputs()
+    dout = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16)
+    try:
+        res = {}
+        for path in ("explicit", "fused"):
+            for t in leaves:
+                t.grad = None
+            out = run(path, r, leaves, dout)
+            res[path] = [out.float()] + [t.grad.float() for t in leaves]
+        errs = {n: float((a - b).norm() / a.norm()) for n, a, b in
+                zip(("out", "dq", "dk", "dv", "dgq", "dgk"), res["explicit"], res["fused"])}
+        ms = {p: timed(lambda: run(p, r, leaves, dout)) for p in ("explicit", "fused")}
+        print(f"eager {reading}: rel. err {errs}; fwd+bwd ms explicit {ms['explicit']:.3f} fused {ms['fused']:.3f}",
+              flush=True)
+    except Exception:  # noqa: BLE001
+        print(f"eager {reading}: FAILED\n{traceback.format_exc()[-4000:]}", flush=True)
+    try:
+        for path in ("explicit", "fused"):
+            kernels.SOFT_ATTENTION = path
+            torch._dynamo.reset()
+            f = torch.compile(lambda *a: run(path, r, list(a[:5]), a[5]))
+            f(*leaves, dout)
+            print(f"compiled {reading} {path}: fwd+bwd ms {timed(lambda: f(*leaves, dout)):.3f}", flush=True)
+    except Exception:  # noqa: BLE001
+        print(f"compiled {reading}: FAILED\n{traceback.format_exc()[-6000:]}", flush=True)
