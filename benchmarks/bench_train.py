@@ -244,7 +244,7 @@ def main() -> None:
     ap.add_argument("--chunk-modes", default="dense",
                     help="modes also timed as fast-chunk8k (the fused loss over 8,192 rows at once)")
     ap.add_argument("--soft-modes", default="soft-gate,soft-gate:sigmoid-renorm,soft-gate:topk-sigmoid",
-                    help="modes also timed as fast-explicit and fast-fused (the soft gate's two attention paths)")
+                    help="modes also timed with the soft gate's other attention path(s) (fast-explicit / fast-fused)")
     ap.add_argument("--no-check", action="store_true", help="skip the gradient check of each fast variant")
     ap.add_argument("--skip-extra", action="store_true", help="skip the distillation and evaluation rows")
     ap.add_argument("--tag", default="", help="suffix of the output files' names")
@@ -325,7 +325,8 @@ def main() -> None:
                 (["fast-sort"] if text in args.sort_modes.split(",") else []) + \
                 (["fast-flexhard"] if text in args.flexhard_modes.split(",") else []) + \
                 (["fast-chunk8k"] if text in args.chunk_modes.split(",") and cuda else []) + \
-                (["fast-explicit", "fast-fused"] if text in args.soft_modes.split(",") and cuda else [])
+                ([v for v in ("fast-explicit", "fast-fused") if v != f"fast-{kernels.SOFT_ATTENTION}"]
+                 if text in args.soft_modes.split(",") and cuda else [])  # the other soft-gate path(s) than fast's
             for variant in variants:
                 check = variant.startswith("fast") and not args.no_check
                 try:

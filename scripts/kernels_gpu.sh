@@ -13,7 +13,7 @@ OUT=${OUT:?set by the device tool}
 export PYTHONPATH=${PWD}/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 case "${1:-}" in
   smoke)
-    ONLY='^(prepare|train-(fast|reference)-(dense|oracle-topk|gate-topk|random-topk|stochastic|soft-.*)|distill-.*|eval-.*)$' \
+    ONLY=${ONLY:-'^(prepare|train-(fast|reference)-(dense|oracle-topk|gate-topk|random-topk|stochastic|soft-.*)|distill-.*|eval-.*)$'} \
       JOBS=${JOBS:-10} bash scripts/gpu_smoke.sh /tmp/smoke-kernels > /tmp/smoke-kernels.log 2>&1
     status=$?
     cp /tmp/smoke-kernels/summary.md "$OUT/smoke-kernels.md"
