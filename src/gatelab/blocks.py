@@ -16,8 +16,8 @@ Scores per routing mode:
                 gate's scores, the reading given by Routing.soft_* exactly as for the token soft gate
                 (routing.soft_gate_mask over the earlier blocks with k = block_k), the diagonal block weight 1
 
-Selection reuses routing.topk_keep_mask (the token routings' keep-mask from top-k over scores) over the strictly
-earlier blocks. Attention over the kept blocks runs through one of two paths with the same result:
+Selection (earlier_topk_indices: the top-k of each query block's strictly earlier blocks, shared by both paths below)
+decides which blocks are kept. Attention over the kept blocks runs through one of two paths with the same result:
   flex    torch.nn.attention.flex_attention with a BlockMask built from the block selection: the chosen earlier
           blocks are "full" blocks (no mask evaluated), the diagonal the only "partial" block (a causal mask_mod);
           no T x T tensor. A routing builds it straight from the top-k block indices (block_mask_from_scores).
@@ -124,13 +124,26 @@ def previous_block_rows(scores: torch.Tensor) -> torch.Tensor:
     return F.pad(scores[..., :-1, :], (0, 0, 1, 0))
 
 
+def earlier_topk_indices(scores: torch.Tensor, block_k: int) -> torch.Tensor:
+    """(..., nb, kk) int32, kk = min(block_k, nb - 1): the kk highest-scoring earlier blocks of each query block, in
+    ascending block order; a row i < kk lists its i earlier blocks first (the rest are later blocks, to be ignored).
+    The one selection both block paths use (select_blocks' keep-mask, block_mask_from_scores' block lists), so they
+    pick the same blocks among tied scores too (bf16 gate scores tie often)."""
+    nb = scores.shape[-1]
+    kk = min(block_k, nb - 1)
+    masked = scores.detach().float().masked_fill(~earlier_blocks(nb, scores.device), float("-inf"))
+    return masked.topk(kk, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+
+
 def select_blocks(scores: torch.Tensor, block_k: int) -> torch.Tensor:
     """Keep-mask (..., nb, nb) over blocks: each query block's diagonal block and its block_k highest-scoring
     earlier blocks (all of them when it has block_k or fewer). scores: (..., nb, nb), e.g. (B, H, nb, nb)."""
     nb = scores.shape[-1]
     earlier = earlier_blocks(nb, scores.device)
-    keep = topk_keep_mask(scores, min(block_k, nb), earlier)
-    return keep | torch.eye(nb, dtype=torch.bool, device=scores.device)
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if min(block_k, nb - 1) > 0:
+        keep.scatter_(-1, earlier_topk_indices(scores, block_k).long(), True)
+    return (keep & earlier) | torch.eye(nb, dtype=torch.bool, device=scores.device)
 
 
 @torch.compiler.disable  # integer hashing with 32-bit constants: eager, outside compiled graphs (and CUDA graphs)
@@ -271,8 +284,8 @@ def build_block_mask(keep: torch.Tensor, block_size: int, T: int, mask_mod: str 
 
 def block_mask_from_scores(scores: torch.Tensor, block_k: int, block_size: int, T: int, backward: bool = True):
     """The BlockMask of select_blocks(scores, block_k) built straight from the scores (Bs, H, nb, nb) (causal rows,
-    i.e. after previous_block_rows): the top-k indices of each row's earlier blocks are the full-block lists, so
-    no keep-mask, sort or scatter is built on the way (a handful of kernel launches per layer, where
+    i.e. after previous_block_rows): the top-k indices of each row's earlier blocks (earlier_topk_indices, as
+    select_blocks) are the full-block lists, so no keep-mask or scatter is built on the way (a handful of kernel launches per layer, where
     build_block_mask's path took about 460 operator calls). The mask_mod is causal only: for compiled
     flex_attention (compiled_flex), which evaluates it on the diagonal blocks alone."""
     Bs, H, nb, _ = scores.shape
@@ -281,9 +294,7 @@ def block_mask_from_scores(scores: torch.Tensor, block_k: int, block_size: int, 
         full_num = torch.zeros(Bs, H, nb, dtype=torch.int32, device=scores.device)
         return _block_mask(full_num, torch.zeros(Bs, H, nb, nb, dtype=torch.int32, device=scores.device),
                            block_size, T, None, backward)
-    earlier = earlier_blocks(nb, scores.device)
-    idx = scores.detach().float().masked_fill(~earlier, float("-inf")).topk(kk, dim=-1).indices.to(torch.int32)
-    full_idx = F.pad(idx, (0, nb - kk)).contiguous()  # row i lists its min(i, k) earlier blocks first
+    full_idx = F.pad(earlier_topk_indices(scores, block_k), (0, nb - kk)).contiguous()  # min(i, k) blocks first
     full_num = torch.arange(nb, device=scores.device).clamp(max=kk).to(torch.int32).expand(Bs, H, nb).contiguous()
     return _block_mask(full_num, full_idx, block_size, T, None, backward)
 
