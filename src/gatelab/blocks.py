@@ -326,9 +326,14 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _no_cpu_backward(q, k, v) -> None:
-    if not q.is_cuda and _wants_grad(q, k, v):
+def _flex_block_attention(q, k, v, block_mask_for, scale: float | None) -> torch.Tensor:
+    """Compiled flex_attention over the BlockMask that block_mask_for(backward) builds; backward: whether a gradient
+    will be asked for (only then does the BlockMask need its query-side lists). flex_attention has no CPU backward."""
+    backward = _wants_grad(q, k, v)
+    if backward and not q.is_cuda:
         raise GatelabError("flex_attention has no backward pass on CPU: use the masked block path there")
+    return compiled_flex()(q, k, v, block_mask=block_mask_for(backward), scale=scale,
+                           enable_gqa=k.shape[1] != q.shape[1])
 
 
 def block_sparse_attention(q, k, v, keep: torch.Tensor, block_size: int, allowed: torch.Tensor | None = None,
@@ -336,12 +341,9 @@ def block_sparse_attention(q, k, v, keep: torch.Tensor, block_size: int, allowed
     """Causal attention of q (B, H, T, D) over k, v (B, Hk, T, D) restricted to the kept blocks (keep: (B|1, H, nb,
     nb) bool, diagonal included), through flex_attention (work skipped) or a token mask (same result)."""
     H, T = q.shape[1], q.shape[2]
-    path = resolve_backend(backend, q, block_size, allowed)
-    gqa = k.shape[1] != H
-    if path == "flex":
-        _no_cpu_backward(q, k, v)
-        return compiled_flex()(q, k, v, block_mask=build_block_mask(keep, block_size, T, backward=_wants_grad(q, k, v)),
-                               scale=scale, enable_gqa=gqa)
+    if resolve_backend(backend, q, block_size, allowed) == "flex":
+        return _flex_block_attention(q, k, v, lambda backward: build_block_mask(keep, block_size, T,
+                                                                               backward=backward), scale)
     mask = token_keep(keep, block_size, T, allowed)
     out = F.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H), attn_mask=mask, scale=scale)
     return out if allowed is None else out.nan_to_num(0.0)  # queries with no allowed key (padding) give 0
@@ -394,9 +396,8 @@ def block_routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer
     else:
         scores = block_random_scores(layer, q.shape[1], n_blocks(T, routing.block_size), routing.seed, q.device)
     if resolve_backend(backend, q, routing.block_size, allowed) == "flex":  # no keep-mask on the way
-        _no_cpu_backward(q, k, v)
-        bm = block_mask_from_scores(scores, routing.block_k, routing.block_size, T, backward=_wants_grad(q, k, v))
-        return compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return _flex_block_attention(q, k, v, lambda backward: block_mask_from_scores(
+            scores, routing.block_k, routing.block_size, T, backward=backward), scale)
     keep = select_blocks(scores.detach(), routing.block_k)
     return block_sparse_attention(q, k, v, keep, routing.block_size, allowed, scale, "masked")
 
