@@ -4,7 +4,7 @@
 # CUDA-only failures (the renormalised soft gate once crashed only on the GPU); run this on a GPU after changing
 # routing, model, train, distill, hf or kernels, and commit its output.
 #
-#   bash scripts/gpu_smoke.sh [OUT_DIR]        # default /tmp/gatelab-gpu-smoke; JOBS=N checks at a time (default 6)
+#   bash scripts/gpu_smoke.sh [OUT_DIR]        # default /tmp/gatelab-gpu-smoke; JOBS=N checks at a time per lane (default 6)
 #   ONLY='^(prepare|hf-.*)$' bash scripts/gpu_smoke.sh   # only the checks whose names match (their inputs too)
 #
 # Writes OUT_DIR/summary.md (one line per check: PASS/FAIL, seconds) and OUT_DIR/logs/<check>.log, and exits
@@ -52,9 +52,54 @@ print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else 
 EOF
 cat "$OUT/environment.txt"
 
-# 1. prepare, info, demo-sized training under every routing mode and reading, fast and reference paths
+# prepare and info, then three independent lanes side by side: sections 1-3 (pools of JOBS checks), the
+# reproduction suite's smoke protocol (one process, JOBS runs at a time) and the Hugging Face section (pools of JOBS),
+# so the script takes about as long as its longest lane rather than the sum of all three.
 check prepare "${GL[@]}" prepare
 check info "${GL[@]}" info
+
+reproduce_lane() {
+  local parallel=(--gpus 2 --device cpu)  # without CUDA: two CPU processes
+  python -c "import torch; exit(not torch.cuda.is_available())" && parallel=(--jobs-per-gpu "$JOBS")
+  check reproduce-smoke "${GL[@]}" reproduce --protocol smoke --out "$R/reproduce-smoke" --runs "$R/reproduce-smoke-runs" "${parallel[@]}" --quiet
+  check report-smoke "${GL[@]}" report --protocol smoke --out "$R/reproduce-smoke"
+}
+
+hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own tokenizer (scripts/make_tiny_hf.py)
+  check make-tiny-hf python scripts/make_tiny_hf.py "$R/tiny-llama"
+  HF=(--model "$R/tiny-llama" --context 128)
+  {
+    echo "hf-eval ${GL[*]} hf-eval ${HF[*]} --routing dense,oracle-topk,random-topk,stochastic --k 16 --max-tokens 4096 --quiet"
+    for loss in kl bce; do
+      echo "hf-distill-$loss ${GL[*]} hf-distill ${HF[*]} --loss $loss --k 16 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-$loss --quiet"
+    done
+    for reading in "${READINGS[@]}"; do
+      echo "hf-distill-task-$reading ${GL[*]} hf-distill ${HF[*]} --loss task --reading $reading --k 16 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-task-$reading --quiet"
+    done
+    for pos in rope qk; do
+      echo "hf-distill-kl-$pos ${GL[*]} hf-distill ${HF[*]} --loss kl --position $pos --k 16 --d-gate 16 --steps 4 --batch-size 2 --eval-every 2 --patience 2 --out $R/hf-kl-$pos --quiet"
+    done
+    echo "hf-distill-block ${GL[*]} hf-distill ${HF[*]} --loss kl --block-size 16 --block-k 2 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-block --quiet"
+    echo "hf-distill-task-unfrozen ${GL[*]} hf-distill ${HF[*]} --loss task --k 16 --d-gate 16 --steps 4 --batch-size 2 --unfreeze-layers 1,2 --out $R/hf-task-unfrozen --quiet"
+  } | pool
+  {
+    echo "hf-eval-gate ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-kl --routing gate-topk,soft-gate,oracle-topk --k 16 --max-tokens 4096 --quiet"
+    for reading in "${READINGS[@]}"; do
+      echo "hf-eval-task-$reading ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-task-$reading --routing soft-gate --reading $reading --k 16 --max-tokens 4096 --quiet"
+    done
+    for pos in rope qk; do
+      echo "hf-eval-gate-$pos ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-kl-$pos --position $pos --routing gate-topk,soft-gate --k 16 --max-tokens 4096 --quiet"
+    done
+    echo "hf-eval-block ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block --routing dense,block-gate,block-oracle,block-random,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
+    echo "hf-audit-rope ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl-rope --k 16 --max-tokens 4096"
+    echo "hf-audit ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl --k 16 --max-tokens 4096"
+  } | pool
+  check hf-reproduce-smoke "${GL[@]}" reproduce --suite pretrained --protocol smoke --model "$R/tiny-llama" --out "$R/hf-suite" --runs "$R/hf-suite-runs" --quiet
+}
+reproduce_lane &
+hf_lane &
+
+# 1. demo-sized training under every routing mode and reading, fast and reference paths
 {
   for path in fast reference; do
     flag=""; [ $path = reference ] && flag="--reference"
@@ -91,7 +136,7 @@ BASE=$R/train-fast-dense/checkpoint
 } | pool
 
 # 3. evaluation under every routing and reading, with the checkpoint's own gate and with distilled gates; analysis;
-#    audit (in place and against a frozen-random control); the reproduction suite's smoke protocol
+#    audit (in place and against a frozen-random control)
 {
   for reading in "${READINGS[@]}"; do
     echo "eval-soft-$reading ${GL[*]} eval $R/train-fast-soft-$reading-learned/checkpoint --routing $(IFS=,; echo "${MODES[*]}") --k 8,16 --reading $reading --max-tokens 4096 --quiet"
@@ -107,41 +152,7 @@ BASE=$R/train-fast-dense/checkpoint
   echo "audit-control ${GL[*]} audit $R/train-fast-soft-sigmoid-learned/checkpoint --control $R/train-fast-soft-sigmoid-random/checkpoint --k 16 --max-tokens 4096"
   echo "exp3-other-base ${GL[*]} eval $R/train-fast-soft-sigmoid-learned/checkpoint --gate $R/distill-fast-bce --allow-other-base --routing gate-topk --k 16 --max-tokens 4096 --quiet"
 } | pool
-PARALLEL=(--gpus 2 --device cpu)  # without CUDA: two CPU processes
-python -c "import torch; exit(not torch.cuda.is_available())" && PARALLEL=(--jobs-per-gpu "$JOBS")
-check reproduce-smoke "${GL[@]}" reproduce --protocol smoke --out "$R/reproduce-smoke" --runs "$R/reproduce-smoke-runs" "${PARALLEL[@]}" --quiet
-check report-smoke "${GL[@]}" report --protocol smoke --out "$R/reproduce-smoke"
-
-# 4. Hugging Face adapter on a tiny random Llama with its own tokenizer (scripts/make_tiny_hf.py)
-check make-tiny-hf python scripts/make_tiny_hf.py "$R/tiny-llama"
-HF=(--model "$R/tiny-llama" --context 128)
-{
-  echo "hf-eval ${GL[*]} hf-eval ${HF[*]} --routing dense,oracle-topk,random-topk,stochastic --k 16 --max-tokens 4096 --quiet"
-  for loss in kl bce; do
-    echo "hf-distill-$loss ${GL[*]} hf-distill ${HF[*]} --loss $loss --k 16 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-$loss --quiet"
-  done
-  for reading in "${READINGS[@]}"; do
-    echo "hf-distill-task-$reading ${GL[*]} hf-distill ${HF[*]} --loss task --reading $reading --k 16 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-task-$reading --quiet"
-  done
-  for pos in rope qk; do
-    echo "hf-distill-kl-$pos ${GL[*]} hf-distill ${HF[*]} --loss kl --position $pos --k 16 --d-gate 16 --steps 4 --batch-size 2 --eval-every 2 --patience 2 --out $R/hf-kl-$pos --quiet"
-  done
-  echo "hf-distill-block ${GL[*]} hf-distill ${HF[*]} --loss kl --block-size 16 --block-k 2 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-block --quiet"
-  echo "hf-distill-task-unfrozen ${GL[*]} hf-distill ${HF[*]} --loss task --k 16 --d-gate 16 --steps 4 --batch-size 2 --unfreeze-layers 1,2 --out $R/hf-task-unfrozen --quiet"
-} | pool
-{
-  echo "hf-eval-gate ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-kl --routing gate-topk,soft-gate,oracle-topk --k 16 --max-tokens 4096 --quiet"
-  for reading in "${READINGS[@]}"; do
-    echo "hf-eval-task-$reading ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-task-$reading --routing soft-gate --reading $reading --k 16 --max-tokens 4096 --quiet"
-  done
-  for pos in rope qk; do
-    echo "hf-eval-gate-$pos ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-kl-$pos --position $pos --routing gate-topk,soft-gate --k 16 --max-tokens 4096 --quiet"
-  done
-  echo "hf-eval-block ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block --routing dense,block-gate,block-oracle,block-random,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
-  echo "hf-audit-rope ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl-rope --k 16 --max-tokens 4096"
-  echo "hf-audit ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl --k 16 --max-tokens 4096"
-} | pool
-check hf-reproduce-smoke "${GL[@]}" reproduce --suite pretrained --protocol smoke --model "$R/tiny-llama" --out "$R/hf-suite" --runs "$R/hf-suite-runs" --quiet
+wait  # the reproduce and HF lanes
 
 # summary
 sort -k2 "$OUT/results.txt" >"$OUT/results.sorted"

@@ -182,6 +182,38 @@ def test_stochastic_kernel_keeps_fresh_uniform_subsets():
     assert out.strip().endswith("ok")
 
 
+def test_block_mass_kernel_matches_the_chunked_torch_mass():
+    """kernels.block_attention_mass_fused (block-gate distillation's teacher in one kernel) against blocks'
+    chunked torch path on the same inputs in fp32: T a multiple of the block and not, grouped-query keys, and an
+    explicit causal mask (what an HF model passes) takes the kernel while a padding mask keeps the torch path."""
+    out = run_interpreted("""
+        import torch
+        from gatelab import blocks, kernels
+        torch.manual_seed(0)
+        for B, H, Hk, T, D, bs in [(1, 2, 2, 64, 16, 16), (2, 4, 2, 40, 16, 16), (1, 1, 1, 96, 32, 32)]:
+            q, k = torch.randn(B, H, T, D).half(), torch.randn(B, Hk, T, D).half()
+            assert kernels.block_mass_fits(q, k, bs)
+            got = blocks.block_attention_mass(q, k, bs, scale=0.3)
+            want = blocks.block_attention_mass(q.float(), k.float(), bs, scale=0.3)
+            assert not kernels.block_mass_fits(q.float(), k.float(), bs)
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-4)
+            nb = want.shape[-1]
+            assert torch.equal(got.triu(1), torch.zeros_like(got)), "no mass above the diagonal block"
+            rows = got.sum(-1)
+            torch.testing.assert_close(rows, torch.ones_like(rows))
+            causal = blocks.token_causal(T, T, q.device)[None, None].expand(B, 1, T, T)
+            assert torch.equal(blocks.block_attention_mass(q, k, bs, causal, scale=0.3), got)
+            padded = causal.clone()
+            padded[0, :, :, :3] = False
+            assert not blocks._plain_causal(padded, T)
+            torch.testing.assert_close(blocks.block_attention_mass(q, k, bs, padded, scale=0.3),
+                                       blocks.block_attention_mass(q.float(), k.float(), bs, padded, scale=0.3),
+                                       rtol=2e-2, atol=2e-3)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
 def test_kernels_stay_off_on_cpu_without_the_interpreter():
     assert not kernels._INTERPRET
     assert not kernels.kernels_enabled(torch.zeros(1))

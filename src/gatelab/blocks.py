@@ -163,6 +163,16 @@ def token_causal(T: int, S: int, device) -> torch.Tensor:
     return torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + (S - T)
 
 
+def _plain_causal(allowed: torch.Tensor | None, T: int) -> bool:
+    """Whether a mask of allowed keys (None, or bool broadcastable to (B, H, T, T)) is just the causal mask (an HF
+    model without padding passes it explicitly)."""
+    if allowed is None:
+        return True
+    if allowed.shape[-2:] != (T, T):
+        return False
+    return bool(torch.equal(allowed, token_causal(T, T, allowed.device).expand_as(allowed)))
+
+
 @torch.no_grad()
 def block_attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, allowed: torch.Tensor | None = None,
                          scale: float | None = None, chunk_elements: int = 1 << 27) -> torch.Tensor:
@@ -171,9 +181,14 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, allo
     (B, Hk, T, D) (grouped-query attention: Hk divides H); allowed: None (causal) or a bool mask (B|1, 1|H, T, T).
     Computed in chunks of whole query blocks of about chunk_elements attention weights each."""
     B, H, T, D = q.shape
+    scale = scale if scale is not None else D ** -0.5
+    from . import kernels
+    if kernels.block_mass_fits(q, k, block_size) and _plain_causal(allowed, T):  # one Triton kernel on CUDA
+        count = torch.full((n_blocks(T, block_size), 1), float(block_size), device=q.device)
+        count[-1] = T - (count.shape[0] - 1) * block_size
+        return kernels.block_attention_mass_fused(q, k, block_size, scale) / count
     k = _repeat_kv(k, H)
     S = k.shape[2]
-    scale = scale if scale is not None else D ** -0.5
     nb, nbk = n_blocks(T, block_size), n_blocks(S, block_size)
     rows = max(block_size, (chunk_elements // max(1, B * H * S)) // block_size * block_size)
     out = torch.zeros(B, H, nb, nbk, dtype=torch.float32, device=q.device)
