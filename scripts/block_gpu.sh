@@ -6,7 +6,9 @@
 #                                        #   -> $OUT/benchmarks/results/block-<gpu>.{json,md}
 #                                        #   (copy to benchmarks/results/)
 #   bash scripts/block_gpu.sh smollm2    # after scripts/carry_smollm2.sh's two calls (model in /tmp/smollm2): distil a
-#                                        #   block gate at 8K, evaluate dense / oracle / gate / random blocks at 8K
+#                                        #   block gate at 8K (STEPS, default 300; STEPS=auto: as many as fit
+#                                        #   DISTILL_SECONDS, from a 20-step probe), evaluate dense / oracle / gate /
+#                                        #   random blocks at 8K
 #                                        #   -> $OUT/block/  (copy to results/block/)
 #   bash scripts/block_gpu.sh bench-model  # after smollm2, same warm machine: the real model's prefill latency and
 #                                        #   perplexity at 2K/4K/8K beside each setting, with its distilled gates
@@ -22,7 +24,7 @@ set -euo pipefail
 OUT=${OUT:?set by the device tool}
 export PYTHONPATH=/tmp/site:${PWD}/src:${PYTHONPATH:-}
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
-GATES=/tmp/block/smollm2-gates-b128
+GATES=${GATES:-/tmp/block/smollm2-gates-b128}  # DISTILL_ARGS: more hf-distill flags (e.g. --block-pool max-min)
 case "${1:-}" in
   bench)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
@@ -35,10 +37,19 @@ m, _ = load_pretrained("/tmp/smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 print("max_position_embeddings", m.config.max_position_embeddings)
 EOF
     # the gates (40 MB, and a 120 MB resume checkpoint) stay in /tmp; their metadata and curves come back
-    python -m gatelab hf-distill --model /tmp/smollm2 --gguf "$GGUF" --block-size 128 --block-k 8 --context 8192 \
-      --batch-size 1 --steps "${STEPS:-300}" --lr 1e-3 --long-docs --out "$GATES" --quiet 2>&1 | tail -3
-    mkdir -p "$OUT/block/smollm2-gates-b128"
-    cp "$GATES"/{gate.json,metrics.jsonl,done.json} "$OUT/block/smollm2-gates-b128/"
+    distill() { python -m gatelab hf-distill --model /tmp/smollm2 --gguf "$GGUF" --block-size 128 --block-k 8 \
+                  --context 8192 --batch-size 1 --lr 1e-3 --long-docs --quiet ${DISTILL_ARGS:-} "$@" 2>&1 | tail -3; }
+    steps=${STEPS:-300}
+    if [ "$steps" = auto ]; then  # as many steps as fit DISTILL_SECONDS, from a 20-step probe's time per step
+      rm -rf /tmp/block/probe && distill --steps 20 --out /tmp/block/probe
+      steps=$(python -c "import json; d = json.load(open('/tmp/block/probe/done.json')); \
+print(max(20, int(${DISTILL_SECONDS:-300} / (d['train_s'] / d['steps'])) // 50 * 50))")
+      cp /tmp/block/probe/done.json "$OUT/block/probe-done.json"
+      echo "auto: $steps steps in about ${DISTILL_SECONDS:-300} s"
+    fi
+    distill --steps "$steps" --out "$GATES"
+    mkdir -p "$OUT/block/$(basename "$GATES")"
+    cp "$GATES"/{gate.json,metrics.jsonl,done.json} "$OUT/block/$(basename "$GATES")/"
     # block_k 3 / 8 / 18 of 64 blocks skip 88.0% / 74.0% / 49.8% of the causal block tiles at 8,192 tokens
     python -m gatelab hf-eval --model /tmp/smollm2 --gguf "$GGUF" --gate "$GATES" \
       --routing dense,block-gate,block-oracle,block-random --block-k 3,8,18 --context 8192 --batch-size 1 \
