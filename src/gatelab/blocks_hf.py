@@ -25,24 +25,40 @@ from .blocks import BLOCK_ROWS, BlockGate, _repeat_kv, block_attention_mass, blo
 from .config import GatelabError, Routing
 
 
+BLOCK_POSITIONS = ("none", "qk")  # what a block gate reads (hf_gates' variant names): X, or the model's q and k
+# The variant hf-distill --block-size uses when none is named. Rule, written before qk was measured: on SmolLM2-135M
+# at 8,192 tokens (results/block/README.md), both variants distilled for the same time on the H100
+# (scripts/block_gpu.sh smollm2 with STEPS=auto DISTILL_SECONDS=330: mean pooling, d_gate 32, lr 1e-3, KL), qk
+# becomes the default if its gate's perplexity is lower than none's at every block_k evaluated (3, 8, 18);
+# otherwise none (the first block gate) stays.
+DEFAULT_BLOCK_POSITION = "none"
+
+
 def attach_block_gates(model, d_gate: int = 32, gate: str = "learned", pool: str = "mean", block_size: int = 128,
-                       seed: int = 0, init_std: float | None = None, backend: str = "auto"):
+                       seed: int = 0, init_std: float | None = None, backend: str = "auto",
+                       position: str = DEFAULT_BLOCK_POSITION):
     """Patch `model` to route attention through gatelab with a block gate per layer; gate: learned | random.
     block_size: the block size distillation pools the attention mass at (deployment may use another).
-    backend: the block attention path (auto: flex_attention on CUDA where it skips work; flex; masked)."""
-    from .hf import _attention_modules, attach_gates
+    backend: the block attention path (auto: flex_attention on CUDA where it skips work; flex; masked).
+    position: what the gate pools: "none", the layer's normed input X (no position); "qk", the attention's own
+    queries and keys after RoPE (SeerAttention's inputs)."""
+    from .hf import _attention_modules, _head_dim, attach_gates
     if gate not in ("learned", "random"):
         raise GatelabError(f"block gates are learned or random, got {gate!r}")
+    if position not in BLOCK_POSITIONS:
+        raise GatelabError(f"a block gate reads {' or '.join(BLOCK_POSITIONS)} (--position), got {position!r}")
     Routing(mode="block-gate", block_size=block_size).validate()
     ctl = attach_gates(model, gate="none")
     cfg = model.config
     attns = _attention_modules(model)
     torch.manual_seed(seed)
     dev = next(model.parameters()).device
+    reads = "qk" if position == "qk" else "x"
     gates = nn.ModuleList([BlockGate(cfg.hidden_size, cfg.num_attention_heads, d_gate, pool, init_std,
-                                     trainable=gate == "learned") for _ in attns]).to(dev)
+                                     trainable=gate == "learned", reads=reads, head_dim=_head_dim(model, attn))
+                           for attn in attns]).to(dev)
     model.gatelab_gates = gates
-    ctl.gates, ctl.kind, ctl.d_gate = gates, gate, d_gate
+    ctl.gates, ctl.kind, ctl.d_gate, ctl.position = gates, gate, d_gate, position
     ctl.gate_type, ctl.block_size, ctl.block_backend = "block", block_size, backend
     ctl.gate_meta = dict(gate_type="block", block_pool=pool, block_size=block_size, block_rows=BLOCK_ROWS)
     for i, attn in enumerate(attns):
@@ -81,8 +97,10 @@ def block_attention(module, query, key, value, attention_mask, routing: Routing,
     allowed = None if attention_mask is None else _allowed_keys(attention_mask, B, T, S_len, query.device)
     drop = dropout if module.training else 0.0
     if ctl.capture is not None:  # block-gate distillation: the dense output, and this layer's pooled mass
+        reads_qk = getattr(ctl.gates[state["layer"]], "reads", "x") == "qk"
         ctl.capture.append(dict(mass=block_attention_mass(query, key, ctl.block_size, allowed, scaling),
-                                x=state["x"].detach(), valid=token_validity(allowed, B, T), layer=state["layer"]))
+                                x=state["x"].detach(), valid=token_validity(allowed, B, T), layer=state["layer"],
+                                q=query.detach() if reads_qk else None, k=key.detach() if reads_qk else None))
         return dense_attention(query, key, value, allowed, scaling, drop).transpose(1, 2).contiguous(), None
     gate = state.get("gate")
     scores = None
@@ -91,7 +109,7 @@ def block_attention(module, query, key, value, attention_mask, routing: Routing,
             raise GatelabError(f"routing {routing.mode} needs block gates: attach_block_gates(model, ...), or "
                                f"--gate GATES saved by `gatelab hf-distill --block-size ...`")
         valid = token_validity(allowed, B, T)
-        scores = lambda: gate(state["x"], routing.block_size, valid).float()  # noqa: E731
+        scores = lambda: gate(state["x"], routing.block_size, valid, q=query, k=key).float()  # noqa: E731
     out = block_routed_attention(query, key, value, routing, gate_scores=scores, layer=state["layer"],
                                  allowed=allowed, scale=scaling, backend=getattr(ctl, "block_backend", "auto"))
     return out.transpose(1, 2).contiguous(), None

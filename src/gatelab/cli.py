@@ -382,13 +382,16 @@ def cmd_hf_distill(args) -> None:
         from .blocks_hf import attach_block_gates
         if args.loss == "task":
             raise GatelabError("block gates distil with --loss kl or bce")
+        from .blocks_hf import DEFAULT_BLOCK_POSITION
+        position = args.position or DEFAULT_BLOCK_POSITION
         attach_block_gates(model, d_gate=args.d_gate, gate="learned", pool=args.block_pool,
-                           block_size=args.block_size, seed=args.seed)
+                           block_size=args.block_size, seed=args.seed, position=position)
         k = args.block_k
     else:
-        attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed, position=args.position)
+        position = args.position or DEFAULT_POSITION
+        attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed, position=position)
     unfrozen = set_trainable(model, layers=args.unfreeze_layers or [])
-    print(f"training: {', '.join(unfrozen)} ({args.position} gates)", file=sys.stderr)
+    print(f"training: {', '.join(unfrozen)} ({position} gates)", file=sys.stderr)
     soft = soft_gate_routing(args.reading, args.k)
     summary = train_gates(model, ids, args.out, loss=args.loss, k=k, steps=args.steps, batch_size=args.batch_size,
                           context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet,
@@ -560,8 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reading", default=DEFAULT_READING,
                    choices=tuple(READINGS),
                    help=f"--loss task: the soft-gate reading trained through (default {DEFAULT_READING})")
-    p.add_argument("--position", choices=POSITIONS, default=DEFAULT_POSITION,
-                   help=f"gate variant (default {DEFAULT_POSITION}): {POSITION_HELP}")
+    p.add_argument("--position", choices=POSITIONS,
+                   help=f"gate variant (default {DEFAULT_POSITION}): {POSITION_HELP}. Block gates (--block-size) "
+                        f"read none (the default: X pooled per block) or qk (the model's own post-RoPE queries and "
+                        f"keys pooled per block and head, as SeerAttention)")
     p.add_argument("--k", type=POS_INT, default=64)
     p.add_argument("--d-gate", type=POS_INT, default=32)
     p.add_argument("--steps", type=POS_INT, default=1000, help="training steps (with --patience: the most)")

@@ -254,6 +254,8 @@ def read_gate_meta(path: str | Path) -> dict:
         raise GatelabError(f"{path} is not a gatelab HF gate (needs {GATE_META} and {GATE_WEIGHTS})")
     meta = json.loads((folder / GATE_META).read_text())
     meta.setdefault("position", "none")
+    if meta.get("gate_type") == "block" and meta["position"] == "rope":
+        meta["position"] = "none"  # block gates saved before they had variants recorded "rope" but read X
     return meta
 
 
@@ -282,7 +284,7 @@ def load_gates(model, path: str | Path, allow_other_base: bool = False,
         from .blocks_hf import attach_block_gates
         check_block_rows(meta, path)
         ctl = attach_block_gates(model, d_gate=int(meta["d_gate"]), gate="random", pool=meta["block_pool"],
-                                 block_size=int(meta["block_size"]))
+                                 block_size=int(meta["block_size"]), position=meta["position"])
     else:
         ctl = attach_gates(model, d_gate=int(meta["d_gate"]), gate="random", position=meta["position"])
     try:
@@ -409,7 +411,8 @@ def captured_gate_objective(model, x: torch.Tensor, objective: str, k: int,
     if getattr(model.gatelab, "gate_type", "token") == "block":  # block gates: against each layer's pooled mass
         from .blocks import block_gate_objective
         ctl = model.gatelab
-        return block_gate_objective(((c["mass"], gates[c["layer"]](c["x"], ctl.block_size, c["valid"]).float())
+        return block_gate_objective(((c["mass"], gates[c["layer"]](c["x"], ctl.block_size, c["valid"], q=c["q"],
+                                                                   k=c["k"]).float())
                                      for c in captured), objective, k)
     for c in captured:
         S, allowed = c["S"], c["allowed"]
