@@ -470,7 +470,7 @@ def test_block_gate_saved_as_rope_before_variants_loads_as_none(tmp_path):
     from gatelab.blocks_hf import attach_block_gates
     from gatelab.hf import load_gates, read_gate_meta, save_gates
     model = _tiny_llama()
-    attach_block_gates(model, d_gate=8, gate="random", block_size=BS)
+    attach_block_gates(model, d_gate=8, gate="random", block_size=BS, position="none")
     save_gates(model, tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "gate.json").read_text())
     assert meta["position"] == "none"
@@ -502,13 +502,17 @@ def _local_hf_model(folder):
 
 
 def test_hf_cli_distils_a_block_gate_and_evaluates_it_on_long_documents(tmp_path):
+    from gatelab.blocks_hf import DEFAULT_BLOCK_POSITION
     from gatelab.cli import main
     model_dir, docs = _local_hf_model(tmp_path)
     common = ["--model", str(model_dir), "--corpus", "text", "--source", str(docs), "--context", str(T),
               "--device", "cpu", "--quiet"]
     assert main(["hf-distill", *common, "--block-size", str(BS), "--block-k", "1", "--steps", "3", "--batch-size",
                  "2", "--long-docs", "--out", str(tmp_path / "gates")]) == 0
-    assert json.loads((tmp_path / "gates" / "gate.json").read_text())["block_size"] == BS
+    meta = json.loads((tmp_path / "gates" / "gate.json").read_text())
+    assert (meta["block_size"], meta["position"]) == (BS, DEFAULT_BLOCK_POSITION)
+    assert main(["hf-distill", *common, "--block-size", str(BS), "--position", "rope", "--steps", "1",
+                 "--out", str(tmp_path / "rope")]) == 2  # block gates read X (none) or the model's q/k (qk)
     out = tmp_path / "eval.json"
     assert main(["hf-eval", *common, "--gate", str(tmp_path / "gates"), "--routing", "dense,block-gate,block-oracle",
                  "--block-k", "1,2", "--split", "test", "--long-docs", "--json", str(out)]) == 0
