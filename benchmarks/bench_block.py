@@ -95,6 +95,18 @@ def block_k_for(nb: int, target: float, minimum: int = 0) -> tuple[int, float]:
     return best, 1 - kept_tiles(nb, best) / causal
 
 
+def distinct_block_ks(nb: int, targets, minimum: int = 0) -> list[tuple[float, int, float]]:
+    """(target, block_k, achieved sparsity) for each target sparsity, leaving out a target whose block_k an earlier
+    one already chose (at 2K tokens, 16 blocks, 75% and 87.5% both come out as block_k 1 when it must be >= 1)."""
+    out, seen = [], set()
+    for target in targets:
+        bk, achieved = block_k_for(nb, target, minimum)
+        if bk not in seen:
+            seen.add(bk)
+            out.append((target, bk, achieved))
+    return out
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     out = []
     for item in text.split(","):
@@ -243,11 +255,10 @@ def bench_e2e(args, model, ctl, device, budget: Budget, rows: list) -> None:
                     return model(ids, use_cache=False).logits
         dense_ms, dense_mib = timed(lambda: run(Routing()), device, args.iters, args.warmup)
         nb = T // bs
-        for target in args.sparsities:
+        for target, bk, achieved in distinct_block_ks(nb, args.sparsities, minimum=1):
             if budget.over():
                 rows.append(dict(tokens=T, target_sparsity=target, skipped="budget"))
                 continue
-            bk, achieved = block_k_for(nb, target, minimum=1)
             r = Routing(mode="block-gate", block_size=bs, block_k=bk)
             ms, mib = timed(lambda: run(r), device, args.iters, args.warmup)
             rows.append(dict(tokens=T, block_size=bs, block_k=bk, target_sparsity=target, sparsity=round(achieved, 4),
@@ -272,8 +283,7 @@ def bench_ppl(args, model, tok, ctl, budget: Budget, rows: list) -> None:
             source = "random tokens (random weights: pipeline check only)"
         nb = T // bs
         settings = [("dense", None, Routing())]
-        for target in args.sparsities:
-            bk, achieved = block_k_for(nb, target, minimum=1)
+        for _, bk, achieved in distinct_block_ks(nb, args.sparsities, minimum=1):
             modes = ["block-oracle", "block-random"] + (["block-gate"] if args.gate or tok is None else [])
             settings += [(m, achieved, Routing(mode=m, block_size=bs, block_k=bk)) for m in modes]
         for mode, achieved, r in settings:
