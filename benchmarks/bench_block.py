@@ -38,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab.blocks import (BlockGate, block_mask_from_scores, block_sparse_attention, build_block_mask,  # noqa: E402
                             compiled_flex, previous_block_rows, select_blocks)
+from gatelab import blocks  # noqa: E402
 from gatelab.config import Routing  # noqa: E402
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
@@ -261,10 +262,20 @@ def bench_e2e(args, model, ctl, device, budget: Budget, rows: list) -> None:
                 continue
             r = Routing(mode="block-gate", block_size=bs, block_k=bk)
             ms, mib = timed(lambda: run(r), device, args.iters, args.warmup)
-            rows.append(dict(tokens=T, block_size=bs, block_k=bk, target_sparsity=target, sparsity=round(achieved, 4),
-                             dense_ms=dense_ms, dense_mib=dense_mib, block_ms=ms, block_mib=mib, speedup=dense_ms / ms))
+            row = dict(tokens=T, block_size=bs, block_k=bk, target_sparsity=target, sparsity=round(achieved, 4),
+                       dense_ms=dense_ms, dense_mib=dense_mib, block_ms=ms, block_mib=mib, speedup=dense_ms / ms,
+                       compiled_selection=blocks.COMPILE_SELECTION)
+            if device.type == "cuda":  # the same with the gate's scores and block lists compiled / eager: the other
+                default = blocks.COMPILE_SELECTION
+                blocks.COMPILE_SELECTION = not default
+                try:
+                    row["block_other_selection_ms"] = timed(lambda: run(r), device, args.iters, args.warmup)[0]
+                finally:
+                    blocks.COMPILE_SELECTION = default
+            rows.append(row)
             print(f"[e2e] {T} tokens s={achieved:.3f} (k={bk}): dense {dense_ms:.2f} ms, block-gate {ms:.2f} ms "
-                  f"({dense_ms / ms:.2f}x)", flush=True)
+                  f"({dense_ms / ms:.2f}x; selection {'eager' if row['compiled_selection'] else 'compiled'}: "
+                  f"{fmt(row.get('block_other_selection_ms'), 2)} ms)", flush=True)
 
 
 def bench_ppl(args, model, tok, ctl, budget: Budget, rows: list) -> None:
@@ -330,14 +341,21 @@ def markdown(data: dict) -> str:
                      f"{fmt(r.get('dense_fwd_bwd_ms'))} | {fmt(r.get('flex_fwd_bwd_ms'))} | "
                      f"{fmt(r.get('speedup_fwd_bwd'), 2)}{'x' if r.get('speedup_fwd_bwd') else ''} |")
     lines += ["", "## End-to-end prefill (batch 1, whole model, gate + selection + BlockMask + flex in every layer)",
-              "", "| tokens | sparsity (k) | dense ms | block-gate ms | speed-up | dense / block MiB |",
-              "|---|---|---|---|---|---|"]
+              "", "*block-gate ms*: the default path; *other selection ms*: the same run with the gate's scores and "
+              "the block lists compiled if the default runs them eager, eager if it compiles them "
+              "(blocks.COMPILE_SELECTION, GATELAB_COMPILE_BLOCKS; *selection* says which the default is).",
+              "", "| tokens | sparsity (k) | dense ms | block-gate ms | speed-up | selection | other selection ms | "
+              "speed-up other | dense / block MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["e2e"]:
         if "skipped" in r:
-            lines.append(f"| {r['tokens']} | {fmt(r.get('target_sparsity'))} | skipped ({r['skipped']}) | | | |")
+            lines.append(f"| {r['tokens']} | {fmt(r.get('target_sparsity'))} | skipped ({r['skipped']}) |" + " |" * 6)
             continue
+        other = r.get("block_other_selection_ms")
+        which = {True: "compiled", False: "eager"}.get(r.get("compiled_selection"), "eager")
         lines.append(f"| {r['tokens']} | {r['sparsity']:.3f} ({r['block_k']}) | {r['dense_ms']:.2f} | "
-                     f"{r['block_ms']:.2f} | {r['speedup']:.2f}x | {fmt(r['dense_mib'], 0)} / {fmt(r['block_mib'], 0)} |")
+                     f"{r['block_ms']:.2f} | {r['speedup']:.2f}x | {which} | {fmt(other, 2)} | "
+                     f"{fmt(r['dense_ms'] / other if other else None, 2)}{'x' if other else ''} | "
+                     f"{fmt(r['dense_mib'], 0)} / {fmt(r['block_mib'], 0)} |")
     if data["ppl"]:
         lines += ["", "## Perplexity beside each setting", "", "| tokens | routing | sparsity | ppl | tokens evaluated |",
                   "|---|---|---|---|---|"]

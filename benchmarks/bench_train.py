@@ -70,6 +70,7 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "fast-chunk8k": ("auto", "auto", True),  # "fast" with the fused loss over 8,192 rows at once (default 2,048)
     "fast-explicit": ("auto", "auto", True),  # "fast" with the soft gate's explicit path (G, S, mask in memory)
     "fast-fused": ("auto", "auto", True),  # "fast" with the soft gate's fused kernel (kernels.soft_gate_attention)
+    "fast-threshold": ("auto", "auto", True),  # "fast" with topk-sigmoid's other threshold source (TOPK_THRESHOLD)
     "compiled-unfused": ("auto", "default", False),  # profile_step.py only: what the fused loss replaces
 }
 
@@ -77,16 +78,21 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
 @contextlib.contextmanager
 def variant_switches(variant: str):
     """The kernels.py switches of a variant; compiled graphs are dropped around it so none is reused across."""
-    saved = kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION
+    saved = (kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION,
+             kernels.TOPK_THRESHOLD)
     kernels.ENABLED = variant not in ("fast-sort", "eager-bf16", "reference")
     kernels.HARD_ATTENTION = "flex" if variant == "fast-flexhard" else "sdpa"
     gatelab_model.LOSS_CHUNK_ROWS = 8192 if variant == "fast-chunk8k" else saved[2]
     kernels.SOFT_ATTENTION = {"fast-explicit": "explicit", "fast-fused": "fused"}.get(variant, saved[3])
+    if variant == "fast-threshold":
+        kernels.SOFT_ATTENTION = "fused"
+        kernels.TOPK_THRESHOLD = "scores" if saved[4] == "factors" else "factors"
     torch._dynamo.reset()
     try:
         yield
     finally:
-        kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION = saved
+        (kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION,
+         kernels.TOPK_THRESHOLD) = saved
 
 
 def parse_mode(text: str, k: int) -> Routing:
@@ -245,6 +251,9 @@ def main() -> None:
                     help="modes also timed as fast-chunk8k (the fused loss over 8,192 rows at once)")
     ap.add_argument("--soft-modes", default="soft-gate,soft-gate:sigmoid-renorm,soft-gate:topk-sigmoid",
                     help="modes also timed with the soft gate's other attention path(s) (fast-explicit / fast-fused)")
+    ap.add_argument("--threshold-modes", default="soft-gate:topk-sigmoid",
+                    help="modes also timed as fast-threshold (topk-sigmoid's row threshold from the other source: "
+                         "G in memory or the gate's factors in registers, kernels.TOPK_THRESHOLD)")
     ap.add_argument("--no-check", action="store_true", help="skip the gradient check of each fast variant")
     ap.add_argument("--skip-extra", action="store_true", help="skip the distillation and evaluation rows")
     ap.add_argument("--tag", default="", help="suffix of the output files' names")
@@ -325,6 +334,7 @@ def main() -> None:
                 (["fast-sort"] if text in args.sort_modes.split(",") else []) + \
                 (["fast-flexhard"] if text in args.flexhard_modes.split(",") else []) + \
                 (["fast-chunk8k"] if text in args.chunk_modes.split(",") and cuda else []) + \
+                (["fast-threshold"] if text in args.threshold_modes.split(",") and cuda else []) + \
                 ([v for v in ("fast-explicit", "fast-fused") if v != f"fast-{kernels.SOFT_ATTENTION}"]
                  if text in args.soft_modes.split(",") and cuda else [])  # the other soft-gate path(s) than fast's
             for variant in variants:

@@ -171,6 +171,26 @@ def test_block_mask_from_scores_is_the_selection_and_flex_on_it_matches_the_refe
             assert torch.equal(build_block_mask(keep, BS, T, mask_mod=mod).to_dense().bool(), keep)
 
 
+@pytest.mark.parametrize("pool", ["mean", "max-min"])
+def test_compiled_inference_selection_equals_the_eager_one(pool):
+    """The inference path compiles a qk gate's scores and the block lists on CUDA (blocks._compiled); compiled here
+    on CPU, both give exactly the eager results, for every block_k including 0 and one above the earlier blocks."""
+    from gatelab import blocks
+    torch.manual_seed(11)
+    gate = BlockGate(32, H, 8, pool=pool, reads="qk", head_dim=D)
+    q, k_, _ = qkv(4)
+    with torch.no_grad():
+        eager = blocks.qk_block_scores(q, k_, gate.wq, gate.wk, BS, pool)
+        assert torch.equal(eager, gate(None, BS, q=q, k=k_))
+        compiled = torch.compile(blocks.qk_block_scores, dynamic=False)(q, k_, gate.wq, gate.wk, BS, pool)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    scores = previous_block_rows(torch.randn(B, H, T // BS, T // BS))
+    lists = torch.compile(blocks.block_lists, dynamic=False)
+    for k in (0, 1, 2, 7):
+        for got, want in zip(lists(scores, k), blocks.block_lists(scores, k)):
+            assert got.dtype == want.dtype and torch.equal(got, want), k
+
+
 def test_every_block_mode_routes_through_its_scores():
     q, k, v = qkv(2)
     x = torch.randn(B, T, 32)

@@ -156,6 +156,46 @@ def test_fused_soft_gate_kernel_matches_the_explicit_soft_gate_in_every_reading(
         explicit = routing.routed_attention(q.float(), k.float(), v.float(), r,
                                             gate_scores=lambda: gq.float() @ gk.float().transpose(-1, -2))
         torch.testing.assert_close(fused.float(), explicit, rtol=5e-3, atol=5e-3)
+        # topk-sigmoid through the dispatch: the threshold from the factors, then the same kernel
+        # (either threshold source: G formed in memory, or in registers from the factors)
+        r = Routing(mode="soft-gate", k=8, soft_mask="topk-sigmoid")
+        kernels.SOFT_ATTENTION = "explicit"
+        explicit = routing.routed_attention(q.float(), k.float(), v.float(), r,
+                                            gate_scores=lambda: gq.float() @ gk.float().transpose(-1, -2))
+        taus = dict(factors=kernels.factor_kth_largest(gq, gk, 8),
+                    scores=kernels.causal_kth_largest((gq @ gk.transpose(-1, -2)).float(), 8))
+        for source, tau in taus.items():
+            kernels.SOFT_ATTENTION, kernels.TOPK_THRESHOLD = "fused", source
+            fused = routing.routed_attention(q, k, v, r, gate_scores=lambda: gq @ gk.transpose(-1, -2),
+                                             gate_factors=lambda: (gq, gk))
+            assert torch.equal(fused, kernels.soft_gate_attention(q, k, v, gq, gk, 1.0, False, tau)), source
+            torch.testing.assert_close(fused.float(), explicit, rtol=5e-3, atol=5e-3)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def test_factor_threshold_kernel_matches_the_threshold_of_formed_scores():
+    """topk-sigmoid's row threshold from the gate's two projections (G formed in registers, never in memory)
+    equals the reference threshold of G formed in fp32: the same k-th largest causal score in every row, -inf in
+    rows with <= k causal keys; T not a multiple of the 16-row tile, k = 1, and k = T - 1."""
+    out = run_interpreted("""
+        import torch
+        from gatelab import kernels, routing
+        torch.manual_seed(3)
+        for B, H, T, DG, k in [(1, 2, 40, 16, 8), (2, 1, 17, 32, 1), (1, 1, 33, 16, 32), (1, 1, 64, 64, 20)]:
+            gq, gk = torch.randn(B, H, T, DG).half(), torch.randn(B, H, T, DG).half()
+            tau = kernels.factor_kth_largest(gq, gk, k)
+            G = gq.float() @ gk.float().transpose(-1, -2)
+            want = routing.row_kth_largest(G, k, routing.causal_rows(T, T, None))
+            assert tau.shape == (B, H, T, 1) and tau.dtype == torch.float32
+            few = torch.arange(T) + 1 <= k
+            assert bool(torch.isinf(tau[..., few, 0]).all()) and bool((tau[..., few, 0] < 0).all())
+            torch.testing.assert_close(tau, want, rtol=1e-6, atol=1e-6)
+            # exactly k causal scores of G reach each threshold (no ties in random scores)
+            causal = routing.causal_rows(T, T, None)
+            reach = ((G >= tau) & causal).sum(-1)[..., ~few]
+            assert bool((reach == k).all()), (B, H, T, DG, k)
         print("ok")
     """)
     assert out.strip().endswith("ok")

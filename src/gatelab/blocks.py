@@ -29,6 +29,7 @@ decides which blocks are kept. Attention over the kept blocks runs through one o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 
 import torch
@@ -39,6 +40,10 @@ from .config import GatelabError, Routing
 from .routing import fixed_random_scores, soft_gate_mask, topk_keep_mask
 
 BACKENDS = ("auto", "flex", "masked")
+# compile the inference path's gate scores and block lists on CUDA (see _compiled): GATELAB_COMPILE_BLOCKS=1. Off by
+# default until measured on a GPU: CPU tests show the compiled graphs give exactly the eager results, and
+# benchmarks/bench_block.py's e2e rows time both in one run; the faster becomes the default.
+COMPILE_SELECTION = os.environ.get("GATELAB_COMPILE_BLOCKS", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,33 +105,59 @@ class BlockGate(nn.Module):
         nn.init.normal_(self.wq, std=self.init_std or 1.0 / math.sqrt(self.wq.shape[1]))
         nn.init.normal_(self.wk, std=self.init_std or 1.0 / math.sqrt(self.wk.shape[1]))
 
-    def _pool_keys(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None) -> torch.Tensor:
-        """x (N, T, C) -> the key side (N, nb, C), or (N, nb, 2C) for max-min pooling."""
-        if self.pool == "mean":
-            return pool_blocks(x, block_size, "mean", valid)
-        return torch.cat([pool_blocks(x, block_size, "max", valid), pool_blocks(x, block_size, "min", valid)], -1)
-
     def forward(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None,
                 q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C) -> block scores (B, H, nb, nb), not yet causally masked. valid: (B|1, T) bool, the tokens
         pooled (padding excluded); None: all. q (B, H, T, D), k (B, Hk, T, D): the attention's queries and keys
         after RoPE, which a gate that reads "qk" pools instead of x (others ignore them)."""
-        if self.reads == "x":
-            xq = pool_blocks(x, block_size, "mean", valid)
-            xk = xq if self.pool == "mean" else self._pool_keys(x, block_size, valid)
-            gq = torch.einsum("bnc,hcd->bhnd", xq, self.wq.to(x.dtype))
-            gk = torch.einsum("bnc,hcd->bhnd", xk, self.wk.to(x.dtype))
-        else:
+        if self.reads == "qk":
             if q is None or k is None:
                 raise GatelabError("this block gate reads the attention's queries and keys (qk); none were given")
-            B, H, T, D = q.shape
-            per_head = None if valid is None else valid.expand(B, T).repeat_interleave(H, dim=0)
-            xq = pool_blocks(q.reshape(B * H, T, D), block_size, "mean", per_head)
-            xk = self._pool_keys(_repeat_kv(k, H).reshape(B * H, T, D), block_size, per_head)
-            nb = xq.shape[1]
-            gq = torch.einsum("bhnc,hcd->bhnd", xq.view(B, H, nb, -1), self.wq.to(q.dtype))
-            gk = torch.einsum("bhnc,hcd->bhnd", xk.view(B, H, nb, -1), self.wk.to(q.dtype))
+            fn = qk_block_scores
+            if q.is_cuda and not _wants_grad(q, k, self.wq, self.wk):  # inference: one compiled graph
+                fn = _compiled("qk_block_scores", qk_block_scores)
+            return fn(q, k, self.wq, self.wk, block_size, self.pool, valid)
+        xq = pool_blocks(x, block_size, "mean", valid)
+        xk = xq if self.pool == "mean" else pool_keys(x, block_size, self.pool, valid)
+        gq = torch.einsum("bnc,hcd->bhnd", xq, self.wq.to(x.dtype))
+        gk = torch.einsum("bnc,hcd->bhnd", xk, self.wk.to(x.dtype))
         return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)
+
+
+def pool_keys(x: torch.Tensor, block_size: int, pool: str, valid: torch.Tensor | None) -> torch.Tensor:
+    """A block gate's key side: x (N, T, C) -> (N, nb, C) mean-pooled, or (N, nb, 2C) max- and min-pooled."""
+    if pool == "mean":
+        return pool_blocks(x, block_size, "mean", valid)
+    return torch.cat([pool_blocks(x, block_size, "max", valid), pool_blocks(x, block_size, "min", valid)], -1)
+
+
+def qk_block_scores(q, k, wq, wk, block_size: int, pool: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """A qk block gate's scores (B, H, nb, nb): the attention's queries q (B, H, T, D) mean-pooled per block and its
+    keys k (B, Hk, T, D) pooled by `pool`, each mapped to d_gate per head (wq (H, D, d_gate), wk (H, D or 2D,
+    d_gate)), then G = gq gk^T / sqrt(d_gate). A plain function of tensors, so that inference compiles it once for
+    every layer (the layers' weights are inputs, not constants)."""
+    B, H, T, D = q.shape
+    per_head = None if valid is None else valid.expand(B, T).repeat_interleave(H, dim=0)
+    xq = pool_blocks(q.reshape(B * H, T, D), block_size, "mean", per_head)
+    xk = pool_keys(_repeat_kv(k, H).reshape(B * H, T, D), block_size, pool, per_head)
+    nb = xq.shape[1]
+    gq = torch.einsum("bhnc,hcd->bhnd", xq.view(B, H, nb, -1), wq.to(q.dtype))
+    gk = torch.einsum("bhnc,hcd->bhnd", xk.view(B, H, nb, -1), wk.to(q.dtype))
+    return gq @ gk.transpose(-1, -2) / math.sqrt(wq.shape[-1])
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(name: str, fn):
+    """torch.compile(fn), built once per name. The inference path of block routing (gate scores, top-k block lists)
+    is tens of small kernels per layer; eager, their launches cost more than the attention they save at batch 1
+    (benchmarks/bench_block.py's e2e rows time both). Only with COMPILE_SELECTION (GATELAB_COMPILE_BLOCKS=1)."""
+    if not COMPILE_SELECTION:
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,21 +321,20 @@ def _diagonal_blocks(Bs: int, H: int, nb: int, device) -> tuple[torch.Tensor, to
     return (torch.ones(Bs, H, nb, dtype=torch.int32, device=device), first.expand(Bs, H, nb, nb).contiguous())
 
 
-def _block_mask(full_num: torch.Tensor, full_idx: torch.Tensor, block_size: int, T: int, mask_mod=None,
-                backward: bool = True):
-    """BlockMask with the listed earlier blocks full (no mask_mod evaluated there) and the diagonal the one partial
-    block. mask_mod: the partial blocks' (default: causal, all that the diagonal needs when flex_attention runs
-    compiled and follows the block lists). backward=False skips the transposed (query-side) lists that only the
-    backward pass reads."""
+def _block_mask(kv_num: torch.Tensor, kv_idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
+                block_size: int, T: int, mask_mod=None, backward: bool = True):
+    """BlockMask with the listed earlier blocks full (no mask_mod evaluated there) and the listed partial blocks
+    (the diagonal: _diagonal_blocks) under mask_mod (default: causal, all that the diagonal needs when
+    flex_attention runs compiled and follows the block lists). backward=False skips the transposed (query-side)
+    lists that only the backward pass reads."""
     from torch.nn.attention.flex_attention import BlockMask
-    Bs, H, nb = full_num.shape
+    nb = full_num.shape[-1]
     if nb * block_size != T:
         raise GatelabError(f"the flex path needs the sequence length ({T}) to be a multiple of block_size "
                            f"({block_size})")
-    one, diag_idx = _diagonal_blocks(Bs, H, nb, full_num.device)
     extra = {} if backward or not _HAS_COMPUTE_Q_BLOCKS else dict(compute_q_blocks=False)
-    return BlockMask.from_kv_blocks(one, diag_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod or _causal_mod,
-                                    seq_lengths=(T, T), **extra)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod or _causal_mod, seq_lengths=(T, T), **extra)
 
 
 def build_block_mask(keep: torch.Tensor, block_size: int, T: int, mask_mod: str = "causal",
@@ -319,24 +349,34 @@ def build_block_mask(keep: torch.Tensor, block_size: int, T: int, mask_mod: str 
     full_num = full.sum(-1, dtype=torch.int32)
     full_idx = torch.argsort(full.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
     mod = _selection_mod(keep.contiguous(), block_size) if mask_mod == "selection" else _causal_mod
-    return _block_mask(full_num, full_idx.contiguous(), block_size, T, mod, backward)
+    return _block_mask(*_diagonal_blocks(Bs, H, nb, keep.device), full_num, full_idx.contiguous(), block_size, T,
+                       mod, backward)
+
+
+def block_lists(scores: torch.Tensor, block_k: int):
+    """The BlockMask's four lists for select_blocks(scores, block_k), scores (Bs, H, nb, nb) causal rows (after
+    previous_block_rows): (partial counts, partial indices) = each query block's diagonal block, (full counts, full
+    indices) = the top-k indices of its earlier blocks (earlier_topk_indices, as select_blocks), min(i, k) of them
+    first in row i. A plain function of tensors (compiled on CUDA: block_mask_from_scores)."""
+    Bs, H, nb, _ = scores.shape
+    one, diag_idx = _diagonal_blocks(Bs, H, nb, scores.device)
+    kk = min(block_k, nb - 1)
+    if kk <= 0:
+        full_num = torch.zeros(Bs, H, nb, dtype=torch.int32, device=scores.device)
+        return one, diag_idx, full_num, torch.zeros(Bs, H, nb, nb, dtype=torch.int32, device=scores.device)
+    full_idx = F.pad(earlier_topk_indices(scores, block_k), (0, nb - kk)).contiguous()
+    full_num = torch.arange(nb, device=scores.device).clamp(max=kk).to(torch.int32).expand(Bs, H, nb).contiguous()
+    return one, diag_idx, full_num, full_idx
 
 
 def block_mask_from_scores(scores: torch.Tensor, block_k: int, block_size: int, T: int, backward: bool = True):
     """The BlockMask of select_blocks(scores, block_k) built straight from the scores (Bs, H, nb, nb) (causal rows,
-    i.e. after previous_block_rows): the top-k indices of each row's earlier blocks (earlier_topk_indices, as
-    select_blocks) are the full-block lists, so no keep-mask or scatter is built on the way (a handful of kernel launches per layer, where
-    build_block_mask's path took about 460 operator calls). The mask_mod is causal only: for compiled
-    flex_attention (compiled_flex), which evaluates it on the diagonal blocks alone."""
-    Bs, H, nb, _ = scores.shape
-    kk = min(block_k, nb - 1)
-    if kk <= 0:
-        full_num = torch.zeros(Bs, H, nb, dtype=torch.int32, device=scores.device)
-        return _block_mask(full_num, torch.zeros(Bs, H, nb, nb, dtype=torch.int32, device=scores.device),
-                           block_size, T, None, backward)
-    full_idx = F.pad(earlier_topk_indices(scores, block_k), (0, nb - kk)).contiguous()  # min(i, k) blocks first
-    full_num = torch.arange(nb, device=scores.device).clamp(max=kk).to(torch.int32).expand(Bs, H, nb).contiguous()
-    return _block_mask(full_num, full_idx, block_size, T, None, backward)
+    i.e. after previous_block_rows): block_lists' top-k indices are the full-block lists, so no keep-mask or
+    scatter is built on the way (build_block_mask's path took about 460 operator calls). On CUDA the lists come from
+    one compiled graph. The mask_mod is causal only: for compiled flex_attention (compiled_flex), which evaluates it
+    on the diagonal blocks alone."""
+    fn = _compiled("block_lists", block_lists) if scores.is_cuda else block_lists
+    return _block_mask(*fn(scores.detach(), block_k), block_size, T, None, backward)
 
 
 def token_keep(keep: torch.Tensor, block_size: int, T: int, allowed: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,11 @@ HARD_ATTENTION = os.environ.get("GATELAB_HARD_ATTENTION", "sdpa")
 # fused kernel's forward + backward took 0.74 ms against 1.10 ms explicit, both compiled (default reading, batch
 # 16 x 512; scripts/soft_kernel_check.py), so it is the default; benchmarks/bench_train.py times both in the step.
 SOFT_ATTENTION = os.environ.get("GATELAB_SOFT_ATTENTION", "fused")
+# where the fused soft gate's topk-sigmoid row threshold comes from: "scores" (G formed in memory, then the selection
+# kernel; the path measured on the H100: 8.61 ms step, 1.43x dense) or "factors" (factor_kth_largest: G formed in
+# registers from the gate's two projections, never in memory; CPU-tested under the interpreter, not yet timed on
+# a GPU: benchmarks/bench_train.py times both, variant fast-threshold, and the faster becomes the default)
+TOPK_THRESHOLD = os.environ.get("GATELAB_TOPK_THRESHOLD", "scores")
 
 
 ENABLED = os.environ.get("GATELAB_KERNELS", "1") != "0"  # GATELAB_KERNELS=0 (or kernels.ENABLED = False): torch only
@@ -82,6 +87,31 @@ if triton is not None:
         return x ^ (x >> 15)
 
     @triton.jit
+    def _float_key(x):
+        """Order-preserving map of float32 values to uint32 keys."""
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        return tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+    @triton.jit
+    def _key_float(key):
+        """_float_key's inverse."""
+        bits = tl.where(key >= 0x80000000, key ^ 0x80000000, key ^ 0xFFFFFFFF)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _kth_largest_key(key, k, BLOCK_M: tl.constexpr):
+        """Each row's k-th largest key (key: (BLOCK_M, cols) uint32, 0 where not allowed), bit by bit from the top:
+        keep a bit when at least k keys reach the candidate."""
+        kth = tl.zeros([BLOCK_M], dtype=tl.uint32)
+        bit = tl.full([BLOCK_M], 0x80000000, dtype=tl.uint32)
+        for _ in range(32):
+            cand = kth | bit
+            count = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+            kth = tl.where(count >= k, cand, kth)
+            bit = bit >> 1
+        return kth
+
+    @triton.jit
     def _topk_rows_kernel(scores_ptr, row_hash_ptr, keep_ptr, tau_ptr, n_rows, T, S, offset, k,
                           HASHED: tl.constexpr, WRITE_KEEP: tl.constexpr, WRITE_TAU: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -96,20 +126,12 @@ if triton is not None:
         if HASHED:  # routing._absorb(row hash, j): distinct within a row, so no ties
             h = tl.load(row_hash_ptr + rows, mask=row_ok, other=0).to(tl.uint32)
             key = _mix32((h[:, None] ^ cols[None, :].to(tl.uint32)) + 0x9E3779B9)
-        else:  # order-preserving map of float32 bits to uint32
+        else:
             x = tl.load(scores_ptr + rows[:, None].to(tl.int64) * S + cols[None, :], mask=allowed, other=0.0)
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            key = tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+            key = _float_key(x)
         key = tl.where(allowed, key, 0)  # below every candidate threshold (each has a bit set)
         n_allowed = tl.minimum(pos + 1, S)
-        # the k-th largest key, bit by bit from the top: keep a bit when at least k keys reach the candidate
-        kth = tl.zeros([BLOCK_M], dtype=tl.uint32)
-        bit = tl.full([BLOCK_M], 0x80000000, dtype=tl.uint32)
-        for _ in range(32):
-            cand = kth | bit
-            count = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
-            kth = tl.where(count >= k, cand, kth)
-            bit = bit >> 1
+        kth = _kth_largest_key(key, k, BLOCK_M)
         few = n_allowed <= k  # such rows keep every allowed key
         if WRITE_KEEP:
             above = key > kth[:, None]
@@ -120,9 +142,26 @@ if triton is not None:
             tl.store(keep_ptr + rows[:, None].to(tl.int64) * S + cols[None, :], keep.to(tl.int8),
                      mask=(cols[None, :] < S) & row_ok[:, None])
         if WRITE_TAU:  # the k-th largest score as a float (-inf for rows that keep everything)
-            bits = tl.where(kth >= 0x80000000, kth ^ 0x80000000, kth ^ 0xFFFFFFFF)
-            tau = tl.where(few, float("-inf"), bits.to(tl.float32, bitcast=True))
+            tau = tl.where(few, float("-inf"), _key_float(kth))
             tl.store(tau_ptr + rows, tau, mask=row_ok)
+
+    @triton.jit
+    def _factor_tau_kernel(GQ, GK, TAU, T, k, DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """topk-sigmoid's row threshold straight from the gate's two projections: the rows' scores G = gq gk^T are
+        formed in registers (one tile of BLOCK_M rows x all T keys), never in memory. Grid (row tiles, B*H)."""
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        g = tl.arange(0, DG)
+        base = bh.to(tl.int64) * T
+        row_ok = rows < T
+        gq = tl.load(GQ + (base + rows)[:, None] * DG + g[None, :], mask=row_ok[:, None], other=0.0)
+        gk = tl.load(GK + (base + cols)[:, None] * DG + g[None, :], mask=(cols < T)[:, None], other=0.0)
+        allowed = (cols[None, :] <= rows[:, None]) & row_ok[:, None]
+        key = tl.where(allowed, _float_key(tl.dot(gq, tl.trans(gk))), 0)
+        kth = _kth_largest_key(key, k, BLOCK_M)
+        tau = tl.where(rows + 1 <= k, float("-inf"), _key_float(kth))
+        tl.store(TAU + base + rows, tau, mask=row_ok)
 
 
 def _launch(scores, row_hash, shape, k: int, offset: int, write_keep: bool, write_tau: bool):
@@ -166,6 +205,28 @@ def causal_kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= S or not _fits(scores):
         return row_kth_largest(scores.detach().float(), k, causal_rows(T, S, scores.device))
     _, tau = _launch(scores.detach().contiguous(), None, (B, H, T, S), k, S - T, False, True)
+    return tau
+
+
+def factor_kth_largest(gq: torch.Tensor, gk: torch.Tensor, k: int) -> torch.Tensor:
+    """causal_kth_largest of G = gq gk^T (gq, gk: (B, H, T, d_gate), gq already scaled by 1 / sqrt(d_gate)) without
+    forming G: (B, H, T, 1) float32, -inf where a row has <= k causal keys. The scores are the fused soft-gate
+    kernel's own (the same fp32 tile products of the same inputs), so its mask is sigmoid(0) = 1/2 at each row's
+    k-th key. The kernel when it serves these inputs (16-bit, d_gate a power of two of 16..128, T <= 1024), else
+    the torch reference on G formed in fp32."""
+    from .routing import causal_rows, row_kth_largest
+    B, H, T, DG = gq.shape
+    pow2 = 16 <= DG <= 128 and DG & (DG - 1) == 0
+    if k >= T or T > 1024 or not pow2 or not kernels_enabled(gq) or gq.dtype not in (torch.bfloat16, torch.float16):
+        G = gq.detach().float() @ gk.detach().float().transpose(-1, -2)
+        return row_kth_largest(G, k, causal_rows(T, T, gq.device))
+    tau = torch.empty((B, H, T, 1), dtype=torch.float32, device=gq.device)
+    block_n = max(16, triton.next_power_of_2(T))
+    block_m = 16
+    gk = gk.detach().to(gq.dtype).contiguous()
+    _factor_tau_kernel[(triton.cdiv(T, block_m), B * H)](gq.detach().contiguous(), gk, tau, T, k, DG=DG,
+                                                        BLOCK_M=block_m, BLOCK_N=block_n,
+                                                        num_warps=4 if block_n <= 256 else 8)
     return tau
 
 

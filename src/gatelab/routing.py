@@ -253,7 +253,9 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
         gq, gk = gate_factors()
         if kernels.soft_gate_fits(q, gq):
             tau = None
-            if routing.soft_mask == "topk-sigmoid":  # the row threshold needs G's rows: formed once, no gradient
+            if routing.soft_mask == "topk-sigmoid" and kernels.TOPK_THRESHOLD == "factors":
+                tau = kernels.factor_kth_largest(gq, gk, routing.k)  # each row's k-th largest G, in registers
+            elif routing.soft_mask == "topk-sigmoid":  # the row threshold needs G's rows: formed once, no gradient
                 with torch.no_grad():
                     tau = kernels.causal_kth_largest(gate_scores().float(), routing.k)
             return kernels.soft_gate_attention(q, k, v, gq, gk, routing.soft_temperature, routing.soft_renormalize,
