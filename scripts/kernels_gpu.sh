@@ -8,6 +8,11 @@
 #   bash scripts/kernels_gpu.sh train   # the training step of every routing mode (MODES, TAG, EXTRA: more bench_train flags), fast vs fast-sort (before the
 #                                       #   kernels) vs flex hard masks, with the in-run gradient check
 #                                       #   -> $OUT/<gpu>-batch16.{json,md}
+#   bash scripts/kernels_gpu.sh opt-in  # the opt-in fast paths not yet measured on a GPU, each beside its default in
+#                                       #   one run: topk-sigmoid's threshold from the gate's factors (fast-threshold),
+#                                       #   the fused loss over a vocabulary padded to 64 (fast-padvocab), and the block
+#                                       #   prefill with compiled gate scores and block lists (bench_block e2e)
+#                                       #   -> $OUT/<gpu>-batch16-opt-in.{json,md}, $OUT/block/block-<gpu>.{json,md}
 set -uo pipefail
 OUT=${OUT:?set by the device tool}
 export PYTHONPATH=${PWD}/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -25,5 +30,12 @@ case "${1:-}" in
   train)
     python benchmarks/bench_train.py --batches 16 --compiled-modes none --skip-extra --tag "${TAG:-batch16}" --out "$OUT" \
       ${MODES:+--modes "$MODES"} ${EXTRA:-};;
-  *) echo "usage: $0 smoke|topk|train" >&2; exit 2;;
+  opt-in)
+    status=0
+    python benchmarks/bench_train.py --batches 16 --modes dense,soft-gate:topk-sigmoid --compiled-modes none \
+      --skip-extra --eager-modes none --sort-modes none --flexhard-modes none --chunk-modes none --soft-modes none \
+      --threshold-modes soft-gate:topk-sigmoid --padvocab-modes dense --tag batch16-opt-in --out "$OUT" || status=$?
+    python benchmarks/bench_block.py --skip attention --budget-minutes "${BUDGET:-2}" --out "$OUT/block" || status=$?
+    exit $status;;
+  *) echo "usage: $0 smoke|topk|train|opt-in" >&2; exit 2;;
 esac

@@ -22,13 +22,15 @@ def _inputs(n=300, c=16, v=97, seed=0):
     return h, w, torch.randint(0, v, (n,), generator=g)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 64, 299, 300, 4096])
+@pytest.mark.parametrize("chunk_rows,vocab_multiple", [(1, 1), (64, 1), (299, 1), (300, 1), (4096, 1), (64, 8),
+                                                       (300, 64), (4096, 97)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_linear_cross_entropy_matches_unfused_loss_and_gradients(chunk_rows, reduction):
+def test_linear_cross_entropy_matches_unfused_loss_and_gradients(chunk_rows, vocab_multiple, reduction):
+    """Every chunking, and the vocabulary (97) padded to a multiple of 8 (104), 64 (128) or 97 (none needed)."""
     h, w, t = _inputs()
     ref = F.cross_entropy(F.linear(h, w).float(), t, reduction=reduction)
     gh, gw = torch.autograd.grad(2.5 * ref, (h, w))
-    out = linear_cross_entropy(h, w, t, reduction=reduction, chunk_rows=chunk_rows)
+    out = linear_cross_entropy(h, w, t, reduction=reduction, chunk_rows=chunk_rows, vocab_multiple=vocab_multiple)
     fh, fw = torch.autograd.grad(2.5 * out, (h, w))  # the incoming gradient (2.5) is applied in backward
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
     for fast, ref_grad in ((fh, gh), (fw, gw)):  # fp32 sums in another order: tolerance relative to the scale
@@ -45,12 +47,15 @@ def test_linear_cross_entropy_frozen_head_and_no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, w, t), F.cross_entropy(h @ w.t(), t))
 
 
-def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_reference():
+@pytest.mark.parametrize("vocab_multiple", [1, 64])
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_reference(vocab_multiple):
     h, w, t = _inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = F.cross_entropy(F.linear(h, w).float(), t)
-        out = linear_cross_entropy(h, w, t, chunk_rows=64)
+        out = linear_cross_entropy(h, w, t, chunk_rows=64, vocab_multiple=vocab_multiple)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(Exception, match="vocab_multiple"):
+        linear_cross_entropy(h, w, t, vocab_multiple=-1)
 
 
 def _model(gate="learned"):

@@ -8,6 +8,7 @@ evaluated under another.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -157,16 +158,20 @@ class GPT(nn.Module):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows: int, reduction: str):
-        w = weight.to(h.dtype)
+    def forward(ctx, h, weight, targets, chunk_rows: int, reduction: str, vocab_multiple: int = 1):
+        V = weight.shape[0]
+        Vp = -(-V // vocab_multiple) * vocab_multiple
+        # zero rows pad the vocabulary to Vp: their logits are 0, left out of the log-sum-exp; in g @ w they meet
+        # the zero rows (contributing exactly 0), and their rows of grad_w are dropped
+        w = weight.to(h.dtype) if Vp == V else F.pad(weight.to(h.dtype), (0, 0, 0, Vp - V))
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        grad_w = torch.zeros((Vp, weight.shape[1]), dtype=torch.float32, device=h.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk_rows):
             hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
             logits = (hc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            lse = torch.logsumexp(logits[:, :V] if Vp != V else logits, dim=-1)
             total = total + (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             if want_h or want_w:  # d loss / d logits = softmax - onehot (pointwise: torch.compile fuses it)
                 onehot = torch.arange(logits.shape[1], device=h.device)[None, :] == tc[:, None]
@@ -177,7 +182,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (g.t() @ hc).float()
         scale = 1.0 / h.shape[0] if reduction == "mean" else 1.0
         ctx.scale = scale
-        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        ctx.save_for_backward(grad_h if want_h else None, grad_w[:V] if want_w else None)
         return total * scale
 
     @staticmethod
@@ -185,14 +190,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         factor = grad_out * ctx.scale
         return (grad_h * factor.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * factor if grad_w is not None else None, None, None, None)
+                grad_w * factor if grad_w is not None else None, None, None, None, None)
 
 
 LOSS_CHUNK_ROWS = 2048  # rows of logits formed at once (benchmarks/bench_train.py times other sizes)
+# Pad the vocabulary of the fused loss's matrix products to a multiple of this (1: no padding). The GPT-2
+# vocabulary (50,257, odd) leaves every logits row unaligned: in the H100 profile of the dense step
+# (benchmarks/results/profile-*.txt) the logits product ran an sm80 cutlass kernel (0.46 ms a step) where the
+# aligned gradient products ran Hopper kernels, and the log-sum-exp/gradient reduction over the unaligned rows
+# took 1.41 ms a step, the largest single part of the head. Same math (tests/test_fast.py); GATELAB_LOSS_VOCAB_MULTIPLE=64
+# opts in; not yet timed on a GPU: benchmarks/bench_train.py's fast-padvocab variant times it beside the default.
+LOSS_VOCAB_MULTIPLE = int(os.environ.get("GATELAB_LOSS_VOCAB_MULTIPLE", "1"))
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, vocab_multiple: int | None = None) -> torch.Tensor:
     """cross_entropy(h @ weight.T, targets) without materialising the logits: h (N, C), weight (V, C).
 
     Matches `F.cross_entropy(F.linear(h, weight).float(), targets)` under the same autocast: the matrix products
@@ -201,7 +213,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     if reduction not in ("mean", "sum"):
         raise GatelabError(f"linear_cross_entropy: reduction must be mean or sum, got {reduction!r}")
+    vocab_multiple = vocab_multiple or LOSS_VOCAB_MULTIPLE
+    if vocab_multiple < 1:
+        raise GatelabError(f"linear_cross_entropy: vocab_multiple must be >= 1, got {vocab_multiple}")
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
-        return _LinearCrossEntropy.apply(h.to(dtype), weight, targets, chunk_rows or LOSS_CHUNK_ROWS, reduction)
+        return _LinearCrossEntropy.apply(h.to(dtype), weight, targets, chunk_rows or LOSS_CHUNK_ROWS, reduction,
+                                         vocab_multiple)
