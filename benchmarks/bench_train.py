@@ -72,6 +72,7 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "fast-fused": ("auto", "auto", True),  # "fast" with the soft gate's fused kernel (kernels.soft_gate_attention)
     "fast-threshold": ("auto", "auto", True),  # "fast" with topk-sigmoid's other threshold source (TOPK_THRESHOLD)
     "fast-padvocab": ("auto", "auto", True),  # "fast" with the fused loss's vocabulary padded to a multiple of 64
+    "fast-headkernel": ("auto", "auto", True),  # "fast" with the fused loss on kernels.head_loss_and_grads (Triton)
     "compiled-unfused": ("auto", "default", False),  # profile_step.py only: what the fused loss replaces
 }
 
@@ -80,11 +81,12 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
 def variant_switches(variant: str):
     """The kernels.py switches of a variant; compiled graphs are dropped around it so none is reused across."""
     saved = (kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION,
-             kernels.TOPK_THRESHOLD, gatelab_model.LOSS_VOCAB_MULTIPLE)
+             kernels.TOPK_THRESHOLD, gatelab_model.LOSS_VOCAB_MULTIPLE, gatelab_model.LOSS_KERNEL)
     kernels.ENABLED = variant not in ("fast-sort", "eager-bf16", "reference")
     kernels.HARD_ATTENTION = "flex" if variant == "fast-flexhard" else "sdpa"
     gatelab_model.LOSS_CHUNK_ROWS = 8192 if variant == "fast-chunk8k" else saved[2]
     gatelab_model.LOSS_VOCAB_MULTIPLE = 64 if variant == "fast-padvocab" else saved[5]
+    gatelab_model.LOSS_KERNEL = "triton" if variant == "fast-headkernel" else saved[6]
     kernels.SOFT_ATTENTION = {"fast-explicit": "explicit", "fast-fused": "fused"}.get(variant, saved[3])
     if variant == "fast-threshold":
         kernels.SOFT_ATTENTION = "fused"
@@ -94,7 +96,7 @@ def variant_switches(variant: str):
         yield
     finally:
         (kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION,
-         kernels.TOPK_THRESHOLD, gatelab_model.LOSS_VOCAB_MULTIPLE) = saved
+         kernels.TOPK_THRESHOLD, gatelab_model.LOSS_VOCAB_MULTIPLE, gatelab_model.LOSS_KERNEL) = saved
 
 
 def parse_mode(text: str, k: int) -> Routing:
@@ -255,6 +257,8 @@ def main() -> None:
                     help="modes also timed with the soft gate's other attention path(s) (fast-explicit / fast-fused)")
     ap.add_argument("--padvocab-modes", default="dense",
                     help="modes also timed as fast-padvocab (the fused loss's vocabulary padded to a multiple of 64)")
+    ap.add_argument("--headkernel-modes", default="dense",
+                    help="modes also timed as fast-headkernel (the fused loss on the Triton head kernels)")
     ap.add_argument("--threshold-modes", default="soft-gate:topk-sigmoid",
                     help="modes also timed as fast-threshold (topk-sigmoid's row threshold from the other source: "
                          "G in memory or the gate's factors in registers, kernels.TOPK_THRESHOLD)")
@@ -340,6 +344,7 @@ def main() -> None:
                 (["fast-chunk8k"] if text in args.chunk_modes.split(",") and cuda else []) + \
                 (["fast-threshold"] if text in args.threshold_modes.split(",") and cuda else []) + \
                 (["fast-padvocab"] if text in args.padvocab_modes.split(",") and cuda else []) + \
+                (["fast-headkernel"] if text in args.headkernel_modes.split(",") and cuda else []) + \
                 ([v for v in ("fast-explicit", "fast-fused") if v != f"fast-{kernels.SOFT_ATTENTION}"]
                  if text in args.soft_modes.split(",") and cuda else [])  # the other soft-gate path(s) than fast's
             for variant in variants:

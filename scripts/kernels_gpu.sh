@@ -10,7 +10,8 @@
 #                                       #   -> $OUT/<gpu>-batch16.{json,md}
 #   bash scripts/kernels_gpu.sh opt-in  # the opt-in fast paths not yet measured on a GPU, each beside its default in
 #                                       #   one run: topk-sigmoid's threshold from the gate's factors (fast-threshold),
-#                                       #   the fused loss over a vocabulary padded to 64 (fast-padvocab), and the block
+#                                       #   the fused loss over a vocabulary padded to 64 (fast-padvocab) and on the
+#                                       #   Triton head kernels (fast-headkernel), and the block
 #                                       #   prefill with compiled gate scores and block lists (bench_block e2e)
 #                                       #   -> $OUT/<gpu>-batch16-opt-in.{json,md}, $OUT/block/block-<gpu>.{json,md}
 set -uo pipefail
@@ -34,7 +35,8 @@ case "${1:-}" in
     status=0
     python benchmarks/bench_train.py --batches 16 --modes dense,soft-gate:topk-sigmoid --compiled-modes none \
       --skip-extra --eager-modes none --sort-modes none --flexhard-modes none --chunk-modes none --soft-modes none \
-      --threshold-modes soft-gate:topk-sigmoid --padvocab-modes dense --tag batch16-opt-in --out "$OUT" || status=$?
+      --threshold-modes soft-gate:topk-sigmoid --padvocab-modes dense --headkernel-modes dense,soft-gate:topk-sigmoid \
+      --tag batch16-opt-in --out "$OUT" || status=$?
     python benchmarks/bench_block.py --skip attention --budget-minutes "${BUDGET:-2}" --out "$OUT/block" || status=$?
     exit $status;;
   *) echo "usage: $0 smoke|topk|train|opt-in" >&2; exit 2;;

@@ -528,3 +528,135 @@ def block_attention_mass_fused(q: torch.Tensor, k: torch.Tensor, block_size: int
                                     k.stride(2), H, T, nb, H // k.shape[1], scale * 1.4426950408889634,
                                     BLOCK=block_size, TILE_N=tile_n, D=D, num_warps=8 if block_size >= 128 else 4)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The output head's loss without the logits in memory (issue 15, item 4): opt-in (model.LOSS_KERNEL = "triton").
+# In the H100 profile of the dense step (benchmarks/results/profile-*.txt) the head is half the step: the logits
+# product, the log-sum-exp / softmax-gradient reduction over the 50,257-wide rows (1.41 ms a step, reading the
+# logits several times) and the two gradient products. Here, per chunk of rows:
+#   pass 1 (_lce_lse_kernel)   logits tile by tile (h W^T, fp32 accumulate) with an online log-sum-exp; each
+#                              program covers one row block and one slice of the vocabulary, the slices' (max, sum)
+#                              pairs are combined after; the target's logit is picked on the way. No logits stored.
+#   pass 2 (_lce_grad_kernel)  the same tiles again, g = softmax - onehot formed in registers and written once (bf16,
+#                              what the weight gradient's product reads), and grad_h's share of the slice, g W,
+#                              accumulated in registers; the slices' shares are summed after.
+#   grad_w                     g^T h by cuBLAS, as before.
+# Logits are kept in fp32 (the torch path rounds them to bf16 before the log-sum-exp).
+
+if triton is not None:
+    @triton.jit
+    def _lce_lse_kernel(H, W, TGT, MAX, SUM, PICK, N, V, cols_per_split, C: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Program (row block, vocabulary slice): the slice's running max and sum of exp(logit - max) per row, and
+        the target's logit where it falls in the slice (0 elsewhere)."""
+        pid_m, split = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        c = tl.arange(0, C)
+        h = tl.load(H + rows[:, None].to(tl.int64) * C + c[None, :], mask=row_ok[:, None], other=0.0)
+        tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_M], tl.float32)
+        pick = tl.zeros([BLOCK_M], tl.float32)
+        lo = split * cols_per_split
+        hi = tl.minimum(lo + cols_per_split, V)
+        for v0 in range(lo, hi, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < hi
+            w = tl.load(W + cols[:, None].to(tl.int64) * C + c[None, :], mask=col_ok[:, None], other=0.0)
+            logits = tl.where(col_ok[None, :], tl.dot(h, tl.trans(w)), float("-inf"))
+            m_new = tl.maximum(m, tl.max(logits, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+            m = m_new
+            pick += tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), 1)
+        out = split * N + rows
+        tl.store(MAX + out, m, mask=row_ok)
+        tl.store(SUM + out, s, mask=row_ok)
+        tl.store(PICK + out, pick, mask=row_ok)
+
+    @triton.jit
+    def _lce_grad_kernel(H, W, TGT, LSE, G, DH, N, V, g_stride, cols_per_split, C: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_G: tl.constexpr,
+                         WANT_DH: tl.constexpr):
+        """Program (row block, vocabulary slice): g = exp(logit - lse) - onehot over the slice, written to G (bf16,
+        row stride g_stride); the slice's share of grad_h = g W to DH[split] (fp32)."""
+        pid_m, split = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        c = tl.arange(0, C)
+        h = tl.load(H + rows[:, None].to(tl.int64) * C + c[None, :], mask=row_ok[:, None], other=0.0)
+        tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        dh = tl.zeros([BLOCK_M, C], tl.float32)
+        lo = split * cols_per_split
+        hi = tl.minimum(lo + cols_per_split, V)
+        for v0 in range(lo, hi, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < hi
+            w = tl.load(W + cols[:, None].to(tl.int64) * C + c[None, :], mask=col_ok[:, None], other=0.0)
+            logits = tl.dot(h, tl.trans(w))
+            g = tl.exp(logits - lse[:, None]) - (cols[None, :] == tgt[:, None]).to(tl.float32)
+            g = tl.where(col_ok[None, :] & row_ok[:, None], g, 0.0).to(w.dtype)
+            if WRITE_G:
+                tl.store(G + rows[:, None].to(tl.int64) * g_stride + cols[None, :], g,
+                         mask=row_ok[:, None] & col_ok[None, :])
+            if WANT_DH:
+                dh += tl.dot(g, w)
+        if WANT_DH:
+            tl.store(DH + (split * N + rows)[:, None].to(tl.int64) * C + c[None, :], dh, mask=row_ok[:, None])
+
+
+def _lce_configs():
+    """Tiles tried once per (C, splits) on the GPU (triton.autotune); the interpreter runs one."""
+    if _INTERPRET:
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_V=16), num_warps=1, num_stages=1)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_V=v), num_warps=w, num_stages=st)
+            for m, v, w, st in ((64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 4))]
+
+
+if triton is not None:
+    _lce_lse = triton.autotune(_lce_configs(), key=["C", "cols_per_split"])(_lce_lse_kernel)
+    # DH partials are written whole (every row of each split) and G only where stored: no reset between trials
+    _lce_grad = triton.autotune(_lce_configs(), key=["C", "cols_per_split", "WRITE_G", "WANT_DH"])(_lce_grad_kernel)
+
+LOSS_SPLITS = 8  # vocabulary slices per row block: with 2,048-row chunks, 32 row blocks x 8 slices of programs
+
+
+def fused_head_fits(h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused head kernels serve these inputs: kernels enabled for h, h and weight 16-bit of one dtype,
+    and a power-of-two width of 16..256."""
+    C = h.shape[-1]
+    return (kernels_enabled(h) and h.dtype in (torch.bfloat16, torch.float16) and weight.dtype == h.dtype
+            and 16 <= C <= 256 and C & (C - 1) == 0)
+
+
+def head_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, want_h: bool, want_w: bool,
+                        grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
+                        g_buffer: torch.Tensor | None) -> torch.Tensor:
+    """One chunk of model.linear_cross_entropy on the fused kernels: h (n, C), w (V, C) of one 16-bit dtype,
+    targets (n,). Returns the chunk's summed loss (fp32 scalar); writes grad_h (n, C) rows and adds g^T h to grad_w
+    (V, C) fp32 when asked. g_buffer: (>= n, >= V) bf16 scratch for g (row stride its width)."""
+    n, C = h.shape
+    V = w.shape[0]
+    splits = LOSS_SPLITS
+    cols_per_split = -(-V // (splits * 128)) * 128  # slices start on 128-column boundaries (aligned stores of g)
+    h, w, targets = h.contiguous(), w.contiguous(), targets.contiguous()
+    # whole tensors as kernel arguments (no views: what torch.compile's analysis of kernel writes handles best)
+    m, s, pick = (torch.empty(splits, n, dtype=torch.float32, device=h.device) for _ in range(3))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
+    _lce_lse[grid](h, w, targets, m, s, pick, n, V, cols_per_split, C=C)
+    top = m.amax(0)
+    lse = top + torch.log((s * torch.exp(m - top)).sum(0))
+    loss = (lse - pick.sum(0)).sum()
+    if want_h or want_w:
+        unused = torch.empty(1, dtype=torch.float32, device=h.device)
+        dh = torch.empty(splits, n, C, dtype=torch.float32, device=h.device) if want_h else unused
+        g = g_buffer if want_w else unused
+        _lce_grad[grid](h, w, targets, lse.contiguous(), g, dh, n, V, g.stride(0) if want_w else 0,
+                        cols_per_split, C=C, WRITE_G=want_w, WANT_DH=want_h)
+        if want_h:
+            grad_h.copy_(dh.sum(0))
+        if want_w:
+            grad_w += (g[:n, :V].t() @ h).float()
+    return loss

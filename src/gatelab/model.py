@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import GatelabError, ModelConfig, Routing
 from .blocks import BlockGate, block_routed_attention
 from .routing import BilinearGate, RandomMaskCache, routed_attention
@@ -168,8 +169,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros((Vp, weight.shape[1]), dtype=torch.float32, device=h.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        fused = LOSS_KERNEL == "triton" and kernels.fused_head_fits(h, w)
+        if fused:  # g's scratch rows, 64-aligned (the weight gradient's product reads them)
+            g_buffer = (torch.empty(min(chunk_rows, h.shape[0]), -(-V // 64) * 64, dtype=h.dtype, device=h.device)
+                        if want_w else None)
         for s in range(0, h.shape[0], chunk_rows):
             hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+            if fused:  # kernels.head_loss_and_grads: no logits in memory
+                total = total + kernels.head_loss_and_grads(
+                    hc, w[:V], tc, want_h, want_w, grad_h[s:s + chunk_rows] if want_h else None,
+                    grad_w[:V] if want_w else None, g_buffer)
+                continue
             logits = (hc @ w.t()).float()
             lse = torch.logsumexp(logits[:, :V] if Vp != V else logits, dim=-1)
             total = total + (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
@@ -201,6 +211,10 @@ LOSS_CHUNK_ROWS = 2048  # rows of logits formed at once (benchmarks/bench_train.
 # took 1.41 ms a step, the largest single part of the head. Same math (tests/test_fast.py); GATELAB_LOSS_VOCAB_MULTIPLE=64
 # opts in; not yet timed on a GPU: benchmarks/bench_train.py's fast-padvocab variant times it beside the default.
 LOSS_VOCAB_MULTIPLE = int(os.environ.get("GATELAB_LOSS_VOCAB_MULTIPLE", "1"))
+# "torch" (the chunked products above) or "triton" (kernels.head_loss_and_grads: the logits formed tile by tile and
+# never stored, on CUDA for 16-bit inputs; GATELAB_LOSS_KERNEL=triton). CPU-tested under Triton's interpreter, not yet
+# timed on a GPU: benchmarks/bench_train.py's fast-headkernel variant times it beside the default.
+LOSS_KERNEL = os.environ.get("GATELAB_LOSS_KERNEL", "torch")
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
