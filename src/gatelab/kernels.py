@@ -607,18 +607,25 @@ if triton is not None:
             tl.store(DH + (split * N + rows)[:, None].to(tl.int64) * C + c[None, :], dh, mask=row_ok[:, None])
 
 
-def _lce_configs():
-    """Tiles tried once per (C, splits) on the GPU (triton.autotune); the interpreter runs one."""
+# (BLOCK_M, BLOCK_V, warps, stages) tried once per shape on the GPU (triton.autotune). Chosen offline: compiled for
+# sm_90 here (scripts/kernel_resources.py), these use no local memory (register spills) at C = 256, except the
+# gradient kernel's 64 x 64 and 64 x 128 tiles (56 and 96 bytes a thread), kept in case their wider tiles win anyway.
+LCE_LSE_TILES = ((64, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4))
+LCE_GRAD_TILES = ((64, 32, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3))
+
+
+def _lce_configs(tiles):
+    """The autotuner's configs for the head kernels; the interpreter runs one."""
     if _INTERPRET:
         return [triton.Config(dict(BLOCK_M=16, BLOCK_V=16), num_warps=1, num_stages=1)]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_V=v), num_warps=w, num_stages=st)
-            for m, v, w, st in ((64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 4))]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_V=v), num_warps=w, num_stages=st) for m, v, w, st in tiles]
 
 
 if triton is not None:
-    _lce_lse = triton.autotune(_lce_configs(), key=["C", "cols_per_split"])(_lce_lse_kernel)
+    _lce_lse = triton.autotune(_lce_configs(LCE_LSE_TILES), key=["C", "cols_per_split"])(_lce_lse_kernel)
     # DH partials are written whole (every row of each split) and G only where stored: no reset between trials
-    _lce_grad = triton.autotune(_lce_configs(), key=["C", "cols_per_split", "WRITE_G", "WANT_DH"])(_lce_grad_kernel)
+    _lce_grad = triton.autotune(_lce_configs(LCE_GRAD_TILES), key=["C", "cols_per_split", "WRITE_G", "WANT_DH"])(
+        _lce_grad_kernel)
 
 LOSS_SPLITS = 8  # vocabulary slices per row block: with 2,048-row chunks, 32 row blocks x 8 slices of programs
 
