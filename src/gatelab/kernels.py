@@ -546,21 +546,27 @@ def block_attention_mass_fused(q: torch.Tensor, k: torch.Tensor, block_size: int
 
 if triton is not None:
     @triton.jit
-    def _lce_lse_kernel(H, W, TGT, MAX, SUM, PICK, N, V, cols_per_split, C: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
-        """Program (row block, vocabulary slice): the slice's running max and sum of exp(logit - max) per row, and
-        the target's logit where it falls in the slice (0 elsewhere)."""
-        pid_m, split = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _head_program(H, TGT, N, V, cols_per_split, C: tl.constexpr, BLOCK_M: tl.constexpr):
+        """What both head kernels start from: program (row block, vocabulary slice) -> its rows, their validity,
+        the width's indices, the rows of h (BLOCK_M, C), their targets, the slice and its columns [lo, hi)."""
+        split = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         c = tl.arange(0, C)
         h = tl.load(H + rows[:, None].to(tl.int64) * C + c[None, :], mask=row_ok[:, None], other=0.0)
         tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+        lo = split * cols_per_split
+        return rows, row_ok, c, h, tgt, split, lo, tl.minimum(lo + cols_per_split, V)
+
+    @triton.jit
+    def _lce_lse_kernel(H, W, TGT, MAX, SUM, PICK, N, V, cols_per_split, C: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Program (row block, vocabulary slice): the slice's running max and sum of exp(logit - max) per row, and
+        the target's logit where it falls in the slice (0 elsewhere)."""
+        rows, row_ok, c, h, tgt, split, lo, hi = _head_program(H, TGT, N, V, cols_per_split, C, BLOCK_M)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_M], tl.float32)
         pick = tl.zeros([BLOCK_M], tl.float32)
-        lo = split * cols_per_split
-        hi = tl.minimum(lo + cols_per_split, V)
         for v0 in range(lo, hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < hi
@@ -581,16 +587,9 @@ if triton is not None:
                          WANT_DH: tl.constexpr):
         """Program (row block, vocabulary slice): g = exp(logit - lse) - onehot over the slice, written to G (bf16,
         row stride g_stride); the slice's share of grad_h = g W to DH[split] (fp32)."""
-        pid_m, split = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        c = tl.arange(0, C)
-        h = tl.load(H + rows[:, None].to(tl.int64) * C + c[None, :], mask=row_ok[:, None], other=0.0)
-        tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+        rows, row_ok, c, h, tgt, split, lo, hi = _head_program(H, TGT, N, V, cols_per_split, C, BLOCK_M)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         dh = tl.zeros([BLOCK_M, C], tl.float32)
-        lo = split * cols_per_split
-        hi = tl.minimum(lo + cols_per_split, V)
         for v0 in range(lo, hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < hi
