@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gatelab.config import DEFAULT_READING, READINGS, Routing
-from gatelab.report import READING_FACTS, reading_study
+from gatelab.report import READING_FACTS, reading_study, write_report
 
 
 def _unit(evals: dict, **kw) -> dict:
@@ -78,3 +78,20 @@ def test_the_committed_reading_study_chooses_the_default_reading():
     study = reading_study(R)
     assert study["complete"], "the committed study lacks units"
     assert study["chosen"] == DEFAULT_READING
+
+
+@pytest.mark.parametrize("folder,suite", [("compact", "31m"), ("pretrained", "pretrained")])
+def test_committed_reports_are_what_gatelab_report_rebuilds(tmp_path, folder, suite):
+    """`gatelab report` on a copy of the committed per-unit results and NOTES.md gives the committed REPORT.md byte for
+    byte: no report is left stale after its notes or units change (regenerate with `gatelab report --protocol compact`
+    and `gatelab report --suite pretrained`). results/compact-4k is an archive of an earlier protocol, not rebuilt."""
+    import shutil
+    src = Path(__file__).resolve().parents[1] / "results" / folder
+    shutil.copytree(src, tmp_path / folder)
+    if suite == "pretrained":
+        from gatelab.pretrained import PROTOCOLS as PRETRAINED, write_pretrained_report
+        path = write_pretrained_report(tmp_path / folder, PRETRAINED["compact"])
+    else:
+        from gatelab.reproduce import PROTOCOLS
+        path = write_report(tmp_path / folder, PROTOCOLS["compact"])
+    assert path.read_text() == (src / "REPORT.md").read_text()

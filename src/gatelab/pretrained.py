@@ -367,8 +367,9 @@ def write_pretrained_report(out: str | Path, p: PretrainedProtocol) -> Path:
     lines += [format_table(rows, ["loss", "d_gate", "trained_k", "deploy_k", "ppl", "f1", "paper_ppl"]) if rows
               else "not run", ""]
     lines += _position_tables(res, p, t9, out)
+    # the default reading first, then the others by name (a set's order varies between processes)
     readings = sorted({r.get("reading", "topk-sigmoid") for r in res.values() if r["table"] in ("table7", "table8")},
-                      key=lambda x: x != DEFAULT_READING) or [DEFAULT_READING]
+                      key=lambda x: (x != DEFAULT_READING, x)) or [DEFAULT_READING]
     for reading in readings:
         lines += _task_tables(res, p, reading, t9, out)
     notes = out / "NOTES.md"
