@@ -93,6 +93,7 @@ hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own token
     done
     echo "hf-eval-block ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block --routing dense,block-gate,block-oracle,block-random,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
     echo "hf-eval-block-qk ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
+    echo "hf-eval-block-qk-compiled env GATELAB_COMPILE_BLOCKS=1 ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate --block-k 1,2 --max-tokens 4096 --quiet"
     echo "hf-audit-rope ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl-rope --k 16 --max-tokens 4096"
     echo "hf-audit ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl --k 16 --max-tokens 4096"
   } | pool
@@ -119,6 +120,10 @@ hf_lane &
       echo "train-$path-$mode ${GL[*]} train --out $R/train-$path-$mode --quiet $flag ${TINY[*]} routing.mode=$mode routing.block_size=16 routing.block_k=2 model.block_gate=learned"
     done
   done
+  # the opt-in fast paths (README, "Opt-in fast paths"): the head kernels over a padded vocabulary, and topk-sigmoid's
+  # threshold from the gate's factors
+  echo "train-fast-optin-head env GATELAB_LOSS_KERNEL=triton GATELAB_LOSS_VOCAB_MULTIPLE=64 ${GL[*]} train --out $R/train-fast-optin-head --quiet ${TINY[*]} routing.mode=dense"
+  echo "train-fast-optin-threshold env GATELAB_TOPK_THRESHOLD=factors ${GL[*]} train --out $R/train-fast-optin-threshold --quiet ${TINY[*]} routing.mode=soft-gate routing.k=16 model.gate=learned $(reading_overrides topk-sigmoid)"
 } | pool
 
 # 2. post-hoc gates on the dense checkpoint: kl, bce, task under every reading (+ the random control), both paths

@@ -68,7 +68,8 @@ def kernel_grid():
                                                           "DGQ": bf16, "T": "i32"}, common, w, st))
     rows.append((K._block_mass_kernel, "block 128, tile 64, head dim 64",
                  dict(Q=bf16, K=bf16, OUT=f32, sqb="i32", sqh="i32", sqt="i32", skb="i32", skh="i32", skt="i32",
-                      H="i32", T="i32", nb="i32", group="i32", qk_scale="fp32"), dict(BLOCK=128, TILE_N=64, D=64), 8, 3))
+                      H="i32", T="i32", nb="i32", group="i32", qk_scale="fp32"),
+                 dict(BLOCK=128, TILE_N=64, D=64), 8, 3))
     lse = dict(H=bf16, W=bf16, TGT="*i64", MAX=f32, SUM=f32, PICK=f32, N="i32", V="i32", cols_per_split="i32")
     for m, v, w, st in K.LCE_LSE_TILES:
         rows.append((K._lce_lse_kernel, f"{m} x {v}, C 256", lse, dict(C=256, BLOCK_M=m, BLOCK_V=v), w, st))

@@ -208,8 +208,9 @@ LOSS_CHUNK_ROWS = 2048  # rows of logits formed at once (benchmarks/bench_train.
 # vocabulary (50,257, odd) leaves every logits row unaligned: in the H100 profile of the dense step
 # (benchmarks/results/profile-*.txt) the logits product ran an sm80 cutlass kernel (0.46 ms a step) where the
 # aligned gradient products ran Hopper kernels, and the log-sum-exp/gradient reduction over the unaligned rows
-# took 1.41 ms a step, the largest single part of the head. Same math (tests/test_fast.py); GATELAB_LOSS_VOCAB_MULTIPLE=64
-# opts in; not yet timed on a GPU: benchmarks/bench_train.py's fast-padvocab variant times it beside the default.
+# took 1.41 ms a step, the largest single part of the head. Same math (tests/test_fast.py);
+# GATELAB_LOSS_VOCAB_MULTIPLE=64 opts in; not yet timed on a GPU: benchmarks/bench_train.py's fast-padvocab variant
+# times it beside the default.
 LOSS_VOCAB_MULTIPLE = int(os.environ.get("GATELAB_LOSS_VOCAB_MULTIPLE", "1"))
 # "torch" (the chunked products above) or "triton" (kernels.head_loss_and_grads: the logits formed tile by tile and
 # never stored, on CUDA for 16-bit inputs; GATELAB_LOSS_KERNEL=triton). CPU-tested under Triton's interpreter, not yet
