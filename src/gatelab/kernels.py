@@ -69,6 +69,11 @@ if triton is not None and _INTERPRET:
     _interpreter_scalar_loop_bounds()
 
 
+def _pow2(n: int, lo: int, hi: int) -> bool:
+    """n is a power of two in [lo, hi]: the widths a kernel's tl.arange tiles can span."""
+    return lo <= n <= hi and n & (n - 1) == 0
+
+
 def kernels_enabled(t: torch.Tensor) -> bool:
     """Whether the Triton kernel serves tensor t: Triton importable, kernels not switched off (ENABLED), and t on
     CUDA (or on CPU under Triton's interpreter). Module constants, so a compiled graph guards on them."""
@@ -216,8 +221,8 @@ def factor_kth_largest(gq: torch.Tensor, gk: torch.Tensor, k: int) -> torch.Tens
     the torch reference on G formed in fp32."""
     from .routing import causal_rows, row_kth_largest
     B, H, T, DG = gq.shape
-    pow2 = 16 <= DG <= 128 and DG & (DG - 1) == 0
-    if k >= T or T > 1024 or not pow2 or not kernels_enabled(gq) or gq.dtype not in (torch.bfloat16, torch.float16):
+    if (k >= T or T > 1024 or not _pow2(DG, 16, 128) or not kernels_enabled(gq)
+            or gq.dtype not in (torch.bfloat16, torch.float16)):
         G = gq.detach().float() @ gk.detach().float().transpose(-1, -2)
         return row_kth_largest(G, k, causal_rows(T, T, gq.device))
     tau = torch.empty((B, H, T, 1), dtype=torch.float32, device=gq.device)
@@ -440,9 +445,8 @@ def soft_gate_fits(q: torch.Tensor, gq: torch.Tensor) -> bool:
     """Whether the fused soft-gate kernel serves these inputs: kernels enabled for q, 16-bit inputs (fp32 keeps the
     explicit path, whose matrix products the kernel's tensor-core tiles would round), power-of-two head and gate
     widths of 16..128."""
-    pow2 = lambda n: 16 <= n <= 128 and n & (n - 1) == 0  # noqa: E731
-    return (kernels_enabled(q) and q.dtype in (torch.bfloat16, torch.float16) and pow2(q.shape[-1])
-            and pow2(gq.shape[-1]))
+    return (kernels_enabled(q) and q.dtype in (torch.bfloat16, torch.float16) and _pow2(q.shape[-1], 16, 128)
+            and _pow2(gq.shape[-1], 16, 128))
 
 
 def soft_gate_attention(q, k, v, gq, gk, temperature: float, renormalize: bool,
@@ -505,9 +509,8 @@ if triton is not None:
 def block_mass_fits(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
     """Whether block_attention_mass_fused serves these inputs: the kernel enabled for q, 16-bit q and k of one
     dtype, as many keys as queries, and a power-of-two block size (16-256) and head dim (16-256)."""
-    pow2 = lambda n, lo, hi: lo <= n <= hi and n & (n - 1) == 0  # noqa: E731
     return (kernels_enabled(q) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
-            and q.shape[2] == k.shape[2] and pow2(block_size, 16, 256) and pow2(q.shape[3], 16, 256))
+            and q.shape[2] == k.shape[2] and _pow2(block_size, 16, 256) and _pow2(q.shape[3], 16, 256))
 
 
 @torch.no_grad()
@@ -632,9 +635,8 @@ LOSS_SPLITS = 8  # vocabulary slices per row block: with 2,048-row chunks, 32 ro
 def fused_head_fits(h: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the fused head kernels serve these inputs: kernels enabled for h, h and weight 16-bit of one dtype,
     and a power-of-two width of 16..256."""
-    C = h.shape[-1]
     return (kernels_enabled(h) and h.dtype in (torch.bfloat16, torch.float16) and weight.dtype == h.dtype
-            and 16 <= C <= 256 and C & (C - 1) == 0)
+            and _pow2(h.shape[-1], 16, 256))
 
 
 def head_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, want_h: bool, want_w: bool,
