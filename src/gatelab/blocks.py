@@ -149,15 +149,18 @@ def qk_block_scores(q, k, wq, wk, block_size: int, pool: str, valid: torch.Tenso
 _COMPILED: dict = {}
 
 
-def _compiled(name: str, fn):
-    """torch.compile(fn), built once per name. The inference path of block routing (gate scores, top-k block lists)
-    is tens of small kernels per layer; eager, their launches cost more than the attention they save at batch 1
-    (benchmarks/bench_block.py's e2e rows time both). Only with COMPILE_SELECTION (GATELAB_COMPILE_BLOCKS=1)."""
-    if not COMPILE_SELECTION:
-        return fn
+def _compile_once(name: str, fn):
+    """torch.compile(fn, dynamic=False), built once per name (compiled_flex, _compiled)."""
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=False)
     return _COMPILED[name]
+
+
+def _compiled(name: str, fn):
+    """fn compiled once, with COMPILE_SELECTION (GATELAB_COMPILE_BLOCKS=1); else fn. The inference path of block
+    routing (gate scores, top-k block lists) is tens of small kernels per layer; eager, their launches cost more than
+    the attention they save at batch 1 (benchmarks/bench_block.py's e2e rows time both)."""
+    return _compile_once(name, fn) if COMPILE_SELECTION else fn
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,9 +269,6 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, allo
 # ----------------------------------------------------------------------------------------------------------
 # attention over the kept blocks
 
-_FLEX = None
-
-
 def _has_compute_q_blocks() -> bool:
     try:
         import inspect
@@ -294,11 +294,8 @@ def has_flex() -> bool:
 def compiled_flex():
     """torch.compile(flex_attention), built once. Eager flex_attention ignores a BlockMask's block lists (it
     evaluates the mask_mod everywhere), so our mask_mod also encodes the selection: correct either way."""
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+    return _compile_once("flex_attention", flex_attention)
 
 
 def _causal_mod(b, h, q_idx, kv_idx):

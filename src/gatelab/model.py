@@ -161,15 +161,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows: int, reduction: str, vocab_multiple: int = 1):
         V = weight.shape[0]
-        Vp = -(-V // vocab_multiple) * vocab_multiple
-        # zero rows pad the vocabulary to Vp: their logits are 0, left out of the log-sum-exp; in g @ w they meet
-        # the zero rows (contributing exactly 0), and their rows of grad_w are dropped
-        w = weight.to(h.dtype) if Vp == V else F.pad(weight.to(h.dtype), (0, 0, 0, Vp - V))
+        w = weight.to(h.dtype)
+        fused = LOSS_KERNEL == "triton" and kernels.fused_head_fits(h, w)
+        # zero rows pad the vocabulary to Vp (the torch path only: the kernels mask their columns): their logits
+        # are 0, left out of the log-sum-exp; in g @ w they meet the zero rows (contributing exactly 0), and their
+        # rows of grad_w are dropped
+        Vp = V if fused else -(-V // vocab_multiple) * vocab_multiple
+        if Vp != V:
+            w = F.pad(w, (0, 0, 0, Vp - V))
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros((Vp, weight.shape[1]), dtype=torch.float32, device=h.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        fused = LOSS_KERNEL == "triton" and kernels.fused_head_fits(h, w)
         if fused:  # g's scratch rows, 64-aligned (the weight gradient's product reads them)
             g_buffer = (torch.empty(min(chunk_rows, h.shape[0]), -(-V // 64) * 64, dtype=h.dtype, device=h.device)
                         if want_w else None)
@@ -177,8 +180,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
             if fused:  # kernels.head_loss_and_grads: no logits in memory
                 total = total + kernels.head_loss_and_grads(
-                    hc, w[:V], tc, want_h, want_w, grad_h[s:s + chunk_rows] if want_h else None,
-                    grad_w[:V] if want_w else None, g_buffer)
+                    hc, w, tc, want_h, want_w, grad_h[s:s + chunk_rows] if want_h else None, grad_w, g_buffer)
                 continue
             logits = (hc @ w.t()).float()
             lse = torch.logsumexp(logits[:, :V] if Vp != V else logits, dim=-1)
