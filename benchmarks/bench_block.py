@@ -351,7 +351,7 @@ def markdown(data: dict) -> str:
             lines.append(f"| {r['tokens']} | {fmt(r.get('target_sparsity'))} | skipped ({r['skipped']}) |" + " |" * 6)
             continue
         other = r.get("block_other_selection_ms")
-        which = {True: "compiled", False: "eager"}.get(r.get("compiled_selection"), "eager")
+        which = "compiled" if r.get("compiled_selection") else "eager"
         lines.append(f"| {r['tokens']} | {r['sparsity']:.3f} ({r['block_k']}) | {r['dense_ms']:.2f} | "
                      f"{r['block_ms']:.2f} | {r['speedup']:.2f}x | {which} | {fmt(other, 2)} | "
                      f"{fmt(r['dense_ms'] / other if other else None, 2)}{'x' if other else ''} | "

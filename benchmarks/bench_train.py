@@ -79,24 +79,29 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
 
 @contextlib.contextmanager
 def variant_switches(variant: str):
-    """The kernels.py switches of a variant; compiled graphs are dropped around it so none is reused across."""
-    saved = (kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION,
-             kernels.TOPK_THRESHOLD, gatelab_model.LOSS_VOCAB_MULTIPLE, gatelab_model.LOSS_KERNEL)
+    """The kernels.py / model.py switches of a variant; compiled graphs are dropped around it so none is reused
+    across."""
+    saved = {(mod, name): getattr(mod, name) for mod, name in (
+        (kernels, "ENABLED"), (kernels, "HARD_ATTENTION"), (kernels, "SOFT_ATTENTION"), (kernels, "TOPK_THRESHOLD"),
+        (gatelab_model, "LOSS_CHUNK_ROWS"), (gatelab_model, "LOSS_VOCAB_MULTIPLE"), (gatelab_model, "LOSS_KERNEL"))}
     kernels.ENABLED = variant not in ("fast-sort", "eager-bf16", "reference")
     kernels.HARD_ATTENTION = "flex" if variant == "fast-flexhard" else "sdpa"
-    gatelab_model.LOSS_CHUNK_ROWS = 8192 if variant == "fast-chunk8k" else saved[2]
-    gatelab_model.LOSS_VOCAB_MULTIPLE = 64 if variant == "fast-padvocab" else saved[5]
-    gatelab_model.LOSS_KERNEL = "triton" if variant == "fast-headkernel" else saved[6]
-    kernels.SOFT_ATTENTION = {"fast-explicit": "explicit", "fast-fused": "fused"}.get(variant, saved[3])
-    if variant == "fast-threshold":
-        kernels.SOFT_ATTENTION = "fused"
-        kernels.TOPK_THRESHOLD = "scores" if saved[4] == "factors" else "factors"
+    kernels.SOFT_ATTENTION = {"fast-explicit": "explicit", "fast-fused": "fused", "fast-threshold": "fused"}.get(
+        variant, kernels.SOFT_ATTENTION)
+    if variant == "fast-threshold":  # topk-sigmoid's other threshold source than the default's
+        kernels.TOPK_THRESHOLD = "scores" if kernels.TOPK_THRESHOLD == "factors" else "factors"
+    if variant == "fast-chunk8k":
+        gatelab_model.LOSS_CHUNK_ROWS = 8192
+    if variant == "fast-padvocab":
+        gatelab_model.LOSS_VOCAB_MULTIPLE = 64
+    if variant == "fast-headkernel":
+        gatelab_model.LOSS_KERNEL = "triton"
     torch._dynamo.reset()
     try:
         yield
     finally:
-        (kernels.ENABLED, kernels.HARD_ATTENTION, gatelab_model.LOSS_CHUNK_ROWS, kernels.SOFT_ATTENTION,
-         kernels.TOPK_THRESHOLD, gatelab_model.LOSS_VOCAB_MULTIPLE, gatelab_model.LOSS_KERNEL) = saved
+        for (mod, name), value in saved.items():
+            setattr(mod, name, value)
 
 
 def parse_mode(text: str, k: int) -> Routing:
