@@ -71,8 +71,8 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "fast-explicit": ("auto", "auto", True),  # "fast" with the soft gate's explicit path (G, S, mask in memory)
     "fast-fused": ("auto", "auto", True),  # "fast" with the soft gate's fused kernel (kernels.soft_gate_attention)
     "fast-threshold": ("auto", "auto", True),  # "fast" with topk-sigmoid's other threshold source (TOPK_THRESHOLD)
-    "fast-padvocab": ("auto", "auto", True),  # "fast" with the fused loss's vocabulary padded to a multiple of 64
-    "fast-headkernel": ("auto", "auto", True),  # "fast" with the fused loss on kernels.head_loss_and_grads (Triton)
+    "fast-padvocab": ("auto", "auto", True),  # "fast" with the fused loss's other vocabulary padding (1 or 64)
+    "fast-headkernel": ("auto", "auto", True),  # "fast" with the fused loss on kernels.fused_head_loss (Triton)
     "compiled-unfused": ("auto", "default", False),  # profile_step.py only: what the fused loss replaces
 }
 
@@ -92,8 +92,8 @@ def variant_switches(variant: str):
         kernels.TOPK_THRESHOLD = "scores" if kernels.TOPK_THRESHOLD == "factors" else "factors"
     if variant == "fast-chunk8k":
         gatelab_model.LOSS_CHUNK_ROWS = 8192
-    if variant == "fast-padvocab":
-        gatelab_model.LOSS_VOCAB_MULTIPLE = 64
+    if variant == "fast-padvocab":  # the other padding than the default's (64 since the H100 run; 1 before)
+        gatelab_model.LOSS_VOCAB_MULTIPLE = 1 if gatelab_model.LOSS_VOCAB_MULTIPLE != 1 else 64
     if variant == "fast-headkernel":
         gatelab_model.LOSS_KERNEL = "triton"
     torch._dynamo.reset()
@@ -261,7 +261,8 @@ def main() -> None:
     ap.add_argument("--soft-modes", default="soft-gate,soft-gate:sigmoid-renorm,soft-gate:topk-sigmoid",
                     help="modes also timed with the soft gate's other attention path(s) (fast-explicit / fast-fused)")
     ap.add_argument("--padvocab-modes", default="dense",
-                    help="modes also timed as fast-padvocab (the fused loss's vocabulary padded to a multiple of 64)")
+                    help="modes also timed as fast-padvocab (the fused loss's vocabulary with the other padding than the "
+                         "default's: unpadded when the default pads to 64, padded when it does not)")
     ap.add_argument("--headkernel-modes", default="dense",
                     help="modes also timed as fast-headkernel (the fused loss on the Triton head kernels)")
     ap.add_argument("--threshold-modes", default="soft-gate:topk-sigmoid",

@@ -120,10 +120,12 @@ hf_lane &
       echo "train-$path-$mode ${GL[*]} train --out $R/train-$path-$mode --quiet $flag ${TINY[*]} routing.mode=$mode routing.block_size=16 routing.block_k=2 model.block_gate=learned"
     done
   done
-  # the opt-in fast paths (README, "Opt-in fast paths"): the head kernels over a padded vocabulary, and topk-sigmoid's
-  # threshold from the gate's factors
-  echo "train-fast-optin-head env GATELAB_LOSS_KERNEL=triton GATELAB_LOSS_VOCAB_MULTIPLE=64 ${GL[*]} train --out $R/train-fast-optin-head --quiet ${TINY[*]} routing.mode=dense"
-  echo "train-fast-optin-threshold env GATELAB_TOPK_THRESHOLD=factors ${GL[*]} train --out $R/train-fast-optin-threshold --quiet ${TINY[*]} routing.mode=soft-gate routing.k=16 model.gate=learned $(reading_overrides topk-sigmoid)"
+  # the paths beside the defaults (README, "Opt-in fast paths"): the output head on the Triton kernels, and
+  # topk-sigmoid's threshold from G formed in memory (the default forms it from the gate's factors)
+  echo "train-fast-optin-head env GATELAB_LOSS_KERNEL=triton ${GL[*]} train --out $R/train-fast-optin-head --quiet ${TINY[*]} routing.mode=dense"
+  echo "train-fast-alt-threshold env GATELAB_TOPK_THRESHOLD=scores ${GL[*]} train --out $R/train-fast-alt-threshold --quiet ${TINY[*]} routing.mode=soft-gate routing.k=16 model.gate=learned $(reading_overrides topk-sigmoid)"
+  echo "train-fast-alt-unpadded env GATELAB_LOSS_VOCAB_MULTIPLE=1 ${GL[*]} train --out $R/train-fast-alt-unpadded --quiet ${TINY[*]} routing.mode=dense"
+  echo "cuda-tests bash scripts/cuda_tests.sh"
 } | pool
 
 # 2. post-hoc gates on the dense checkpoint: kl, bce, task under every reading (+ the random control), both paths

@@ -36,11 +36,12 @@ HARD_ATTENTION = os.environ.get("GATELAB_HARD_ATTENTION", "sdpa")
 # fused kernel's forward + backward took 0.74 ms against 1.10 ms explicit, both compiled (default reading, batch
 # 16 x 512; scripts/soft_kernel_check.py), so it is the default; benchmarks/bench_train.py times both in the step.
 SOFT_ATTENTION = os.environ.get("GATELAB_SOFT_ATTENTION", "fused")
-# where the fused soft gate's topk-sigmoid row threshold comes from: "scores" (G formed in memory, then the selection
-# kernel; the path measured on the H100: 8.61 ms step, 1.43x dense) or "factors" (factor_kth_largest: G formed in
-# registers from the gate's two projections, never in memory; CPU-tested under the interpreter, not yet timed on
-# a GPU: benchmarks/bench_train.py times both, variant fast-threshold, and the faster becomes the default)
-TOPK_THRESHOLD = os.environ.get("GATELAB_TOPK_THRESHOLD", "scores")
+# where the fused soft gate's topk-sigmoid row threshold comes from: "factors" (factor_kth_largest: G formed in
+# registers from the gate's two projections, never in memory) or "scores" (G formed in memory, then the selection
+# kernel). Timed side by side on the H100 (benchmarks/results/nvidia-h100-80gb-hbm3-batch16-threshold.md): step
+# 8.33 ms with factors vs 8.96 ms with scores (1.35x vs 1.46x dense), the gradient check passing for both, so
+# "factors" is the default by the rule in benchmarks/README.md ("Opt-in paths"); GATELAB_TOPK_THRESHOLD=scores
+TOPK_THRESHOLD = os.environ.get("GATELAB_TOPK_THRESHOLD", "factors")
 
 
 ENABLED = os.environ.get("GATELAB_KERNELS", "1") != "0"  # GATELAB_KERNELS=0 (or kernels.ENABLED = False): torch only
@@ -639,18 +640,14 @@ def fused_head_fits(h: torch.Tensor, weight: torch.Tensor) -> bool:
             and _pow2(h.shape[-1], 16, 256))
 
 
-def head_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, want_h: bool, want_w: bool,
-                        grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
-                        g_buffer: torch.Tensor | None) -> torch.Tensor:
-    """One chunk of model.linear_cross_entropy on the fused kernels: h (n, C), w (V, C) of one 16-bit dtype,
-    targets (n,). Returns the chunk's summed loss (fp32 scalar); writes grad_h (n, C) rows and adds g^T h to grad_w
-    (V, C) fp32 when asked. g_buffer: (>= n, >= V) bf16 scratch for g (row stride its width)."""
+def _head_chunk(h, w, targets, want_h: bool, want_w: bool, grad_h, grad_w, g_buffer) -> torch.Tensor:
+    """One chunk of rows on the two head kernels: h (n, C), w (V, C) of one 16-bit dtype, targets (n,). Returns the
+    chunk's summed loss (fp32 scalar); writes grad_h (n, C) and adds g^T h to grad_w (V, C) fp32 when asked.
+    g_buffer: (>= n, >= V) scratch for g (row stride its width)."""
     n, C = h.shape
     V = w.shape[0]
     splits = LOSS_SPLITS
     cols_per_split = -(-V // (splits * 128)) * 128  # slices start on 128-column boundaries (aligned stores of g)
-    h, w, targets = h.contiguous(), w.contiguous(), targets.contiguous()
-    # whole tensors as kernel arguments (no views: what torch.compile's analysis of kernel writes handles best)
     m, s, pick = (torch.empty(splits, n, dtype=torch.float32, device=h.device) for _ in range(3))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
     _lce_lse[grid](h, w, targets, m, s, pick, n, V, cols_per_split, C=C)
@@ -668,3 +665,30 @@ def head_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
         if want_w:
             grad_w += (g[:n, :V].t() @ h).float()
     return loss
+
+
+@torch.library.custom_op("gatelab::fused_head_loss", mutates_args=())
+def fused_head_loss(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_rows: int, want_h: bool,
+                    want_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of h (N, C) @ w (V, C)^T against targets (N,) on the head kernels, chunk_rows rows at
+    a time, with its gradients: (loss fp32 scalar, grad_h (N, C) in h's dtype, grad_w (V, C) fp32); a gradient not
+    asked for comes back empty. One opaque operator to torch.compile: traced into, the kernels' in-place writes were
+    functionalised into clones that faulted on the H100 (torch 2.11, tests/test_cuda.py), where eager was right."""
+    h, w, targets = h.contiguous(), w.contiguous(), targets.contiguous()
+    N, C = h.shape
+    V = w.shape[0]
+    grad_h = torch.empty_like(h) if want_h else h.new_empty(0)
+    grad_w = torch.zeros((V, C), dtype=torch.float32, device=h.device) if want_w else h.new_empty(0, dtype=torch.float32)
+    # g's scratch rows, 64-aligned (the weight gradient's product reads them)
+    g_buffer = torch.empty(min(chunk_rows, N), -(-V // 64) * 64, dtype=h.dtype, device=h.device) if want_w else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, N, chunk_rows):
+        total += _head_chunk(h[s:s + chunk_rows], w, targets[s:s + chunk_rows], want_h, want_w,
+                             grad_h[s:s + chunk_rows] if want_h else None, grad_w, g_buffer)
+    return total, grad_h, grad_w
+
+
+@fused_head_loss.register_fake
+def _(h, w, targets, chunk_rows, want_h, want_w):
+    return (h.new_empty((), dtype=torch.float32), h.new_empty(h.shape) if want_h else h.new_empty(0),
+            h.new_empty((w.shape[0], h.shape[1]), dtype=torch.float32) if want_w else h.new_empty(0, dtype=torch.float32))

@@ -162,26 +162,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_rows: int, reduction: str, vocab_multiple: int = 1):
         V = weight.shape[0]
         w = weight.to(h.dtype)
-        fused = LOSS_KERNEL == "triton" and kernels.fused_head_fits(h, w)
-        # zero rows pad the vocabulary to Vp (the torch path only: the kernels mask their columns): their logits
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        scale = 1.0 / h.shape[0] if reduction == "mean" else 1.0
+        ctx.scale = scale
+        if LOSS_KERNEL == "triton" and kernels.fused_head_fits(h, w):
+            # kernels.fused_head_loss: no logits in memory, one opaque operator to torch.compile
+            total, grad_h, grad_w = kernels.fused_head_loss(h, w, targets, chunk_rows, want_h, want_w)
+            ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+            return total * scale
+        # zero rows pad the vocabulary to Vp (the torch path; the kernels mask their own columns): their logits
         # are 0, left out of the log-sum-exp; in g @ w they meet the zero rows (contributing exactly 0), and their
         # rows of grad_w are dropped
-        Vp = V if fused else -(-V // vocab_multiple) * vocab_multiple
+        Vp = -(-V // vocab_multiple) * vocab_multiple
         if Vp != V:
             w = F.pad(w, (0, 0, 0, Vp - V))
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros((Vp, weight.shape[1]), dtype=torch.float32, device=h.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        if fused:  # g's scratch rows, 64-aligned (the weight gradient's product reads them)
-            g_buffer = (torch.empty(min(chunk_rows, h.shape[0]), -(-V // 64) * 64, dtype=h.dtype, device=h.device)
-                        if want_w else None)
         for s in range(0, h.shape[0], chunk_rows):
             hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
-            if fused:  # kernels.head_loss_and_grads: no logits in memory
-                total = total + kernels.head_loss_and_grads(
-                    hc, w, tc, want_h, want_w, grad_h[s:s + chunk_rows] if want_h else None, grad_w, g_buffer)
-                continue
             logits = (hc @ w.t()).float()
             lse = torch.logsumexp(logits[:, :V] if Vp != V else logits, dim=-1)
             total = total + (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
@@ -192,8 +191,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[s:s + chunk_rows] = g @ w
                 if want_w:
                     grad_w += (g.t() @ hc).float()
-        scale = 1.0 / h.shape[0] if reduction == "mean" else 1.0
-        ctx.scale = scale
         ctx.save_for_backward(grad_h if want_h else None, grad_w[:V] if want_w else None)
         return total * scale
 
@@ -210,11 +207,12 @@ LOSS_CHUNK_ROWS = 2048  # rows of logits formed at once (benchmarks/bench_train.
 # vocabulary (50,257, odd) leaves every logits row unaligned: in the H100 profile of the dense step
 # (benchmarks/results/profile-*.txt) the logits product ran an sm80 cutlass kernel (0.46 ms a step) where the
 # aligned gradient products ran Hopper kernels, and the log-sum-exp/gradient reduction over the unaligned rows
-# took 1.41 ms a step, the largest single part of the head. Same math (tests/test_fast.py);
-# GATELAB_LOSS_VOCAB_MULTIPLE=64 opts in; not yet timed on a GPU: benchmarks/bench_train.py's fast-padvocab variant
-# times it beside the default.
-LOSS_VOCAB_MULTIPLE = int(os.environ.get("GATELAB_LOSS_VOCAB_MULTIPLE", "1"))
-# "torch" (the chunked products above) or "triton" (kernels.head_loss_and_grads: the logits formed tile by tile and
+# took 1.41 ms a step, the largest single part of the head. Same math (tests/test_fast.py). Timed beside the
+# unpadded loss on the H100 (benchmarks/results/nvidia-h100-80gb-hbm3-batch16-opt-in.md): 6.27 vs 6.31 ms a dense
+# step, a 0.6% gain (within the run-to-run spread of the step) with the gradient check passing, so 64 is the default
+# by the rule in benchmarks/README.md ("Opt-in paths"); GATELAB_LOSS_VOCAB_MULTIPLE=1 turns it off.
+LOSS_VOCAB_MULTIPLE = int(os.environ.get("GATELAB_LOSS_VOCAB_MULTIPLE", "64"))
+# "torch" (the chunked products above) or "triton" (kernels.fused_head_loss: the logits formed tile by tile and
 # never stored, on CUDA for 16-bit inputs; GATELAB_LOSS_KERNEL=triton). CPU-tested under Triton's interpreter, not yet
 # timed on a GPU: benchmarks/bench_train.py's fast-headkernel variant times it beside the default.
 LOSS_KERNEL = os.environ.get("GATELAB_LOSS_KERNEL", "torch")

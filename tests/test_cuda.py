@@ -1,0 +1,70 @@
+"""The Triton kernels on a real GPU at the training step's shapes (skipped without CUDA; CI has none).
+
+The CPU tests run these kernels under Triton's interpreter at tiny shapes, which cannot see out-of-bounds
+accesses, register limits or torch.compile around them (the head kernels ran right eagerly and faulted compiled
+until they became one custom operator). On the device, one test per process so that a CUDA fault names its test:
+`bash scripts/cuda_tests.sh` (also a check of scripts/gpu_smoke.sh).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gatelab import kernels, model, routing
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# the 31M model's training step: 16 x 512 rows of width 256 against the GPT-2 vocabulary
+ROWS, WIDTH, VOCAB = 16 * 512, 256, 50257
+
+
+def _head_inputs(seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(ROWS, WIDTH, device="cuda", generator=g).bfloat16()
+    w = (0.05 * torch.randn(VOCAB, WIDTH, device="cuda", generator=g)).bfloat16()
+    t = torch.randint(0, VOCAB, (ROWS,), device="cuda", generator=g)
+    return h, w, t
+
+
+def _loss_and_grads(h, w, t, kernel, compile_it=False):
+    old = model.LOSS_KERNEL
+    model.LOSS_KERNEL = kernel
+    try:
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        fn = model.linear_cross_entropy
+        if compile_it:
+            torch._dynamo.reset()
+            fn = torch.compile(fn)
+        loss = fn(hh, ww, t)
+        gh, gw = torch.autograd.grad(loss, (hh, ww))
+        torch.cuda.synchronize()
+        return float(loss), gh.float(), gw.float()
+    finally:
+        model.LOSS_KERNEL = old
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("compile_it", [False, True], ids=["eager", "compiled"])
+def test_head_kernels_match_the_torch_loss_at_the_training_shape(compile_it):
+    h, w, t = _head_inputs()
+    assert kernels.fused_head_fits(h, w)
+    ref_loss, ref_gh, ref_gw = _loss_and_grads(h, w, t, "torch")
+    loss, gh, gw = _loss_and_grads(h, w, t, "triton", compile_it)
+    exact = F.cross_entropy(h.float() @ w.float().t(), t)
+    assert abs(loss - float(exact)) < 1e-3 * float(exact), (loss, float(exact), ref_loss)
+    assert _rel(gh, ref_gh) < 2e-2 and _rel(gw, ref_gw) < 2e-2, (_rel(gh, ref_gh), _rel(gw, ref_gw))
+
+
+def test_factor_threshold_matches_the_threshold_of_formed_scores_at_the_training_shape():
+    B, H, T, DG, k = 16, 8, 512, 32, 64
+    g = torch.Generator(device="cuda").manual_seed(1)
+    gq = torch.randn(B, H, T, DG, device="cuda", generator=g).bfloat16()
+    gk = torch.randn(B, H, T, DG, device="cuda", generator=g).bfloat16()
+    tau = kernels.factor_kth_largest(gq, gk, k)
+    torch.cuda.synchronize()
+    want = routing.row_kth_largest(gq.float() @ gk.float().transpose(-1, -2), k, routing.causal_rows(T, T, "cuda"))
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(tau), finite)
+    torch.testing.assert_close(tau[finite], want[finite], rtol=1e-4, atol=1e-4)
