@@ -55,10 +55,12 @@ def kernel_grid():
                                     (False, False, True, "threshold")):
         rows.append((K._topk_rows_kernel, f"{note}, 8 rows x 512", topk,
                      dict(HASHED=hashed, WRITE_KEEP=keep, WRITE_TAU=tau, BLOCK_M=8, BLOCK_N=512), 4, 3))
-    rows.append((K._factor_tau_kernel, "16 rows x 512, d_gate 32", dict(GQ=bf16, GK=bf16, TAU=f32, T="i32", k="i32"),
-                 dict(DG=32, BLOCK_M=16, BLOCK_N=512), 8, 3))
+    for coarse in (32, 16):
+        rows.append((K._factor_tau_kernel, f"16 rows x 512, d_gate 32, {coarse} coarse bits",
+                     dict(GQ=bf16, GK=bf16, TAU=f32, T="i32", k="i32", row0="i32", row1="i32"),
+                     dict(DG=32, BLOCK_M=16, BLOCK_N=512, COARSE=coarse), 8, 3))
     soft = dict(Q=bf16, K=bf16, V=bf16, GQ=bf16, GK=bf16, TAU=f32)
-    for cfg in K._soft_configs():
+    for cfg in K._soft_configs(tuple(sorted(set(sum(K.SOFT_SPILL_FREE_TILES.values(), ()))))):
         m, n, w, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
         common = dict(sm_scale=0.125, inv_t=1.0, RENORM=False, HAS_TAU=True, D=64, DG=32, BLOCK_M=m, BLOCK_N=n)
         rows.append((K._soft_fwd_kernel, f"{m} x {n}", {**soft, "O": bf16, "L": f32, "T": "i32"}, common, w, st))

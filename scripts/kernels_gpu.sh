@@ -8,12 +8,17 @@
 #   bash scripts/kernels_gpu.sh train   # the training step of every routing mode (MODES, TAG, EXTRA: more bench_train flags), fast vs fast-sort (before the
 #                                       #   kernels) vs flex hard masks, with the in-run gradient check
 #                                       #   -> $OUT/<gpu>-batch16.{json,md}
-#   bash scripts/kernels_gpu.sh opt-in  # the opt-in fast paths not yet measured on a GPU, each beside its default in
-#                                       #   one run: topk-sigmoid's threshold from the gate's factors (fast-threshold),
-#                                       #   the fused loss over a vocabulary padded to 64 (fast-padvocab) and on the
+#   bash scripts/kernels_gpu.sh opt-in  # the switches beside the defaults (README, "Switches"), each beside its default in
+#                                       #   one run: topk-sigmoid's other threshold source (fast-threshold), the fused
+#                                       #   loss with the other vocabulary padding (fast-padvocab) and on the
 #                                       #   Triton head kernels (fast-headkernel), and the block
 #                                       #   prefill with compiled gate scores and block lists (bench_block e2e)
 #                                       #   -> $OUT/<gpu>-batch16-opt-in.{json,md}, $OUT/block/block-<gpu>.{json,md}
+#   bash scripts/kernels_gpu.sh tune    # topk-sigmoid's threshold kernel under each setting (bench_threshold.py), the
+#                                       #   fastest exact one then timed in the step beside the threshold from G in
+#                                       #   memory; the soft-gate kernels' spill-free backward tiles beside the default
+#                                       #   lists (soft_kernel_check.py --compare-tiles, then the step with them)
+#                                       #   -> $OUT/threshold-<gpu>.*, soft-tiles.txt, <gpu>-batch16-{threshold-tuned,spill-free-tiles}.*
 set -uo pipefail
 OUT=${OUT:?set by the device tool}
 export PYTHONPATH=${PWD}/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -39,5 +44,20 @@ case "${1:-}" in
       --tag batch16-opt-in --out "$OUT" || status=$?
     python benchmarks/bench_block.py --skip attention --budget-minutes "${BUDGET:-2}" --out "$OUT/block" || status=$?
     exit $status;;
-  *) echo "usage: $0 smoke|topk|train|opt-in" >&2; exit 2;;
+  tune)
+    status=0
+    python benchmarks/bench_threshold.py --out "$OUT" 2>&1 | grep -E "^\||Fastest" || status=1
+    best=$(python -c "import json,glob; b=json.load(open(glob.glob('$OUT/threshold-*.json')[0]))['best']; print(f\"{b['rows']},{b['segment']},{b['coarse']}\")")
+    echo "fastest exact threshold setting: $best"
+    python scripts/soft_kernel_check.py --compare-tiles 2>&1 | grep -v Warn | tee "$OUT/soft-tiles.txt"
+    common=(--batches 16 --compiled-modes none --skip-extra --eager-modes none --sort-modes none --flexhard-modes none
+            --chunk-modes none --soft-modes none --padvocab-modes none --headkernel-modes none --out "$OUT")
+    GATELAB_FACTOR_TAU=$best python benchmarks/bench_train.py "${common[@]}" --modes dense,soft-gate:topk-sigmoid \
+      --threshold-modes soft-gate:topk-sigmoid --tag batch16-threshold-tuned > "$OUT/bench-log.txt" 2>&1 || status=1
+    GATELAB_SOFT_SPILL_FREE_TILES=1 GATELAB_FACTOR_TAU=$best python benchmarks/bench_train.py "${common[@]}" \
+      --modes dense,soft-gate,soft-gate:topk-sigmoid --threshold-modes none --tag batch16-spill-free-tiles \
+      >> "$OUT/bench-log.txt" 2>&1 || status=1
+    grep -hE "^\| train|FAILED" "$OUT"/*threshold-tuned.md "$OUT"/*spill-free-tiles.md
+    exit $status;;
+  *) echo "usage: $0 smoke|topk|train|opt-in|tune" >&2; exit 2;;
 esac

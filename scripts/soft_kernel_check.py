@@ -4,8 +4,11 @@ output and gradients against the explicit soft gate (routing.routed_attention) i
 time of each. Prints full tracebacks (bench_train.py records only the first 300 characters of a failure).
 
     PYTHONPATH=src python scripts/soft_kernel_check.py
+    PYTHONPATH=src python scripts/soft_kernel_check.py --compare-tiles   # the fused kernel's autotuned tiles as
+        # they are, then with the spill-free backward tiles added (kernels.SOFT_SPILL_FREE_TILES): errors and times
 """
 import math
+import sys
 import time
 import traceback
 
@@ -43,6 +46,32 @@ def timed(fn, n=20):
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / n * 1e3
 
+
+def compare_tiles():
+    """Per reading: the fused kernel's error against the explicit path and its eager fwd+bwd time, with the
+    default autotune lists and with the spill-free backward tiles added, side by side in this process."""
+    for reading in ("sigmoid", "sigmoid-renorm", "topk-sigmoid"):
+        r = Routing(mode="soft-gate", k=64, soft_mask="topk-sigmoid" if reading.startswith("topk") else "sigmoid",
+                    soft_renormalize=reading.endswith("renorm"))
+        leaves, dout = inputs(), torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16)
+        for t in leaves:
+            t.grad = None
+        ref = [run("explicit", r, leaves, dout).float()] + [t.grad.float() for t in leaves]
+        for spill_free in (False, True):
+            kernels._soft_fwd, kernels._soft_bwd_kv, kernels._soft_bwd_q = kernels._soft_autotuners(spill_free)
+            for t in leaves:
+                t.grad = None
+            got = [run("fused", r, leaves, dout).float()] + [t.grad.float() for t in leaves]
+            err = max(float((a - b).norm() / a.norm()) for a, b in zip(ref, got))
+            ms = timed(lambda: run("fused", r, leaves, dout), n=50)
+            chosen = {n: str(getattr(f, "best_config", "?")) for n, f in (("bwd_kv", kernels._soft_bwd_kv), ("bwd_q", kernels._soft_bwd_q))}
+            print(f"{reading} {'spill-free tiles added' if spill_free else 'default tiles':22s}: fused fwd+bwd "
+                  f"{ms:.3f} ms, largest rel. err vs explicit {err:.4f}, chosen {chosen}", flush=True)
+
+
+if "--compare-tiles" in sys.argv:
+    compare_tiles()
+    sys.exit(0)
 
 for reading in ("sigmoid", "sigmoid-renorm", "topk-sigmoid"):
     r = Routing(mode="soft-gate", k=64, soft_mask="topk-sigmoid" if reading.startswith("topk") else "sigmoid",

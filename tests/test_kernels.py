@@ -100,16 +100,30 @@ def test_routed_attention_with_kernel_equals_reference(mode):
     assert out.strip().endswith("ok")
 
 
-def test_fused_soft_gate_kernel_matches_the_explicit_soft_gate_in_every_reading():
+SPILL_FREE_BACKWARD = """
+        import triton
+        key = ["T", "D", "DG", "RENORM"]
+        for name, tiles in kernels.SOFT_SPILL_FREE_TILES.items():
+            (m, n, w), = tiles
+            tuned = triton.autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w)], key=key)
+            setattr(kernels, f"_soft_bwd_{name}", tuned(getattr(kernels, f"_soft_bwd_{name}_kernel")))
+"""
+
+
+@pytest.mark.parametrize("tiles", ["interpreter", "spill-free-backward"])
+def test_fused_soft_gate_kernel_matches_the_explicit_soft_gate_in_every_reading(tiles):
     """kernels.soft_gate_attention (one flash-style kernel each way) against the explicit soft gate in fp32, for
     both masks x both renormalisations: the output and the gradients of q, k, v and both gate projections; T = 40
     is not a multiple of the tile (16 under the interpreter), so edge tiles are covered. fp16: Triton's interpreter
-    cannot multiply bf16 tiles (numpy has no bf16); bf16 is checked on the GPU by benchmarks/bench_train.py."""
+    cannot multiply bf16 tiles (numpy has no bf16); bf16 is checked on the GPU by benchmarks/bench_train.py.
+    spill-free-backward: the backward kernels on the tiles GATELAB_SOFT_SPILL_FREE_TILES adds (query and key tiles
+    of different sizes: 64 x 16 and 64 x 32)."""
     out = run_interpreted("""
         import math
         import torch
         from gatelab import kernels, routing
         from gatelab.config import Routing
+""" + (SPILL_FREE_BACKWARD if tiles == "spill-free-backward" else "") + """
         torch.manual_seed(0)
         B, H, T, D, DG = 1, 2, 40, 16, 16
         causal = routing.causal_mask(T, None)
@@ -196,6 +210,33 @@ def test_factor_threshold_kernel_matches_the_threshold_of_formed_scores():
             causal = routing.causal_rows(T, T, None)
             reach = ((G >= tau) & causal).sum(-1)[..., ~few]
             assert bool((reach == k).all()), (B, H, T, DG, k)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("rows,segment,coarse", [(16, 0, 16), (16, 16, 32), (8, 16, 20), (32, 32, 16)])
+def test_factor_threshold_kernel_settings_give_the_same_threshold(rows, segment, coarse):
+    """Every setting bench_threshold.py times (rows per program, causal row segments launched with only the keys
+    their rows see, coarse bits before the exact refinement) gives the reference threshold exactly, also where
+    scores tie (factors on a coarse grid make many equal G values, so the refinement counts ties)."""
+    out = run_interpreted(f"""
+        import torch
+        from gatelab import kernels, routing
+        kernels.FACTOR_TAU_ROWS, kernels.FACTOR_TAU_SEGMENT, kernels.FACTOR_TAU_COARSE_BITS = {rows}, {segment}, {coarse}
+        seg = kernels._causal_segments(70, {segment})
+        assert seg[0][0] == 0 and seg[-1][1] == 70 and all(a[1] == b[0] for a, b in zip(seg, seg[1:]))
+        assert len(seg) == {dict(((0, 1), (16, 4), (32, 3)))[segment]}
+        torch.manual_seed(5)
+        for T, k, ties in [(70, 9, False), (70, 9, True), (40, 1, True), (33, 32, False)]:
+            gq, gk = torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
+            if ties:
+                gq, gk = gq.round(), (gk > 0).float()
+            gq, gk = gq.half(), gk.half()
+            G = gq.float() @ gk.float().transpose(-1, -2)
+            want = routing.row_kth_largest(G, k, routing.causal_rows(T, T, None))
+            got = kernels.factor_kth_largest(gq, gk, k)
+            assert torch.equal(got, want), (T, k, ties, (got - want).abs().max())
         print("ok")
     """)
     assert out.strip().endswith("ok")

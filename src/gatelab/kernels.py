@@ -40,7 +40,7 @@ SOFT_ATTENTION = os.environ.get("GATELAB_SOFT_ATTENTION", "fused")
 # registers from the gate's two projections, never in memory) or "scores" (G formed in memory, then the selection
 # kernel). Timed side by side on the H100 (benchmarks/results/nvidia-h100-80gb-hbm3-batch16-threshold.md): step
 # 8.33 ms with factors vs 8.96 ms with scores (1.35x vs 1.46x dense), the gradient check passing for both, so
-# "factors" is the default by the rule in benchmarks/README.md ("Opt-in paths"); GATELAB_TOPK_THRESHOLD=scores
+# "factors" is the default by the rule in benchmarks/README.md ("Opt-in paths, timed"); GATELAB_TOPK_THRESHOLD=scores
 TOPK_THRESHOLD = os.environ.get("GATELAB_TOPK_THRESHOLD", "factors")
 
 
@@ -152,20 +152,50 @@ if triton is not None:
             tl.store(tau_ptr + rows, tau, mask=row_ok)
 
     @triton.jit
-    def _factor_tau_kernel(GQ, GK, TAU, T, k, DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _kth_largest_key_refined(key, k, COARSE: tl.constexpr, BLOCK_M: tl.constexpr):
+        """_kth_largest_key in fewer passes over the tile: the top COARSE bits bit by bit, which leaves each row's
+        k-th key inside one bucket of keys sharing those bits (usually one or two keys), then inside the bucket
+        the distinct values one at a time from its largest (max, count its ties, exclude them) until k are
+        reached. Exact, ties included; COARSE = 32 is _kth_largest_key."""
+        kth = tl.zeros([BLOCK_M], dtype=tl.uint32)
+        bit = tl.full([BLOCK_M], 0x80000000, dtype=tl.uint32)
+        for _ in range(COARSE):
+            cand = kth | bit
+            count = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+            kth = tl.where(count >= k, cand, kth)
+            bit = bit >> 1
+        if COARSE < 32:
+            top = kth | ((1 << (32 - COARSE)) - 1)  # the bucket's largest possible key
+            need = k - tl.sum((key > top[:, None]).to(tl.int32), axis=1)  # ranks left inside the bucket (>= 1)
+            bucket = tl.where((key >= kth[:, None]) & (key <= top[:, None]), key, 0)
+            active = (need > 0) & (tl.max(bucket, axis=1) > 0)
+            while tl.sum(active.to(tl.int32), axis=0) > 0:
+                best = tl.max(bucket, axis=1)
+                ties = tl.sum((bucket == best[:, None]).to(tl.int32), axis=1)
+                hit = active & (ties >= need)
+                kth = tl.where(hit, best, kth)
+                need = tl.where(active, need - ties, need)
+                bucket = tl.where(bucket == best[:, None], 0, bucket)
+                active = active & (hit == 0) & (tl.max(bucket, axis=1) > 0)
+        return kth
+
+    @triton.jit
+    def _factor_tau_kernel(GQ, GK, TAU, T, k, row0, row1, DG: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, COARSE: tl.constexpr):
         """topk-sigmoid's row threshold straight from the gate's two projections: the rows' scores G = gq gk^T are
-        formed in registers (one tile of BLOCK_M rows x all T keys), never in memory. Grid (row tiles, B*H)."""
+        formed in registers (one tile of BLOCK_M rows x the first BLOCK_N keys, all a causal row of row1 or fewer
+        keys can see), never in memory. Rows row0..row1-1; grid (their row tiles, B*H)."""
         pid_m, bh = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         g = tl.arange(0, DG)
         base = bh.to(tl.int64) * T
-        row_ok = rows < T
+        row_ok = rows < row1
         gq = tl.load(GQ + (base + rows)[:, None] * DG + g[None, :], mask=row_ok[:, None], other=0.0)
         gk = tl.load(GK + (base + cols)[:, None] * DG + g[None, :], mask=(cols < T)[:, None], other=0.0)
         allowed = (cols[None, :] <= rows[:, None]) & row_ok[:, None]
         key = tl.where(allowed, _float_key(tl.dot(gq, tl.trans(gk))), 0)
-        kth = _kth_largest_key(key, k, BLOCK_M)
+        kth = _kth_largest_key_refined(key, k, COARSE, BLOCK_M)
         tau = tl.where(rows + 1 <= k, float("-inf"), _key_float(kth))
         tl.store(TAU + base + rows, tau, mask=row_ok)
 
@@ -214,6 +244,28 @@ def causal_kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return tau
 
 
+# factor_kth_largest's kernel settings: rows per program; 0 for one launch over every row, else row segments
+# [0, S), [S, 2S), [2S, 4S), ... each launched with only as many key columns as its last row can see (a causal row i
+# sees i + 1 keys, so one launch over all rows spends half its work on masked columns); the bits found bit by bit
+# before the exact refinement (32: none). GATELAB_FACTOR_TAU=ROWS,SEGMENT,COARSE sets all three. The default is the
+# fastest setting of `bash scripts/kernels_gpu.sh tune` on the H100 (benchmarks/results/threshold-*.md, every
+# setting bitwise equal to the first build's threshold): 0.110 ms against 0.144 ms for the first build (16, 0, 32)
+# at 16 x 4 x 512 rows, k = 64.
+FACTOR_TAU_ROWS, FACTOR_TAU_SEGMENT, FACTOR_TAU_COARSE_BITS = (
+    int(v) for v in os.environ.get("GATELAB_FACTOR_TAU", "16,128,20").split(","))
+
+
+def _causal_segments(T: int, first: int) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) covering 0..T-1: one range when first is 0, else [0, first), [first, 2 first), ...
+    doubling (so each range's width in keys, its last row + 1, is at most twice its first row's)."""
+    if first <= 0 or first >= T:
+        return [(0, T)]
+    bounds = [0, first]
+    while bounds[-1] < T:
+        bounds.append(min(2 * bounds[-1], T))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def factor_kth_largest(gq: torch.Tensor, gk: torch.Tensor, k: int) -> torch.Tensor:
     """causal_kth_largest of G = gq gk^T (gq, gk: (B, H, T, d_gate), gq already scaled by 1 / sqrt(d_gate)) without
     forming G: (B, H, T, 1) float32, -inf where a row has <= k causal keys. The scores are the fused soft-gate
@@ -227,12 +279,12 @@ def factor_kth_largest(gq: torch.Tensor, gk: torch.Tensor, k: int) -> torch.Tens
         G = gq.detach().float() @ gk.detach().float().transpose(-1, -2)
         return row_kth_largest(G, k, causal_rows(T, T, gq.device))
     tau = torch.empty((B, H, T, 1), dtype=torch.float32, device=gq.device)
-    block_n = max(16, triton.next_power_of_2(T))
-    block_m = 16
-    gk = gk.detach().to(gq.dtype).contiguous()
-    _factor_tau_kernel[(triton.cdiv(T, block_m), B * H)](gq.detach().contiguous(), gk, tau, T, k, DG=DG,
-                                                        BLOCK_M=block_m, BLOCK_N=block_n,
-                                                        num_warps=4 if block_n <= 256 else 8)
+    gq, gk = gq.detach().contiguous(), gk.detach().to(gq.dtype).contiguous()
+    for row0, row1 in _causal_segments(T, FACTOR_TAU_SEGMENT):
+        block_n = max(16, triton.next_power_of_2(row1))  # a causal row below row1 sees only the first row1 keys
+        _factor_tau_kernel[(triton.cdiv(row1 - row0, FACTOR_TAU_ROWS), B * H)](
+            gq, gk, tau, T, k, row0, row1, DG=DG, BLOCK_M=FACTOR_TAU_ROWS, BLOCK_N=block_n,
+            COARSE=FACTOR_TAU_COARSE_BITS, num_warps=4 if block_n <= 256 else 8)
     return tau
 
 
@@ -396,19 +448,34 @@ if triton is not None:
                  mask=row_ok[:, None])
 
 
-def _soft_configs():
+# (BLOCK_M, BLOCK_N, warps) the soft-gate kernels' autotuner tries. Compiled for sm_90 on CPU
+# (scripts/kernel_resources.py) the backward kernels spill registers in every one of these; tiles that do not spill
+# (bwd_kv 64 x 16 with 4 warps, bwd_q 64 x 32 with 8 warps) join the backward lists with
+# GATELAB_SOFT_SPILL_FREE_TILES=1 (timed beside the default by scripts/soft_kernel_check.py --compare-tiles).
+SOFT_TILES = ((64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 32, 4))
+SOFT_SPILL_FREE_TILES = dict(kv=((64, 16, 4),), q=((64, 32, 8),))
+SOFT_ADD_SPILL_FREE = os.environ.get("GATELAB_SOFT_SPILL_FREE_TILES", "0") == "1"
+
+
+def _soft_configs(extra=()):
     """Tile shapes and warps tried once per (T, D, d_gate) on the GPU (triton.autotune); the interpreter runs one."""
     if _INTERPRET:
         return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16), num_warps=1, num_stages=1)]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=2)
-            for m, n, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 32, 4))]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=2) for m, n, w in SOFT_TILES + extra]
+
+
+def _soft_autotuners(add_spill_free: bool):
+    """The three soft-gate kernels under triton.autotune (the backward lists with the spill-free tiles if asked)."""
+    key = ["T", "D", "DG", "RENORM"]
+    extra = SOFT_SPILL_FREE_TILES if add_spill_free else dict(kv=(), q=())
+    # the backward kernels write their whole outputs: no reset between autotuning trials is needed
+    return (triton.autotune(_soft_configs(), key=key)(_soft_fwd_kernel),
+            triton.autotune(_soft_configs(extra["kv"]), key=key)(_soft_bwd_kv_kernel),
+            triton.autotune(_soft_configs(extra["q"]), key=key)(_soft_bwd_q_kernel))
 
 
 if triton is not None:
-    _soft_fwd = triton.autotune(_soft_configs(), key=["T", "D", "DG", "RENORM"])(_soft_fwd_kernel)
-    # the backward kernels write their whole outputs: no reset between autotuning trials is needed
-    _soft_bwd_kv = triton.autotune(_soft_configs(), key=["T", "D", "DG", "RENORM"])(_soft_bwd_kv_kernel)
-    _soft_bwd_q = triton.autotune(_soft_configs(), key=["T", "D", "DG", "RENORM"])(_soft_bwd_q_kernel)
+    _soft_fwd, _soft_bwd_kv, _soft_bwd_q = _soft_autotuners(SOFT_ADD_SPILL_FREE)
 
 
 class _SoftGateAttention(torch.autograd.Function):
