@@ -310,7 +310,12 @@ def main() -> None:
                  "by flex_attention instead of SDPA's boolean mask; *fast-chunk8k*: *fast* with the fused loss over "
                  "8,192 rows of logits at once (default 2,048); *fast-explicit* / *fast-fused*: *fast* with the soft gate's "
                  "explicit path (G, S and the mask in memory) / its fused flash-style kernel "
-                 "(kernels.soft_gate_attention). *step / dense*: the step time over *fast* dense's.",
+                 "(kernels.soft_gate_attention); *fast-threshold*: *fast* with topk-sigmoid's other threshold "
+                 f"source than the default's ({kernels.TOPK_THRESHOLD}: factors = G in registers from the gate's "
+                 "projections, scores = G in memory); *fast-padvocab*: *fast* with the fused loss's other vocabulary "
+                 f"padding than the default's ({gatelab_model.LOSS_VOCAB_MULTIPLE}); *fast-headkernel*: *fast* with "
+                 "the output head on the Triton kernels (kernels.fused_head_loss). *step / dense*: the step time over "
+                 "*fast* dense's.",
                  "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
                  "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
