@@ -370,3 +370,13 @@ def test_every_kernel_config_compiles_for_the_h100_without_a_gpu():
         names.append(name)
     assert {"_topk_rows_kernel", "_factor_tau_kernel", "_soft_fwd_kernel", "_soft_bwd_kv_kernel", "_soft_bwd_q_kernel",
             "_block_mass_kernel", "_lce_lse_kernel", "_lce_grad_kernel"} <= set(names)
+
+
+@pytest.mark.parametrize("text,want", [("16,128,20", (16, 128, 20)), ("8,0,32", (8, 0, 32)), ("16,128", None),
+                                       ("a,b,c", None), ("12,0,20", None), ("16,-1,20", None), ("16,0,33", None)])
+def test_factor_threshold_setting_is_parsed_or_refused_clearly(text, want):
+    if want is None:
+        with pytest.raises(ValueError, match="GATELAB_FACTOR_TAU"):
+            kernels._factor_tau_setting(text)
+    else:
+        assert kernels._factor_tau_setting(text) == want

@@ -251,8 +251,20 @@ def causal_kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
 # fastest setting of `bash scripts/kernels_gpu.sh tune` on the H100 (benchmarks/results/threshold-*.md, every
 # setting bitwise equal to the first build's threshold): 0.110 ms against 0.144 ms for the first build (16, 0, 32)
 # at 16 x 4 x 512 rows, k = 64.
-FACTOR_TAU_ROWS, FACTOR_TAU_SEGMENT, FACTOR_TAU_COARSE_BITS = (
-    int(v) for v in os.environ.get("GATELAB_FACTOR_TAU", "16,128,20").split(","))
+def _factor_tau_setting(text: str) -> tuple[int, int, int]:
+    """GATELAB_FACTOR_TAU's value: ROWS (a power of two, 1..64), SEGMENT (>= 0), COARSE (1..32)."""
+    try:
+        rows, segment, coarse = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"GATELAB_FACTOR_TAU={text!r}: expected ROWS,SEGMENT,COARSE, e.g. 16,128,20") from None
+    if not (_pow2(rows, 1, 64) and segment >= 0 and 1 <= coarse <= 32):
+        raise ValueError(f"GATELAB_FACTOR_TAU={text!r}: ROWS must be a power of two of 1..64, SEGMENT >= 0 and "
+                         "COARSE 1..32")
+    return rows, segment, coarse
+
+
+FACTOR_TAU_ROWS, FACTOR_TAU_SEGMENT, FACTOR_TAU_COARSE_BITS = _factor_tau_setting(
+    os.environ.get("GATELAB_FACTOR_TAU", "16,128,20"))
 
 
 def _causal_segments(T: int, first: int) -> list[tuple[int, int]]:
