@@ -46,16 +46,20 @@ def main():
     gq = (torch.randn(B, H, T, DG, device="cuda", generator=g) / DG ** 0.5).bfloat16()
     gk = torch.randn(B, H, T, DG, device="cuda", generator=g).bfloat16()
     want = row_kth_largest(gq.float() @ gk.float().transpose(-1, -2), k, causal_rows(T, T, "cuda"))
+    finite = torch.isfinite(want)
+
+    def rel_err(tau):  # largest relative difference from the fp32 reference, over rows with a finite threshold
+        return float(((tau - want)[finite].abs() / want[finite].abs().clamp_min(1e-6)).max())
+
+    def in_memory():
+        return kernels.causal_kth_largest((gq @ gk.transpose(-1, -2)).float(), k)
+
     gpu = torch.cuda.get_device_name(0)
     default = (kernels.FACTOR_TAU_ROWS, kernels.FACTOR_TAU_SEGMENT, kernels.FACTOR_TAU_COARSE_BITS)
-    in_memory = kernels.causal_kth_largest((gq @ gk.transpose(-1, -2)).float(), k)
-    rows = [dict(setting="G in memory (gq gk^T, then the selection kernel)",
-                 ms=ms(lambda: kernels.causal_kth_largest((gq @ gk.transpose(-1, -2)).float(), k)), exact=None,
-                 rel_err=float(((in_memory - want)[torch.isfinite(want)].abs()
-                                / want[torch.isfinite(want)].abs().clamp_min(1e-6)).max()))]
+    rows = [dict(setting="G in memory (gq gk^T, then the selection kernel)", ms=ms(in_memory), exact=None,
+                 rel_err=rel_err(in_memory()))]
     kernels.FACTOR_TAU_ROWS, kernels.FACTOR_TAU_SEGMENT, kernels.FACTOR_TAU_COARSE_BITS = 16, 0, 32
     first_build = kernels.factor_kth_largest(gq, gk, k)  # the kernel as first built: every bit one at a time
-    finite = torch.isfinite(want)
     for r, seg, coarse in itertools.product(*(map(int, a.split(",")) for a in (args.rows, args.segments, args.coarse))):
         kernels.FACTOR_TAU_ROWS, kernels.FACTOR_TAU_SEGMENT, kernels.FACTOR_TAU_COARSE_BITS = r, seg, coarse
         try:
@@ -63,7 +67,7 @@ def main():
             # the kernel's G (tensor-core products, fp32 accumulation) is not bitwise torch's fp32 matmul, so
             # "exact" means the first build's threshold on the same in-register scores; err is against fp32 torch
             exact = bool(torch.equal(tau, first_build))
-            err = float(((tau - want)[finite].abs() / want[finite].abs().clamp_min(1e-6)).max())
+            err = rel_err(tau)
             t = ms(lambda: kernels.factor_kth_largest(gq, gk, k))
         except Exception as e:  # a setting that does not compile is a row, not the end of the run
             rows.append(dict(rows=r, segment=seg, coarse=coarse, ms=None, exact=False, error=str(e)[:200]))

@@ -64,7 +64,8 @@ def compare_tiles():
             got = [run("fused", r, leaves, dout).float()] + [t.grad.float() for t in leaves]
             err = max(float((a - b).norm() / a.norm()) for a, b in zip(ref, got))
             ms = timed(lambda: run("fused", r, leaves, dout), n=50)
-            chosen = {n: str(getattr(f, "best_config", "?")) for n, f in (("bwd_kv", kernels._soft_bwd_kv), ("bwd_q", kernels._soft_bwd_q))}
+            chosen = {name: str(getattr(getattr(kernels, f"_soft_{name}"), "best_config", "?"))
+                      for name in ("bwd_kv", "bwd_q")}
             print(f"{reading} {'spill-free tiles added' if spill_free else 'default tiles':22s}: fused fwd+bwd "
                   f"{ms:.3f} ms, largest rel. err vs explicit {err:.4f}, chosen {chosen}", flush=True)
 
