@@ -49,18 +49,21 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 @dataclass(frozen=True)
 class Limit:
-    """The allowed range of a numeric config field: lo <= x (lo < x when lo_open), and x < hi when hi is given."""
+    """The allowed range of a numeric config field: lo <= x (lo < x when lo_open), and x < hi (x <= hi unless
+    hi_open) when hi is given."""
 
     lo: float
     lo_open: bool = False
     hi: float | None = None
+    hi_open: bool = True
 
     def __contains__(self, x) -> bool:
-        return (x > self.lo if self.lo_open else x >= self.lo) and (self.hi is None or x < self.hi)
+        below_hi = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return (x > self.lo if self.lo_open else x >= self.lo) and below_hi
 
     def __str__(self) -> str:
         low = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
-        return low if self.hi is None else f"{low} and < {self.hi:g}"
+        return low if self.hi is None else f"{low} and {'<' if self.hi_open else '<='} {self.hi:g}"
 
 
 AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Limit(1), Limit(0), Limit(0, lo_open=True)
@@ -217,6 +220,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     routing: Routing = field(default_factory=Routing)  # routing used during training
     data: str = "data/prepared/bundled"  # a folder written by `gatelab prepare`
+    train_fraction: float = 1.0  # train on the first this share of the training split (0 < f <= 1)
     steps: int = 2000
     batch_size: int = 16
     lr: float = 6e-4
@@ -253,7 +257,8 @@ class TrainConfig:
     LIMITS: ClassVar[dict] = dict(steps=AT_LEAST_1, batch_size=AT_LEAST_1, lr=ABOVE_0, min_lr=AT_LEAST_0,
                                   warmup_steps=AT_LEAST_0, weight_decay=AT_LEAST_0, beta1=Limit(0, hi=1),
                                   beta2=Limit(0, hi=1), grad_clip=AT_LEAST_0, seed=AT_LEAST_0, eval_every=AT_LEAST_0,
-                                  eval_tokens=AT_LEAST_0, checkpoint_every=AT_LEAST_1, log_every=AT_LEAST_1)
+                                  eval_tokens=AT_LEAST_0, checkpoint_every=AT_LEAST_1, log_every=AT_LEAST_1,
+                                  train_fraction=Limit(0, lo_open=True, hi=1, hi_open=False))
     CHOICES: ClassVar[dict] = dict(device=DEVICE_PATTERN, dtype=DTYPES, compile=COMPILE_CHOICES,
                                    objective=OBJECTIVES)
 

@@ -333,9 +333,9 @@ def sample_windows(tokens, step: int, batch_size: int, context: int, seed: int, 
 
 
 class TokenData:
-    """One split of a prepared corpus, memory-mapped."""
+    """One split of a prepared corpus, memory-mapped; `fraction` < 1 keeps only the first share of its tokens."""
 
-    def __init__(self, folder: str | Path, split: str):
+    def __init__(self, folder: str | Path, split: str, fraction: float = 1.0):
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
@@ -347,6 +347,8 @@ class TokenData:
         if path.stat().st_size < 2:
             raise GatelabError(f"{path} holds no tokens: prepare the corpus again (gatelab prepare --force)")
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        if fraction < 1.0:
+            self.tokens = self.tokens[:max(1, int(len(self.tokens) * fraction))]
         self.split, self.folder = split, folder
         self.vocab_size = int(self.meta["vocab_size"])
 

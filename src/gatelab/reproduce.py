@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .config import DEFAULT_READING, READINGS, GatelabError, ModelConfig, Routing, TrainConfig, soft_gate_routing, to_dict, write_json
+from . import regime
 from .data import TokenData, prepare
 
 
@@ -136,7 +137,7 @@ class UnitSuite:
             start = time.time()
             print(f"[{self.label}] {unit.name} ...", flush=True)
             result = self.run_unit(unit)
-            result.update(name=unit.name, wall_s=time.time() - start)
+            result.update(name=unit.name, wall_s=time.time() - start, finished_at=utc_now())
             write_json(self.unit_dir(unit.name) / "result.json", result)
             status[unit.name] = f"ran in {time.time() - start:.0f} s"
         return status
@@ -152,11 +153,12 @@ class Suite(UnitSuite):
 
     # -------------------------------------------------------------------------------------------------------
     def train_config(self, gate: str, routing: Routing, seed: int = 0, block_gate: str = "none",
-                     steps: int | None = None) -> TrainConfig:
+                     steps: int | None = None, model: dict | None = None, train_fraction: float = 1.0) -> TrainConfig:
         p = self.p
         steps = steps or p.steps
-        return TrainConfig(model=ModelConfig(**p.model, gate=gate, block_gate=block_gate), routing=routing,
-                           data=p.data, steps=steps, batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
+        return TrainConfig(model=ModelConfig(**{**p.model, **(model or {})}, gate=gate, block_gate=block_gate),
+                           routing=routing, data=p.data, train_fraction=train_fraction, steps=steps,
+                           batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
                            warmup_steps=min(p.warmup_steps, max(1, steps // 4)), seed=seed, eval_every=p.eval_every,
                            eval_tokens=p.eval_tokens, checkpoint_every=max(p.eval_every, steps // 8),
                            device=self.device)
@@ -199,7 +201,41 @@ class Suite(UnitSuite):
                                              for s in range(p.random_mask_seeds)])
         for kk in p.topk_ks:
             self.add(f"table4-kl-{kk}", "table4", run_distill, needs=["dense"], base="dense", loss="kl", k=kk)
+        self._build_seeds()
         self._build_block()
+        self._build_regime()
+
+    def _build_seeds(self) -> None:
+        """Experiments 3 and 4 at seeds 1.. (seed 0 is above): a dense run per seed, the stochastically trained
+        model of that seed, and BCE gates on that seed's dense and soft-gated (Exp. 1 learned) checkpoints, so each
+        seed gives one paired comparison."""
+        p, k = self.p, self.p.k
+        stoch = Routing(mode="stochastic", k=k)
+        for seed in range(1, p.seeds):
+            dense = f"dense-s{seed}"
+            self.add(dense, "baseline", run_train, also=("exp3", "exp4"), cfg=self.train_config("none", Routing(), seed),
+                     evals=[Routing()])
+            self.add(f"exp4-stochastic-s{seed}", "exp4", run_train, cfg=self.train_config("none", stoch, seed),
+                     evals=[Routing(), stoch] + [Routing(mode="random-topk", k=k, seed=s)
+                                                 for s in range(p.random_mask_seeds)])
+            for base in (dense, f"exp1-{DEFAULT_READING}-learned-s{seed}"):
+                self.add(f"exp3-bce-on-{base}", "exp3", run_distill, needs=[base], base=base, loss="bce", k=k,
+                         seed=seed)
+
+    def _build_regime(self) -> None:
+        """The regime study (regime.py): per cell of the protocol's grid, the conditions it trains, seed 0."""
+        p = self.p
+        for cell in regime.grid(p.name):
+            for condition in cell.conditions:
+                name = regime.unit_name(cell, condition)
+                if name in self.units:
+                    continue
+                gate, mode, reading = regime.CONDITIONS[condition]
+                routing = Routing(mode=mode, k=p.k) if reading is None else replace(
+                    soft_gate_routing(reading, p.k), soft_temperature=1.0 / cell.scale)
+                cfg = self.train_config(gate, routing, steps=round(p.steps * cell.steps), model=cell.model,
+                                        train_fraction=cell.train_fraction)
+                self.add(name, "regime", run_train, cfg=cfg, evals=[routing], cell=cell.name, condition=condition)
 
     def _build_block(self) -> None:
         """Issue 14's block absorption ablation: end-to-end soft block gates, learned vs frozen random (the soft
@@ -311,6 +347,11 @@ class Suite(UnitSuite):
                 proc.terminate()
             bar.close()
         return status
+
+
+def utc_now() -> str:
+    """The time now, ISO 8601 UTC to the second (units' `finished_at`, compared with criteria.Rule.written)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def output_folders(out: str | None, runs: str | None, name: str) -> tuple[Path, Path]:

@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
             raise GatelabError(f"{out} holds a finished run with another config; choose another --out")
         return dict(summary, skipped=True)
     # everything the user gave is checked before the run directory is made
-    train_data = TokenData(cfg.data, "train")
+    train_data = TokenData(cfg.data, "train", fraction=cfg.train_fraction)
     val_data = TokenData(cfg.data, "validation")
     train_data.check_trainable(cfg.model.context)
     val_data.check_trainable(cfg.model.context)
