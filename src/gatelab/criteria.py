@@ -201,7 +201,7 @@ CRITERIA: dict[str, tuple[Rule, ...]] = {
              "diverged; 'not reproduced' when the interval lies outside +-5%; 'not resolvable' when it straddles "
              "+-5%, or when the frozen random soft gate costs under 10% against dense (then nothing is there to be "
              "absorbed, so no outcome can test absorption)",
-             "2026-12-02T18:20:00Z", "", _exp1_v4,
+             "2026-12-02T17:47:36Z", "8978652", _exp1_v4,
              seen="the 10,000-step compact suite, 3 seeds (learned 100.34 +- 1.13, random 98.92 +- 1.27, dense 97.18)"),
     ),
     "exp2": (
@@ -215,7 +215,7 @@ CRITERIA: dict[str, tuple[Rule, ...]] = {
              "30a55e4", _exp3_v2, seen=_4K),
         Rule("paired over seeds (dense and soft-gated checkpoints trained at the same seed): the lower end of the 95% "
              "interval of the mean log ratio is at least log 2 ('not reproduced' when the upper end is below it; "
-             "'partly' as before when a source diverged)", "2026-12-02T18:20:00Z", "", _exp3_v3,
+             "'partly' as before when a source diverged)", "2026-12-02T17:47:36Z", "8978652", _exp3_v3,
              seen="seed 0 of the 10,000-step suite (11.4x); " + _PENDING + " (seeds 1 and 2)"),
     ),
     "exp4": (
@@ -225,7 +225,7 @@ CRITERIA: dict[str, tuple[Rule, ...]] = {
              seen="the 4,000-step result, 1.19x, which the first rule judged 'not reproduced'"),
         Rule("paired over seeds (each stochastic run against the dense run of its seed): the lower end of the 95% "
              "interval of the mean ratio is at least 1.25x; 'not reproduced' when the upper end is below 1.25x; "
-             "otherwise 'not resolvable'. No 'partly' tier", "2026-12-02T18:20:00Z", "", _exp4_v3,
+             "otherwise 'not resolvable'. No 'partly' tier", "2026-12-02T17:47:36Z", "8978652", _exp4_v3,
              seen="seed 0 of the 10,000-step suite (1.18x); " + _PENDING + " (seeds 1 and 2)"),
     ),
     "table4": (
@@ -237,27 +237,27 @@ CRITERIA: dict[str, tuple[Rule, ...]] = {
              "('partly': one of the two)", "2026-11-25T03:05:19Z", "30a55e4", _table5_v1, seen=_4K),
         Rule("paired over gate seeds: the 95% interval of learned / dense - 1 lies inside +-1% and the lower end of "
              "random / dense - 1 is at least +10%; 'partly' when one holds; 'not reproduced' when the learned interval "
-             "lies outside +-1% and the random one below +10%; else 'not resolvable'", "2026-12-02T18:20:00Z", "",
+             "lies outside +-1% and the random one below +10%; else 'not resolvable'", "2026-12-02T17:47:36Z", "8978652",
              _table5_v2, seen="the 10,000-step suite, 3 seeds"),
     ),
     "block": (
         Rule("absorbed: the learned soft block gate ends within 5% of the frozen random one and no learned run "
              "diverged", "2026-11-25T03:29:34Z", "ab3ef03", _block_v1),
         Rule("paired over seeds: absorbed when the 95% interval of (random - learned) / random lies inside +-5%; not "
-             "absorbed when it lies outside; otherwise not resolvable", "2026-12-02T18:20:00Z", "", _block_v2,
+             "absorbed when it lies outside; otherwise not resolvable", "2026-12-02T17:47:36Z", "8978652", _block_v2,
              seen="the causal block ablation, 3 seeds (learned 3.7% better than random)"),
     ),
     "regime": (
         Rule("a cell of the regime grid binds when its frozen random soft gate (either reading, seed 0) costs at least "
              "+10% against the dense run of the same cell; the study reports which factors reach that, and if none "
              "does, that end-to-end training absorbed even a random soft gate in every regime tried",
-             "2026-12-02T18:20:00Z", "", _regime_v1, seen=_PENDING),
+             "2026-12-02T17:47:36Z", "8978652", _regime_v1, seen=_PENDING),
     ),
     "exp1-power": (
         Rule("in a cell that binds, learned vs frozen random soft gate and dense at 3 seeds: reproduced when the upper "
              "end of the 95% interval of the share of the random-to-dense gap the learned gate closes, (R_i - L_i) / "
              "(R_i - D_i), is below 25% (the paper's 9%) and no learned run diverged; not reproduced when its lower "
-             "end is at least 25%; otherwise not resolvable", "2026-12-02T18:20:00Z", "", _exp1_power_v1,
+             "end is at least 25%; otherwise not resolvable", "2026-12-02T17:47:36Z", "8978652", _exp1_power_v1,
              seen=_PENDING),
     ),
 }
