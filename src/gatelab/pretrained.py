@@ -396,6 +396,7 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
         r["train_loss"] = _loss_trend(unit) if unit else "-"
         r["steps"] = _steps(unit)
     lines += [format_table(rows, ["condition", "ppl", "paper", "steps", "train_loss"]), ""]
+    lines += _table7_comparison(res.get(f"table7-learned{tag}"), res.get(f"table7-random{tag}"))
     lines += [f"## Table 8 / Figure 3: n middle layers unfrozen, soft gates on all layers{title}", ""]
     rows, fig = [], []
     for n in p.unfreeze:
@@ -422,6 +423,22 @@ def _task_tables(res: dict, p: PretrainedProtocol, reading: str, t9: dict | None
         lines += [f"Gap random - learned: {g0:.2f} ppl at n = {fig[0][0]}, {gl:.2f} at n = {fig[-1][0]}{closed}; "
                   f"paper: 31.6 -> 6.9 (78% closed).", ""]
     return lines
+
+
+def _table7_comparison(learned: dict | None, random: dict | None) -> list[str]:
+    """Table 7's learned vs random, against the paper's learned = random (8.80 / 8.80): flagged when they differ by
+    more than 1%, with the caveat that each is one run."""
+    if not learned or not random:
+        return []
+    rel = (random["ppl"] - learned["ppl"]) / random["ppl"]
+    text = (f"Learned vs frozen random: {learned['ppl']:.2f} vs {random['ppl']:.2f} ((random - learned) / random "
+            f"{100 * rel:+.1f}%; paper 8.80 / 8.80). ")
+    if abs(rel) > 0.01:
+        text += ("**At face value this contradicts the paper's learned = random.** One run each: whether the "
+                 "difference holds across seeds is not resolvable here.")
+    else:
+        text += "Within 1%, as in the paper (one run each)."
+    return [text, ""]
 
 
 def _gap_closed(ppl: float | None, t9: dict | None, k: int) -> float | None:

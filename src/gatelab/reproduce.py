@@ -46,7 +46,7 @@ class Protocol:
     eval_every: int = 500
     task_eval_every: int = 100
     note: str = ""
-    # block routing (issue 14): the block absorption ablation's blocks, kept key blocks, steps (None: `steps`)
+    # block routing: the block absorption ablation's blocks, kept key blocks, steps (None: `steps`)
     # and the soft block gate's reading (READINGS): the default reading, which the reading study chose, so the
     # block ablation is compared with Experiment 1 under the same reading
     block_size: int = 32
@@ -60,14 +60,14 @@ PROTOCOLS = {
     "paper": Protocol("paper", "wikitext-103", "data/prepared/wikitext-103", {}, steps=50_000, batch_size=16, k=64,
                       seeds=3, distill_steps=1000, task_steps=10_000, warmup_steps=1000, eval_every=2500,
                       task_eval_every=500,
-                      note="SPEC's settings on WikiText-103 (run `gatelab prepare --corpus wikitext-103 --source DIR` "
+                      note="The paper's settings on WikiText-103 (run `gatelab prepare --corpus wikitext-103 --source DIR` "
                            "first)."),
     "compact": Protocol("compact", "bundled", "data/prepared/bundled", {}, steps=10_000, batch_size=16, k=64, seeds=3,
                         distill_steps=1000, task_steps=1000, block_steps=2000,
                         note="The paper's model and batch on the bundled corpus. 10,000 steps: where the dense "
                              "model's validation perplexity bottoms out on this corpus (results/dense-curve/: 99.6 at "
                              "step 10,000, 101.5 at 12,000), so every run is compared at the dense optimum. The block "
-                             "ablation (issue 14) trains 2,000 steps, with its own dense baseline of 2,000 steps."),
+                             "ablation trains 2,000 steps, with its own dense baseline of 2,000 steps."),
     "smoke": Protocol("smoke", "bundled", "data/prepared/bundled",
                       dict(n_layer=2, d_model=64, n_head=4, d_mlp=128, context=64, d_gate=8), steps=20, batch_size=4,
                       k=8, seeds=2, distill_steps=10, task_steps=10, topk_ks=(8, 16, 32), eval_tokens=2048,
@@ -238,7 +238,7 @@ class Suite(UnitSuite):
                 self.add(name, "regime", run_train, cfg=cfg, evals=[routing], cell=cell.name, condition=condition)
 
     def _build_block(self) -> None:
-        """Issue 14's block absorption ablation: end-to-end soft block gates, learned vs frozen random (the soft
+        """The block absorption ablation: end-to-end soft block gates, learned vs frozen random (the soft
         reading p.block_reading), a model trained under the oracle's block selection, dense; and a post-hoc KL
         block gate on the dense checkpoint beside the oracle and random block selections there."""
         p = self.p
