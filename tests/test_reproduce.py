@@ -24,24 +24,38 @@ def small_smoke(monkeypatch):
 def test_smoke_protocol_runs_resumes_and_reports(workdir, small_smoke):
     out = workdir / "results"
     first = reproduce("smoke", out=str(out), only=["baseline", "exp2"], progress=False, device="cpu")
-    assert set(first) == {"dense", "exp2-hard-learned", "exp2-hard-random", "exp2-gradient-check"}
+    assert set(first) == {"dense", "dense-s1", "exp2-hard-learned", "exp2-hard-random", "exp2-gradient-check"}
     assert all(s.startswith("ran") for s in first.values())
     assert (out / "runs" / "dense" / "checkpoint" / "model.safetensors").is_file()  # --runs defaults to OUT/runs
     assert not (workdir / "runs").exists()
     # a second, full run skips what is finished and runs the rest
     status = reproduce("smoke", out=str(out), progress=False, device="cpu")
-    assert len(status) == 39
+    assert len(status) == 47
     assert all(status[n] == "done (skipped)" for n in first)
-    assert sum(s.startswith("ran") for s in status.values()) == 35
+    assert sum(s.startswith("ran") for s in status.values()) == 42
     report = (out / "REPORT.md").read_text()
     for heading in ("## Verdicts", "## The soft-gate reading study", "Experiment 1 (Table 1)", "Experiment 2",
                     "Table 2", "Table 3", "## Table 4", "## Table 5", "## Figure 1",
-                    "## Block routing (issue 14): absorbed like token routing?"):
+                    "## Block routing: absorbed like token routing?", "## The regime study",
+                    "### Experiment 1 with power", "## Criteria and their history"):
         assert heading in report
-    assert "**Block routing (issue 14, beyond the paper): " in report
-    assert "not run" not in report.split("## Block routing (issue 14): absorbed")[1]
+    assert "**Block routing (beyond the paper): " in report
+    assert "not run" not in report.split("## Block routing: absorbed")[1].split("## The regime study")[0]
+    # every cell of the smoke grid ran, and the regime verdict judged it
+    assert "not run" not in report.split("## The regime study")[1].split("### Experiment 1 with power")[0]
+    assert "**Regime study (beyond the paper): " in report and (out / "regime_costs.png").stat().st_size > 1000
     # the block ablation: the learned soft block gate trained, the frozen one did not; the post-hoc gate deployed
     unit = lambda n: json.loads((out / "units" / n / "result.json").read_text())  # noqa: E731
+    # Experiments 3 and 4 at every seed, each seed paired with its own dense run; the regime cells' settings
+    exp4 = report.split("## Experiment 4")[1].split("## Table 4")[0]
+    assert "| 0 | " in exp4 and "| 1 | " in exp4 and "95% CI" in exp4
+    assert "| 1 | " in report.split("## Experiment 3")[1].split("## Experiment 4")[0]
+    assert unit("exp3-bce-on-exp1-sigmoid-learned-s1")["base"] == "exp1-sigmoid-learned-s1"
+    assert unit("exp3-bce-on-dense-s1")["base"] == "dense-s1" and unit("dense-s1")["config"]["seed"] == 1
+    assert all(unit(n)["finished_at"].endswith("Z") for n in ("dense", "exp4-stochastic-s1", "regime-data4-dense"))
+    assert unit("regime-data4-soft-sigmoid")["config"]["train_fraction"] == 0.25
+    assert unit("regime-scale10-soft-sigmoid")["config"]["routing"]["soft_temperature"] == 0.1
+    assert unit("regime-base-random-topk")["config"]["routing"]["mode"] == "random-topk"
     assert unit("block-soft-learned-s0")["gate_params_unchanged_from_init"] is False
     assert unit("block-soft-random-s0")["gate_params_unchanged_from_init"] is True
     post = unit("block-posthoc-kl")
