@@ -95,3 +95,15 @@ def test_committed_reports_are_what_gatelab_report_rebuilds(tmp_path, folder, su
         from gatelab.reproduce import PROTOCOLS
         path = write_report(tmp_path / folder, PROTOCOLS["compact"])
     assert path.read_text() == (src / "REPORT.md").read_text()
+
+
+def test_a_report_is_not_written_over_units_of_another_protocol(tmp_path):
+    """The archived 4,000-step suite is not rewritten under the compact protocol's 10,000-step header."""
+    import shutil
+    from gatelab.config import GatelabError
+    from gatelab.reproduce import PROTOCOLS
+    src = Path(__file__).resolve().parents[1] / "results" / "compact-4k"
+    shutil.copytree(src / "units", tmp_path / "units")
+    with pytest.raises(GatelabError, match="4,000 steps, not the compact protocol's 10,000"):
+        write_report(tmp_path, PROTOCOLS["compact"])
+    assert not (tmp_path / "REPORT.md").exists()

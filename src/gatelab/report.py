@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from . import report_block, report_regime
-from .config import DEFAULT_READING, write_text
+from .config import DEFAULT_READING, GatelabError, write_text
 from .report_readings import READING_FACTS, reading_study, reading_study_section  # noqa: F401 (public)
 from .stats import of_differences
 from .tables import format_table  # noqa: F401 (public)
@@ -291,9 +291,20 @@ def _summary(R: dict, protocol, verdicts: list[Verdict]) -> list[str]:
                        f"time can be lower).", ""]
 
 
+def _check_protocol(R: dict, protocol, out: Path) -> None:
+    """Refuse to write a protocol's report over units trained under other settings (an archive of an earlier
+    protocol, say), which would put this protocol's header above them."""
+    cfg = (R.get("dense") or {}).get("config")
+    if cfg and cfg.get("steps") != protocol.steps:
+        raise GatelabError(f"{out} holds units trained for {cfg['steps']:,} steps, not the {protocol.name} protocol's "
+                           f"{protocol.steps:,}: it is not this protocol's reproduction (an archive of an earlier one?); "
+                           f"nothing written")
+
+
 def write_report(out: str | Path, protocol) -> Path:
     out = Path(out)
     R = load_results(out)
+    _check_protocol(R, protocol, out)
     dense = evaluation(R.get("dense"), "dense")
     lines = _header(protocol) + reading_study_section(reading_study(R))
     verdicts = []
