@@ -42,7 +42,7 @@ def test_smoke_protocol_runs_resumes_and_reports(workdir, small_smoke):
     assert "**Block routing (beyond the paper): " in report
     assert "not run" not in report.split("## Block routing: absorbed")[1].split("## The regime study")[0]
     # every cell of the smoke grid ran, and the regime verdict judged it
-    assert "not run" not in report.split("## The regime study")[1].split("### Experiment 1 with power")[0]
+    assert "not run" not in report.split("## The regime study")[1].split("Cost = perplexity")[0]
     assert "**Regime study (beyond the paper): " in report and (out / "regime_costs.png").stat().st_size > 1000
     # the block ablation: the learned soft block gate trained, the frozen one did not; the post-hoc gate deployed
     unit = lambda n: json.loads((out / "units" / n / "result.json").read_text())  # noqa: E731

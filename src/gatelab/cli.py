@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: SPEC's settings on WikiText-103; compact: the bundled corpus (default); "
                         "smoke: a tiny model in minutes on CPU")
     p.add_argument("--only", type=_csv(str), help="comma-separated units or experiments (exp1, exp2, exp3, exp4, "
-                   "table4, table5, figure1, baseline, or unit-name prefixes)")
+                   "table4, table5, figure1, baseline, readings, block, regime, or unit-name prefixes)")
     p.add_argument("--suite", choices=("31m", "pretrained"), default="31m",
                    help="31m: the paper's 31M-model experiments (default); pretrained: Tables 6-9 and Figure 3 on a "
                         "Hugging Face causal LM given by --model/--gguf (protocols compact, smoke)")

@@ -151,7 +151,9 @@ def _exp3(R: dict, protocol) -> tuple[list[str], Verdict | None]:
         return lines, None
     log_ratio = of_differences([math.log(r) for r in ratios])
     geo = math.exp(log_ratio.mean)
-    interval = "" if log_ratio.lo is None else f", 95% CI [{math.exp(log_ratio.lo):.1f}x, {math.exp(log_ratio.hi):.1f}x]"
+    interval = "" if log_ratio.lo is None else (f", 95% CI [{math.exp(log_ratio.lo):.1f}x, {math.exp(log_ratio.hi):.1f}x]"
+                                                f"; smallest detectable change of the ratio: a factor of "
+                                                f"{math.exp(log_ratio.detectable):.2f}")
     lines += ["", f"Geometric mean ratio over {len(ratios)} paired seed(s): {geo:.1f}x{interval}."]
     sources_diverged = [p[3]["name"] for p in pairs if p[3] and diverged(p[3])]
     measured = (f"co-adapted / dense deployment perplexity per seed " + ", ".join(f"{r:.1f}x" for r in ratios) +
