@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import report_block, report_regime
 from .config import DEFAULT_READING, GatelabError, write_text
+from .plots import pyplot, save_figure
 from .report_readings import READING_FACTS, reading_study, reading_study_section  # noqa: F401 (public)
 from .stats import of_differences
 from .tables import format_table  # noqa: F401 (public)
@@ -34,9 +35,7 @@ def _plot_curves(series: dict[str, list], path: Path, title: str, ylabel: str = 
     series = {k: v for k, v in series.items() if v}
     if not series:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, pts in series.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="." if len(pts) < 30 else None)
@@ -46,11 +45,7 @@ def _plot_curves(series: dict[str, list], path: Path, title: str, ylabel: str = 
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
 
 

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from . import regime
+from .plots import pyplot, save_figure
 from .verdicts import Verdict, evaluation, num
 
 PREFIX = {"dense": "dense", "soft-sigmoid": "soft-gate", "soft-sigmoid-renorm": "soft-gate",
@@ -93,9 +94,7 @@ def _plot(table: dict, path: Path, memorised: list) -> bool:
     cells = [c for c, row in table.items() if any(v[1] is not None for k, v in row.items() if k != "dense")]
     if not cells:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     conditions = ("soft-sigmoid", "soft-sigmoid-renorm", "random-topk")
     for i, condition in enumerate(conditions):
@@ -111,11 +110,7 @@ def _plot(table: dict, path: Path, memorised: list) -> bool:
     ax.set_title("What a frozen random mask costs, trained end to end (seed 0; absent bar = not run)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
 
 
