@@ -151,7 +151,7 @@ def _exp3(R: dict, protocol) -> tuple[list[str], Verdict | None]:
                                                 f"{math.exp(log_ratio.detectable):.2f}")
     lines += ["", f"Geometric mean ratio over {len(ratios)} paired seed(s): {geo:.1f}x{interval}."]
     sources_diverged = [p[3]["name"] for p in pairs if p[3] and diverged(p[3])]
-    measured = (f"co-adapted / dense deployment perplexity per seed " + ", ".join(f"{r:.1f}x" for r in ratios) +
+    measured = ("co-adapted / dense deployment perplexity per seed " + ", ".join(f"{r:.1f}x" for r in ratios) +
                 f" (geometric mean {geo:.1f}x{interval}; paper 12.4x)")
     if renorm and pairs[0][0] == 0:
         measured += (f"; under `sigmoid-renorm` (seed 0) only "
