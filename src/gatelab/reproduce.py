@@ -510,12 +510,10 @@ def run_analyze(suite: Suite, unit: Unit) -> dict:
     return dict(kind="analyze", base=unit.params["base"], layers=res["layers"], gate_gradients=res["gate_gradients"])
 
 
-def reproduce(protocol: str, out: str | None = None, runs: str | None = None, only: list[str] | None = None,
-              seeds: int | None = None, progress: bool = True, device: str = "auto",
-              budget_s: float | None = None, report: bool = True, gpus: str | int | None = None,
-              steps: int | None = None, jobs_per_gpu: int = 1) -> dict:
-    """steps: override the protocol's end-to-end training steps (a quick look; results then differ from the
-    protocol's, so use another --out)."""
+def make_suite(protocol: str, out: str | None = None, runs: str | None = None, seeds: int | None = None,
+               steps: int | None = None, progress: bool = True, device: str = "auto") -> Suite:
+    """The suite of a protocol, its corpus prepared. steps: override the protocol's end-to-end training steps (a
+    quick look; results then differ from the protocol's, so use another --out)."""
     if protocol not in PROTOCOLS:
         raise GatelabError(f"unknown protocol {protocol!r}; choose {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
@@ -534,7 +532,15 @@ def reproduce(protocol: str, out: str | None = None, runs: str | None = None, on
         raise GatelabError(f"protocol {protocol} needs {p.corpus} prepared in {p.data}: run "
                            f"`gatelab prepare --corpus {p.corpus} --source DIR` first")
     out, runs = output_folders(out, runs, protocol)
-    suite = Suite(p, out, runs, progress=progress, device=device)
+    return Suite(p, out, runs, progress=progress, device=device)
+
+
+def reproduce(protocol: str, out: str | None = None, runs: str | None = None, only: list[str] | None = None,
+              seeds: int | None = None, progress: bool = True, device: str = "auto",
+              budget_s: float | None = None, report: bool = True, gpus: str | int | None = None,
+              steps: int | None = None, jobs_per_gpu: int = 1) -> dict:
+    """Run the selected units that are not done (in this process, or over the workers of `gpus`), then the report."""
+    suite = make_suite(protocol, out, runs, seeds=seeds, steps=steps, progress=progress, device=device)
     workers = workers_for(gpus, device, jobs_per_gpu)
     if workers:
         status = suite.run_parallel(workers, only, budget_s=budget_s,
@@ -544,5 +550,5 @@ def reproduce(protocol: str, out: str | None = None, runs: str | None = None, on
         status = suite.run(only, budget_s=budget_s)
     if report:
         from .report import write_report
-        write_report(suite.out, p)
+        write_report(suite.out, suite.p)
     return status
