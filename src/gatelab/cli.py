@@ -466,21 +466,26 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def add_slurm_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Slurm (--executor slurm)")
-    g.add_argument("--slurm-partition", help="the partition of the jobs (default: the cluster's default partition)")
-    g.add_argument("--slurm-gpus-per-job", type=NONNEG_INT, help="GPUs of a training unit's job, one DDP rank each "
-                   "(default 1, 0 with --device cpu); other units take one")
-    g.add_argument("--slurm-tasks-per-job", type=POS_INT, help="DDP ranks of a training unit's job (default: one per "
-                   "GPU; on CPU nodes, that many gloo ranks)")
-    g.add_argument("--slurm-time", type=POS_INT, help="time limit of each job in minutes (default 120); a job that "
-                   "reaches it is requeued and resumes from its checkpoint")
-    g.add_argument("--slurm-array-parallelism", type=POS_INT, help="jobs of one array running at once (default 64)")
-    g.add_argument("--slurm-param", type=_key_value, action="append", metavar="KEY=VALUE",
+    g.add_argument("--slurm-partition", metavar="P",
+                   help="the partition of the jobs (default: the cluster's default partition)")
+    g.add_argument("--slurm-gpus-per-job", metavar="N", type=NONNEG_INT,
+                   help="GPUs of a training unit's job, one DDP rank each (default 1, 0 with --device cpu); other "
+                        "units take one")
+    g.add_argument("--slurm-tasks-per-job", metavar="N", type=POS_INT,
+                   help="DDP ranks of a training unit's job (default: one per GPU; on CPU nodes, that many gloo ranks)")
+    g.add_argument("--slurm-time", metavar="MIN", type=POS_INT,
+                   help="time limit of each job in minutes (default 120); a job that reaches it is requeued and "
+                        "resumes from its checkpoint")
+    g.add_argument("--slurm-array-parallelism", metavar="N", type=POS_INT,
+                   help="jobs of one array running at once (default 64)")
+    g.add_argument("--slurm-param", metavar="KEY=VALUE", type=_key_value, action="append",
                    help="a further sbatch option, repeatable: --slurm-param account=lab --slurm-param mem=32G")
-    g.add_argument("--slurm-config", help="a JSON or TOML file of these options (partition, gpus_per_job, "
-                   "tasks_per_job, time, array_parallelism, params, setup: shell lines run before each job, "
-                   "poll_seconds); flags override it")
-    g.add_argument("--slurm-no-wait", action="store_true", help="submit and return; the same command later waits "
-                   "and writes the report (or `gatelab report`)")
+    g.add_argument("--slurm-config", metavar="FILE",
+                   help="a JSON or TOML file of these options (partition, gpus_per_job, tasks_per_job, time, "
+                        "array_parallelism, params, setup: shell lines run before each job, poll_seconds); flags "
+                        "override it")
+    g.add_argument("--slurm-no-wait", action="store_true",
+                   help="submit and return; the same command later waits and writes the report (or `gatelab report`)")
 
 
 # ----------------------------------------------------------------------------------------------------------
