@@ -127,6 +127,22 @@ def test_gpus_beyond_the_visible_ones_is_refused():
         workers_for(None, "cpu", per_gpu=0)
 
 
+def test_jobs_per_gpu_multiplies_the_workers_on_cuda(monkeypatch):
+    """--gpus 2 --jobs-per-gpu 4 is 8 workers, 4 per GPU, spread over the GPUs first (on a machine with 2 GPUs)."""
+    from gatelab.config import GatelabError
+    from gatelab.reproduce import workers_for
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert workers_for(2, "cuda", per_gpu=4) == ["0", "1"] * 4
+    assert workers_for("all", "auto", per_gpu=2) == ["0", "1", "0", "1"]
+    assert workers_for(None, "cuda", per_gpu=3) == ["0"] * 3
+    assert workers_for(2, "cuda") == ["0", "1"] and workers_for(None, "cuda") is None
+    with pytest.raises(GatelabError, match="only 2 GPU"):
+        workers_for(3, "cuda", per_gpu=2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(GatelabError, match="--jobs-per-gpu needs a GPU"):
+        workers_for(None, "auto", per_gpu=2)
+
+
 def test_reproduce_runs_default_under_out():
     from pathlib import Path
 

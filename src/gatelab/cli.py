@@ -403,11 +403,21 @@ def cmd_hf_distill(args) -> None:
 def cmd_reproduce(args) -> None:
     from .reproduce import reproduce
     budget_s = args.budget_minutes * 60 if args.budget_minutes else None
-    if args.suite == "pretrained":
+    slurm_flags = [k for k, v in vars(args).items() if k.startswith("slurm_") and v not in (None, False)]
+    if args.executor == "local" and slurm_flags:
+        raise GatelabError(f"--{slurm_flags[0].replace('_', '-')} applies to --executor slurm")
+    if args.suite == "pretrained" and not args.model:
+        raise GatelabError("--suite pretrained needs --model (a local Hugging Face folder, or the folder of --gguf)")
+    if args.suite != "pretrained" and (args.position or args.max_steps):
+        raise GatelabError("--position and --max-steps apply to --suite pretrained")
+    if args.executor == "slurm" or args.status:
+        from .slurm import reproduce_on_slurm  # here: slurm.py imports reproduce.py
+        status = reproduce_on_slurm(args)
+        if status is None:
+            return
+        default_out = "results/" + ("pretrained" if args.suite == "pretrained" else args.protocol)
+    elif args.suite == "pretrained":
         from .pretrained import reproduce_pretrained
-        if not args.model:
-            raise GatelabError("--suite pretrained needs --model (a local Hugging Face folder, or the folder of "
-                               "--gguf)")
         if args.protocol == "paper" or args.gpus not in (None, "1") or args.jobs_per_gpu != 1:
             raise GatelabError("--suite pretrained supports --protocol compact or smoke on one device")
         status = reproduce_pretrained(args.model, args.gguf, args.protocol, out=args.out, runs=args.runs,
@@ -417,8 +427,6 @@ def cmd_reproduce(args) -> None:
                                       max_steps=args.max_steps)
         default_out = "results/pretrained"
     else:
-        if args.position or args.max_steps:
-            raise GatelabError("--position and --max-steps apply to --suite pretrained")
         status = reproduce(args.protocol, out=args.out, runs=args.runs, only=args.only, seeds=args.seeds,
                            progress=not args.quiet, device=args.device, budget_s=budget_s,
                            report=not args.no_report, gpus=args.gpus, steps=args.steps,
@@ -426,7 +434,7 @@ def cmd_reproduce(args) -> None:
         default_out = "results/" + args.protocol
     for name, state in status.items():
         print(f"{name:40s} {state}")
-    if not args.no_report:
+    if not args.no_report and not args.slurm_no_wait:
         print(f"report: {args.out or default_out}/REPORT.md")
     if any(state.startswith(("FAILED", "not started (a unit")) for state in status.values()):
         raise GatelabError("some units failed; their logs are named above")
@@ -447,6 +455,37 @@ def cmd_demo(args) -> None:
     from .experiments import run_demo
     table = run_demo(args.out, steps=args.steps, progress=not args.quiet)
     print(table)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or key.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an sbatch option without its --), got {text!r}")
+    return key.strip(), value
+
+
+def add_slurm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Slurm (--executor slurm)")
+    g.add_argument("--slurm-partition", metavar="P",
+                   help="the partition of the jobs (default: the cluster's default partition)")
+    g.add_argument("--slurm-gpus-per-job", metavar="N", type=NONNEG_INT,
+                   help="GPUs of a training unit's job, one DDP rank each (default 1, 0 with --device cpu); other "
+                        "units take one")
+    g.add_argument("--slurm-tasks-per-job", metavar="N", type=POS_INT,
+                   help="DDP ranks of a training unit's job (default: one per GPU; on CPU nodes, that many gloo ranks)")
+    g.add_argument("--slurm-time", metavar="MIN", type=POS_INT,
+                   help="time limit of each job in minutes (default 120); a job that reaches it is requeued and "
+                        "resumes from its checkpoint")
+    g.add_argument("--slurm-array-parallelism", metavar="N", type=POS_INT,
+                   help="jobs of one array running at once (default 64)")
+    g.add_argument("--slurm-param", metavar="KEY=VALUE", type=_key_value, action="append",
+                   help="a further sbatch option, repeatable: --slurm-param account=lab --slurm-param mem=32G")
+    g.add_argument("--slurm-config", metavar="FILE",
+                   help="a JSON or TOML file of these options (partition, gpus_per_job, tasks_per_job, time, "
+                        "array_parallelism, params, setup: shell lines run before each job, poll_seconds); flags "
+                        "override it")
+    g.add_argument("--slurm-no-wait", action="store_true",
+                   help="submit and return; the same command later waits and writes the report (or `gatelab report`)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -630,6 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "the 31M model's units leave most of an H100 idle, so 3-4 finish a sweep sooner")
     p.add_argument("--no-report", action="store_true", help="do not rebuild REPORT.md (gatelab report does)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--status", action="store_true", help="list the selected units as done, running, pending, failed "
+                   "or not submitted (from the unit files and, for Slurm jobs, squeue), and run nothing")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: run here (default); slurm: one Slurm job per unit through submitit, dependencies "
+                        "as job dependencies; a later call resubmits units whose job ended without a result")
+    add_slurm_args(p)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild REPORT.md and plots from a reproduction's per-unit results")

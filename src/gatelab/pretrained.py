@@ -275,9 +275,23 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
                          device: str = "auto", progress: bool = True, budget_s: float | None = None,
                          task_steps: int | None = None, reading: str = DEFAULT_READING, report: bool = True,
                          position: str = DEFAULT_POSITION, max_steps: int | None = None) -> dict:
-    """task_steps overrides the protocol's training steps of Tables 7-8, max_steps the cap of the units trained until
-    convergence (pos-*, table6-VARIANT-*); each unit records what it ran.
-    report=False leaves REPORT.md alone (`gatelab report --suite pretrained` rebuilds it)."""
+    """Run the selected units that are not done, then the report (report=False leaves REPORT.md alone: `gatelab
+    report --suite pretrained` rebuilds it)."""
+    suite = pretrained_suite(model_path, gguf, protocol, out=out, runs=runs, device=device, progress=progress,
+                             task_steps=task_steps, reading=reading, position=position, max_steps=max_steps)
+    status = suite.run(only, budget_s)
+    if report:
+        write_pretrained_report(suite.out, suite.p)
+    return status
+
+
+def pretrained_suite(model_path: str, gguf: str | None = None, protocol: str = "compact", out: str | None = None,
+                     runs: str | None = None, device: str = "auto", progress: bool = True,
+                     task_steps: int | None = None, reading: str = DEFAULT_READING, position: str = DEFAULT_POSITION,
+                     max_steps: int | None = None) -> PretrainedSuite:
+    """The suite on a model, its corpus tokenised (cached in RUNS/tokens). task_steps overrides the protocol's
+    training steps of Tables 7-8, max_steps the cap of the units trained until convergence (pos-*,
+    table6-VARIANT-*); each unit records what it ran."""
     from .evaluate import resolve_device
     from .hf import load_pretrained
     if protocol not in PROTOCOLS:
@@ -303,12 +317,8 @@ def reproduce_pretrained(model_path: str, gguf: str | None = None, protocol: str
     train_ids = cached_ids(tok, "train", runs / "tokens" / "train.npy")
     val_ids = cached_ids(tok, "validation", runs / "tokens" / "validation.npy")
     name = Path(model_path).name + (f"/{gguf}" if gguf else "")
-    suite = PretrainedSuite(p, lambda: load_pretrained(model_path, gguf, device=dev)[0], train_ids, val_ids, out,
-                            runs, name, progress=progress, reading=reading, position=position)
-    status = suite.run(only, budget_s)
-    if report:
-        write_pretrained_report(out, p)
-    return status
+    return PretrainedSuite(p, lambda: load_pretrained(model_path, gguf, device=dev)[0], train_ids, val_ids, out,
+                           runs, name, progress=progress, reading=reading, position=position)
 
 
 # -----------------------------------------------------------------------------------------------------------

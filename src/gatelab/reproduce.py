@@ -378,68 +378,28 @@ def _die_with_parent() -> None:
 
 
 def workers_for(gpus: str | int | None, device: str, per_gpu: int = 1) -> list[str] | None:
-    """The worker list of `--gpus N|all` with `--jobs-per-gpu M` (M units share each GPU: one unit of the 31M model
-    leaves most of an H100 idle); None for the plain in-process run. With device=cpu, N x M CPU processes."""
+    """The worker list of `--gpus N|all` with `--jobs-per-gpu M`: M workers per GPU (M units share each GPU: a unit
+    of the 31M model leaves most of an H100 idle), ordered GPU 0, 1, ..., 0, 1, ... so that units spread over the
+    GPUs first; None for the plain in-process run. With device=cpu, N x M CPU processes."""
     if per_gpu < 1:
         raise GatelabError(f"--jobs-per-gpu must be >= 1, got {per_gpu}")
-    if gpus in (None, 1, "1"):
-        if per_gpu == 1:
-            return None
-        gpus = 1
     if device == "cpu":
         if gpus == "all":
             raise GatelabError("--gpus all needs GPUs; with --device cpu give a number of processes")
-        return ["cpu"] * int(gpus) * per_gpu
+        n = int(gpus or 1) * per_gpu
+        return ["cpu"] * n if n > 1 else None
+    if gpus in (None, 1, "1") and per_gpu == 1:
+        return None
     visible = torch.cuda.device_count()
-    n = visible if gpus == "all" else int(gpus)
+    if gpus in (None, 1, "1") and not visible:
+        raise GatelabError("--jobs-per-gpu needs a GPU (with --device cpu, use --gpus N for N processes)")
+    n = visible if gpus == "all" else int(gpus or 1)
     if n < 1:
         raise GatelabError(f"--gpus must be >= 1 or all, got {gpus}")
     if n > visible:
         raise GatelabError(f"--gpus {gpus}: only {visible} GPU(s) are visible (with --device cpu, --gpus N runs "
                            f"N CPU processes)")
     return [str(i) for i in range(n)] * per_gpu if n * per_gpu > 1 else None
-
-
-def _worker_label(worker: str) -> str:
-    return "cpu" if worker == "cpu" else f"GPU {worker}"
-
-
-def _die_with_parent() -> None:
-    """Children end when the sweep's process dies, even by SIGKILL (Linux), so a restarted sweep never races an
-    orphan over the same unit."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def workers_for(gpus: str | int | None, device: str, per_gpu: int = 1) -> list[str] | None:
-    """The worker list of `--gpus N|all` with `--jobs-per-gpu M` (M units share each GPU: a unit of the 31M model
-    leaves most of an H100 idle); None for the plain in-process run. With device=cpu, N CPU processes."""
-    if per_gpu < 1:
-        raise GatelabError(f"--jobs-per-gpu must be >= 1, got {per_gpu}")
-    if gpus in (None, 1, "1") and per_gpu > 1:
-        gpus = 1 if device == "cpu" or torch.cuda.device_count() else None
-        if gpus is None:
-            raise GatelabError("--jobs-per-gpu needs a GPU (with --device cpu, use --gpus N for N processes)")
-        workers = ["cpu"] if device == "cpu" else ["0"]
-        return workers * per_gpu
-    if gpus in (None, 1, "1"):
-        return None
-    if device == "cpu":
-        if gpus == "all":
-            raise GatelabError("--gpus all needs GPUs; with --device cpu give a number of processes")
-        return ["cpu"] * int(gpus) * per_gpu
-    visible = torch.cuda.device_count()
-    n = visible if gpus == "all" else int(gpus)
-    if n < 1:
-        raise GatelabError(f"--gpus must be >= 1 or all, got {gpus}")
-    if n > visible:
-        raise GatelabError(f"--gpus {gpus}: only {visible} GPU(s) are visible (with --device cpu, --gpus N runs "
-                           f"N CPU processes)")
-    return [str(i) for i in range(n)] if n > 1 else None
 
 
 def _device_name(device: str) -> str:
@@ -591,12 +551,10 @@ def run_analyze(suite: Suite, unit: Unit) -> dict:
     return dict(kind="analyze", base=unit.params["base"], layers=res["layers"], gate_gradients=res["gate_gradients"])
 
 
-def reproduce(protocol: str, out: str | None = None, runs: str | None = None, only: list[str] | None = None,
-              seeds: int | None = None, progress: bool = True, device: str = "auto",
-              budget_s: float | None = None, report: bool = True, gpus: str | int | None = None,
-              steps: int | None = None, jobs_per_gpu: int = 1) -> dict:
-    """steps: override the protocol's end-to-end training steps (a quick look; results then differ from the
-    protocol's, so use another --out)."""
+def make_suite(protocol: str, out: str | None = None, runs: str | None = None, seeds: int | None = None,
+               steps: int | None = None, progress: bool = True, device: str = "auto") -> Suite:
+    """The suite of a protocol, its corpus prepared. steps: override the protocol's end-to-end training steps (a
+    quick look; results then differ from the protocol's, so use another --out)."""
     if protocol not in PROTOCOLS:
         raise GatelabError(f"unknown protocol {protocol!r}; choose {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
@@ -615,7 +573,15 @@ def reproduce(protocol: str, out: str | None = None, runs: str | None = None, on
         raise GatelabError(f"protocol {protocol} needs {p.corpus} prepared in {p.data}: run "
                            f"`gatelab prepare --corpus {p.corpus} --source DIR` first")
     out, runs = output_folders(out, runs, protocol)
-    suite = Suite(p, out, runs, progress=progress, device=device)
+    return Suite(p, out, runs, progress=progress, device=device)
+
+
+def reproduce(protocol: str, out: str | None = None, runs: str | None = None, only: list[str] | None = None,
+              seeds: int | None = None, progress: bool = True, device: str = "auto",
+              budget_s: float | None = None, report: bool = True, gpus: str | int | None = None,
+              steps: int | None = None, jobs_per_gpu: int = 1) -> dict:
+    """Run the selected units that are not done (in this process, or over the workers of `gpus`), then the report."""
+    suite = make_suite(protocol, out, runs, seeds=seeds, steps=steps, progress=progress, device=device)
     workers = workers_for(gpus, device, jobs_per_gpu)
     if workers:
         status = suite.run_parallel(workers, only, budget_s=budget_s,
@@ -625,5 +591,5 @@ def reproduce(protocol: str, out: str | None = None, runs: str | None = None, on
         status = suite.run(only, budget_s=budget_s)
     if report:
         from .report import write_report
-        write_report(suite.out, p)
+        write_report(suite.out, suite.p)
     return status
