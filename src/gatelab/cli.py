@@ -7,9 +7,9 @@ import math
 import sys
 from pathlib import Path
 
-from .config import (ALL_ROUTING_MODES, BLOCK_MODES, BLOCK_POOLS, DEFAULT_READING, READINGS, SOFT_MASKS, GatelabError,
-                     Routing, load_train_config, soft_gate_routing, write_json)
-from .hf_gates import DEFAULT_POSITION, POSITION_HELP, POSITIONS
+from .config import (ALL_ROUTING_MODES, BLOCK_MODES, BLOCK_POOLS, DEFAULT_POSITION, DEFAULT_READING, POSITION_HELP,
+                     POSITIONS, READINGS, SOFT_MASKS, GatelabError, Routing, load_train_config, soft_gate_routing,
+                     write_json)
 from .progress import keep_freed_memory
 from .report import format_table
 

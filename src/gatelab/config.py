@@ -40,6 +40,17 @@ READINGS = {
 # The default reading: the one that satisfies most of the paper's stated facts in the reading study
 # (report.READING_FACTS, results/compact/REPORT.md); a test checks that the committed study still picks it.
 DEFAULT_READING = "sigmoid"
+# Gate variants of the Hugging Face adapter (hf_gates.py; here so that the command line needs no torch to list them).
+POSITIONS = ("none", "rope", "qk")
+# The variant hf-distill, `reproduce --suite pretrained --position` and attach_gates use when none is named, and so
+# the gates `gatelab audit --model` audits by default. Chosen by pretrained.POSITION_RULE from the study on
+# SmolLM2-135M (results/pretrained/REPORT.md, H100): KL gates at d_gate 32/64 deployed at hard top-64/128/256 came
+# within a geometric mean of 0.17% (rope) and 0.19% (qk) of the oracle, against 13.0% for the pre-RoPE gate (none).
+DEFAULT_POSITION = "rope"
+POSITION_HELP = ("none: the gate reads the layer's normed input before RoPE (no position); rope: the model's own "
+                 "rotary embedding on the gate's query and key (d_gate/2 rotary pairs at the model's frequencies, "
+                 "plus per-head biases that score pure relative position); qk: low-rank maps of the model's own "
+                 "post-RoPE queries and keys")
 GATE_KINDS = ("none", "learned", "random")
 OBJECTIVES = ("lm", "kl", "bce")
 COMPILE_CHOICES = ("auto", True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -514,7 +514,7 @@ def _position_tables(res: dict, p: PretrainedProtocol, t9: dict | None, out: Pat
     lines += [f"The default variant, by the rule written before the study ran: {POSITION_RULE} Scores (lower is "
               f"better): " + (", ".join(f"{pos} {v:.4f}" for pos, v in scores.items()) or "none yet") + ". "
               + (f"Chosen: **{chosen}**" + ("" if chosen == DEFAULT_POSITION else
-                 f" (hf_gates.DEFAULT_POSITION is still {DEFAULT_POSITION}: set it to {chosen})")
+                 f" (config.DEFAULT_POSITION is still {DEFAULT_POSITION}: set it to {chosen})")
                  if len(scores) == len(POSITIONS) else f"Not every variant ran; the default stays {DEFAULT_POSITION}")
               + ".", ""]
     # per-layer F1 at the protocol's k: where each variant gains or loses
