@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the bundled corpus: train a small dense and a soft-gated "
                        "model, evaluate both under several routings, print a table (minutes on CPU)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=POS_INT, default=200, help="training steps per model (default 200)")
+    p.add_argument("--steps", type=POS_INT, default=100, help="training steps per model (default 100)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
