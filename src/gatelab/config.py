@@ -382,8 +382,27 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout (an editable install), whose examples name
+# data/prepared/bundled relative to it
+
+
+def resolve_config_data(data: Any, config_path: str | os.PathLike) -> Any:
+    """A config file's relative `data` path, resolved against the config file's folder (against the project root
+    for the configs inside the project, e.g. experiments/*.json), so that a run reads the same data wherever it is
+    started from. Kept as written when it names the same folder from the working directory (so that runs written
+    before keep their config); an absolute path otherwise."""
+    if not isinstance(data, str) or not data or Path(data).is_absolute():
+        return data
+    config_dir = Path(config_path).resolve().parent
+    base = PROJECT_ROOT if config_dir.is_relative_to(PROJECT_ROOT) else config_dir
+    target = base / data
+    return data if target.resolve() == (Path.cwd() / data).resolve() else str(target)
+
+
 def load_train_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     data = read_config_file(path) if path else {}
+    if "data" in data and not any(o.split("=", 1)[0].strip() == "data" for o in overrides):
+        data["data"] = resolve_config_data(data["data"], path)  # a `data=` override is relative to where it's typed
     data = apply_overrides(data, list(overrides))
     try:
         cfg = _build(TrainConfig, data, "")
@@ -412,8 +431,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename (with the mode the
     umask gives new files, not tempfile's private 0600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file asked for, not the temporary one beside it
+        raise GatelabError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -425,6 +447,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Raise unless a file can be written at `path` (its folder exists or can be made, and is writable): checked
+    before a command computes what it would write there."""
+    path = Path(path)
+    if path.is_dir():
+        raise GatelabError(f"{option} {path} is a folder; give the name of a file to write")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise GatelabError(f"{option} {path}: cannot write there ({folder} is not a writable folder)")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
