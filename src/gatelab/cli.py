@@ -642,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="every 31M-model experiment of the paper as resumable units, and a report")
     p.add_argument("--protocol", choices=("paper", "compact", "smoke"), default="compact",
-                   help="paper: SPEC's settings on WikiText-103; compact: the bundled corpus (default); "
+                   help="paper: the paper's settings on WikiText-103 (docs/method.md); compact: the bundled corpus (default); "
                         "smoke: a tiny model in minutes on CPU")
     p.add_argument("--only", type=_csv(str), help="comma-separated units or experiments (exp1, exp2, exp3, exp4, "
                    "table4, table5, figure1, baseline, or unit-name prefixes)")

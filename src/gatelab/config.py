@@ -29,7 +29,7 @@ BLOCK_MODES = ("block-oracle", "block-gate", "block-random", "block-soft")
 ALL_ROUTING_MODES = ROUTING_MODES + BLOCK_MODES
 BLOCK_POOLS = ("mean", "max-min")  # how a block gate pools its keys' inputs (queries are always mean-pooled)
 SOFT_MASKS = ("topk-sigmoid", "sigmoid")
-# The soft-gate readings of SPEC (Routing fields), in the order of the tie-break of the reading study: closest to
+# The soft-gate readings (docs/method.md; Routing fields), in the order of the tie-break of the reading study: closest to
 # the paper's words ("element-wise multiplication with sigmoid gate scores (no hard top-k ...)") first.
 READINGS = {
     "sigmoid": dict(soft_mask="sigmoid", soft_renormalize=False),
@@ -158,7 +158,7 @@ class ModelConfig:
 
 @dataclass
 class Routing:
-    """Which keys each query row attends to. SPEC's routing table; `k` counts causal keys kept per row.
+    """Which keys each query row attends to (docs/method.md, "Routing modes"); `k` counts causal keys kept per row.
 
     soft-gate readings (the paper only says "element-wise multiplication with sigmoid gate scores"; READINGS):
       soft_mask="sigmoid":      m = sigmoid(G / soft_temperature). (default, DEFAULT_READING)

@@ -1,6 +1,6 @@
 """Post-hoc gates: train only fresh gate projections on a frozen model, save and attach them.
 
-Objectives (SPEC, paper sections 3.3 and 4.2-4.3), per layer, head and query row over causal keys:
+Objectives (docs/method.md, "Losses"; paper sections 3.3 and 4.2-4.3), per layer, head and query row over causal keys:
   kl   KL(A || softmax(G)), A the frozen model's dense attention weights, averaged over rows and layers
   bce  binary cross-entropy of G (as logits) against the oracle top-k mask of S
   lm   ("task") the language-model loss through the soft gate, model frozen (the paper's Table 5)
