@@ -392,6 +392,7 @@ def cmd_hf_eval(args) -> None:
         else:
             res = hf_perplexity(model, ids, r, context=args.context, batch_size=args.batch_size,
                                 max_tokens=args.max_tokens, progress=not args.quiet)
+        finite_result(res, f"{args.model} under {r.label()}")
         block = r.is_block
         rows.append(dict(routing=r.mode, k=None if r.mode == "dense" else r.block_k if block else r.k,
                          block_size=r.block_size if block else None, label=r.label(), ppl=res["ppl"], nll=res["nll"],
