@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Block-sparse attention speed (issue 14): dense SDPA (flash) against gatelab's block-sparse flex_attention
+"""Block-sparse attention speed: dense SDPA (flash) against gatelab's block-sparse flex_attention
 path, with the block gate's own selections, at SmolLM2-135M's attention shape.
 
     PYTHONPATH=src python benchmarks/bench_block.py --budget-minutes 4                  # GPU, random weights
@@ -43,7 +43,7 @@ from gatelab.config import Routing  # noqa: E402
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
 TINY = dict(layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=101)
-TARGETS = [("8x8192", 0.875, 2.0), ("1x32768", 0.875, 2.5)]  # issue 14: attention forward vs dense flash
+TARGETS = [("8x8192", 0.875, 2.0), ("1x32768", 0.875, 2.5)]  # the targets: attention forward vs dense flash
 
 
 def sync(device):
@@ -175,7 +175,7 @@ def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, check
                 scores = previous_block_rows(gate(x, bs).float())
                 keep = select_blocks(scores, bk)
                 # what a routing builds (blocks.block_mask_from_scores: top-k indices, causal mask_mod, no
-                # query-side lists without a backward pass), and the keep-mask build before it (issue 14's first
+                # query-side lists without a backward pass), and the keep-mask build before it (the first
                 # measurement: select_blocks, argsort, a mask_mod that reads the keep-mask)
                 bm = block_mask_from_scores(scores, bk, bs, T, backward=False)
                 bm_keep = build_block_mask(keep, bs, T, mask_mod="selection")
@@ -323,7 +323,7 @@ def markdown(data: dict) -> str:
              f"ideal = causal tiles / kept tiles. Times are medians of {data['iters']} calls after {data['warmup']}.",
              "", "## Attention (one layer)", "",
              "*flex ms* and *gate + mask ms* are what a block routing runs (the BlockMask built straight from the "
-             "top-k block indices, a causal mask_mod on the diagonal blocks); the *before* columns are issue 14's first "
+             "top-k block indices, a causal mask_mod on the diagonal blocks); the *before* columns are the first "
              "build, timed in the same run: a keep-mask, argsort and a mask_mod that reads the keep-mask.", "",
              "| batch x tokens | sparsity (k) | ideal | dense ms | flex ms | speed-up | gate + mask ms | speed-up with "
              "gate | flex ms before | gate + mask ms before | dense / flex MiB | fwd+bwd dense ms | fwd+bwd flex ms | "
@@ -366,7 +366,7 @@ def markdown(data: dict) -> str:
             lines.append(f"| {r['tokens']} | {r['routing']} | {fmt(r['sparsity'])} | {r['ppl']:.3f} | "
                          f"{r['eval_tokens']} |")
         lines += ["", f"Text: {data['ppl'][0].get('source', '')}."]
-    lines += ["", "## Targets (issue 14)", ""] + [f"- {t}" for t in data["targets"]]
+    lines += ["", "## Targets", ""] + [f"- {t}" for t in data["targets"]]
     lines += ["", "## Checks", ""] + [f"- {c['shape']} k={c['block_k']}: flex vs masked path max |diff| "
                                       f"{c['max_abs_err']:.2e} (tolerance {c['tol']:.0e}): {'ok' if c['ok'] else 'FAIL'}"
                                       for c in data["checks"]]

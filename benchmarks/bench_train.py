@@ -306,7 +306,7 @@ def main() -> None:
                  "output-head loss; *fast*: the default on one GPU, as *compiled* plus CUDA graphs (mode "
                  "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
                  f"({peak} TFLOP/s). *fast-sort*: *fast* without kernels.py (the row sort, the scattered mask, the "
-                 "explicit soft gate: the fast path before issue 15); *fast-flexhard*: *fast* with the keep-mask applied "
+                 "explicit soft gate: the fast path before the selection kernel); *fast-flexhard*: *fast* with the keep-mask applied "
                  "by flex_attention instead of SDPA's boolean mask; *fast-chunk8k*: *fast* with the fused loss over "
                  "8,192 rows of logits at once (default 2,048); *fast-explicit* / *fast-fused*: *fast* with the soft gate's "
                  "explicit path (G, S and the mask in memory) / its fused flash-style kernel "

@@ -10,7 +10,7 @@
 #       bash scripts/carry_smollm2.sh receive && bash scripts/carry_smollm2.sh assemble && bash scripts/position_gate_study.sh study 6
 #   device calls 3, 4 (no carry; the machine is still warm, so /tmp/smollm2 and runs/ are still there), timeout 590:
 #       bash scripts/position_gate_study.sh study 7        # until it prints "study: all units done"
-#   then, with the variant V the table picks (and hf_gates.DEFAULT_POSITION set to it):
+#   then, with the variant V the table picks (and config.DEFAULT_POSITION set to it):
 #       bash scripts/position_gate_study.sh table6 V 7     # Table 6 with V gates (BCE at k = 64/128/256)
 #   optionally Gemma-3-270M (carried with scripts/carry_gemma3.sh, five calls; /tmp/gemma3): Table 9 and the KL gates
 #   at d_gate 32 of the pre-RoPE variant and of V, into results/pretrained-gemma3/:

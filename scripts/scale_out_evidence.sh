@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for data-parallel training and GPU sweeps (issue 7), on a machine with 2 GPUs:
+# Evidence for data-parallel training and GPU sweeps, on a machine with 2 GPUs:
 #   bash scripts/scale_out_evidence.sh [OUT]        (default OUT: results/scale-out)
 # 1. the same dense run (global batch 16 x 512, seed 0, 600 steps) on 1 GPU and under torchrun on 2 GPUs;
 # 2. the same 4 compact units (300 training steps each) run one after another on 1 GPU and with --gpus 2.

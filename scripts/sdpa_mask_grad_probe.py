@@ -1,4 +1,4 @@
-"""Why the renormalised soft gate failed on CUDA when only the gate trains (issue 12): a probe of PyTorch's SDPA.
+"""Why the renormalised soft gate failed on CUDA when only the gate trains: a probe of PyTorch's SDPA.
 
 Calls F.scaled_dot_product_attention with a float attn_mask that requires grad while q/k/v do or do not, on every
 SDPA backend that accepts the call, and prints whether backward works. gatelab's fix (routing.routed_attention)

@@ -1,4 +1,4 @@
-"""Why does the `topk-sigmoid` soft gate diverge when it is learned? Per-step measurements (issue 12).
+"""Why does the `topk-sigmoid` soft gate diverge when it is learned? Per-step measurements.
 
 Trains the compact protocol's Experiment 1 runs (the same configs as `gatelab reproduce --protocol compact`) for the
 first --steps steps with TrainConfig.log_gate_stats on, for a few readings and learned / frozen random gates, and

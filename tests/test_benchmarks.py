@@ -40,4 +40,4 @@ def test_bench_block_smoke(tmp_path):
     assert [row["routing"] for row in data["ppl"]] == ["dense", "block-oracle@b=16,k=1", "block-random@b=16,k=1",
                                                        "block-gate@b=16,k=1"]
     md = (tmp_path / "block-cpu.md").read_text()
-    assert "## Targets (issue 14)" in md and "8x8192 at 87.5% block sparsity: not measured" in md
+    assert "## Targets" in md and "8x8192 at 87.5% block sparsity: not measured" in md

@@ -1,4 +1,4 @@
-"""Block routing (issue 14): block selection, the flex_attention path against a dense reference, block-random's
+"""Block routing: block selection, the flex_attention path against a dense reference, block-random's
 prefix consistency, gradients, post-hoc block gates on gatelab's GPT and on Hugging Face models."""
 import json
 import math

@@ -193,8 +193,11 @@ def test_many_small_documents_keep_the_document_split_when_it_is_large_enough(tm
         (folder / f"{i:03d}.txt").write_text(f"Document {i} is about a ship and a whale. " * 3)
     meta = prepare("text", tmp_path / "out", source=str(folder), context=16, progress=False)
     assert meta["split_by"] == "document" and min(meta["tokens"].values()) >= 17
-    # at context 512 the 1% splits are too small for a window: cut by tokens, one window each
-    meta = prepare("text", tmp_path / "out", source=str(folder), context=512, progress=False)
+    # at context 512 the 1% splits are too small for a window: cut by tokens, one window each (other tokens than
+    # the folder holds: replacing them takes force=True)
+    with pytest.raises(GatelabError, match="already holds other prepared data"):
+        prepare("text", tmp_path / "out", source=str(folder), context=512, progress=False)
+    meta = prepare("text", tmp_path / "out", source=str(folder), context=512, progress=False, force=True)
     assert meta["split_by"] == "tokens" and meta["tokens"]["validation"] == meta["tokens"]["test"] == 513
 
 
@@ -240,8 +243,8 @@ def test_failed_write_leaves_nothing_and_a_rewrite_keeps_other_files(tmp_path, m
     monkeypatch.undo()
     prepare("text", out, source=str(src), context=9, progress=False)
     (out / "notes.md").write_text("mine")
-    src.write_text(_text(300))  # another input: prepared again into the same folder
-    meta = prepare("text", out, source=str(src), context=9, progress=False)
+    src.write_text(_text(300))  # another input: prepared again into the same folder (force: it replaces data)
+    meta = prepare("text", out, source=str(src), context=9, progress=False, force=True)
     assert (out / "notes.md").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "notes.md", "test.bin", "train.bin",
                                                      "validation.bin"]

@@ -282,5 +282,10 @@ def test_hf_audit_random_control_is_the_gates_exact_initialisation(tmp_path):
                 progress=False)
     res = hf_audit(model, tmp_path / "kl", ids, k=4, context=T, batch_size=4, max_tokens=400)
     learned, rand, oracle = (r["ppl"] for r in res["rows"][:3])
-    assert learned != rand and res["summary"]["random_to_oracle_gap_closed"] == pytest.approx(
-        (rand - learned) / (rand - oracle))
+    s = res["summary"]
+    assert learned != rand and s["oracle_vs_random"] == pytest.approx((rand - oracle) / rand)
+    if s["gap_too_small"]:  # random weights: the oracle may be hardly better than random; then no share is given
+        from gatelab.analyze import MIN_ORACLE_GAIN
+        assert s["random_to_oracle_gap_closed"] is None and s["oracle_vs_random"] < MIN_ORACLE_GAIN
+    else:
+        assert s["random_to_oracle_gap_closed"] == pytest.approx((rand - learned) / (rand - oracle))

@@ -571,7 +571,7 @@ def export_block_gate(model, cfg, out_dir):
     from .checkpoint import MODEL_FILE, find_checkpoint
     from .config import to_dict, write_json
     from .data import sha256_file
-    from .distill import GATE_META, GATE_WEIGHTS
+    from .distill import GATE_META, GATE_WEIGHTS, trained_on
     out = Path(out_dir)
     state = {f"blocks.{i}.{name}": p.detach().cpu().contiguous()
              for i, b in enumerate(model.blocks) for name, p in (("wq", b.attn.block_gate.wq),
@@ -582,7 +582,7 @@ def export_block_gate(model, cfg, out_dir):
                 n_head=model.cfg.n_head, d_model=model.cfg.d_model, d_gate=model.cfg.d_gate,
                 block_pool=model.cfg.block_pool, block_size=cfg.routing.block_size, block_k=cfg.routing.block_k,
                 loss=cfg.objective, steps=cfg.steps, seed=cfg.seed, routing=to_dict(cfg.routing),
-                block_rows=BLOCK_ROWS)
+                block_rows=BLOCK_ROWS, data_fingerprint=trained_on(cfg))
     tmp = out / (GATE_WEIGHTS + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(out / GATE_WEIGHTS)

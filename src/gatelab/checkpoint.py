@@ -111,14 +111,25 @@ def read_trainer(path: str | Path) -> dict:
         raise GatelabError(f"{f} is corrupt: {e}") from None
 
 
+def check_finite(state: dict, where: str) -> dict:
+    """Raise unless every floating-point tensor of `state` is finite: a file whose values were damaged (its header
+    intact) would otherwise load and evaluate to NaN."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise GatelabError(f"{where} holds non-finite values (NaN or infinity) in {len(bad)} tensor(s), e.g. "
+                           f"{', '.join(bad[:3])}: the file is corrupt")
+    return state
+
+
 def load_state(path: str | Path, fname: str = MODEL_FILE) -> dict:
     f = Path(path) / fname
     if not f.is_file():
         raise GatelabError(f"checkpoint {path} lacks {fname}")
     try:
-        return load_file(str(f))
+        state = load_file(str(f))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise GatelabError(f"checkpoint file {f} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    return check_finite(state, f"checkpoint file {f}")
 
 
 def load_weights(model: torch.nn.Module, state: dict, where: str, strict: bool = True) -> None:

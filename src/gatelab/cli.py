@@ -7,9 +7,9 @@ import math
 import sys
 from pathlib import Path
 
-from .config import (ALL_ROUTING_MODES, BLOCK_MODES, BLOCK_POOLS, DEFAULT_READING, READINGS, SOFT_MASKS, GatelabError,
-                     Routing, load_train_config, soft_gate_routing, write_json)
-from .hf_gates import DEFAULT_POSITION, POSITION_HELP, POSITIONS
+from .config import (ALL_ROUTING_MODES, BLOCK_MODES, BLOCK_POOLS, DEFAULT_POSITION, DEFAULT_READING, POSITION_HELP,
+                     POSITIONS, READINGS, SOFT_MASKS, GatelabError, Routing, check_writable, load_train_config,
+                     soft_gate_routing, write_json)
 from .progress import keep_freed_memory
 from .report import format_table
 
@@ -155,14 +155,16 @@ def cmd_info(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .data import prepare
-    out = args.out or f"data/prepared/{args.corpus}"
+    from .data import prepare, prepared_folder
+    if args.out and args.name:
+        raise GatelabError("give --out DIR or --name NAME, not both")
+    out = args.out or str(prepared_folder(args.corpus, args.source, args.name))
     meta = prepare(args.corpus, out, source=args.source, context=args.context, force=args.force,
                    progress=not args.quiet)
     cut = " (cut by tokens: too few or too long documents to split by document)" if meta.get("split_by") == \
         "tokens" else ""
     print(f"prepared {args.corpus} in {out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in meta["tokens"].items())
-          + cut)
+          + cut + f"; fingerprint {meta['fingerprint']['id']} (train on it with data={out})")
 
 
 def cmd_train(args) -> None:
@@ -193,24 +195,49 @@ def print_summary(summary: dict, out: str) -> None:
 
 
 def load_for_evaluation(args):
-    """The checkpoint's model on the chosen device, with --gate attached when given."""
+    """The checkpoint's model on the chosen device, with --gate attached when given (its gate.json in
+    args.gate_meta, else None)."""
     from .checkpoint import load_model
     from .evaluate import resolve_device
     device = resolve_device(args.device)
     model, trainer = load_model(args.checkpoint, device=device)
+    args.gate_meta = None
     if args.gate:
         from .distill import attach_gate
-        attach_gate(model, args.gate, args.checkpoint, allow_other_base=args.allow_other_base)
+        args.gate_meta = attach_gate(model, args.gate, args.checkpoint, allow_other_base=args.allow_other_base)
     return model, trainer, device
+
+
+def load_checked_data(args, trainer: dict):
+    """--data (default: the checkpoint's training data) at --split, refused unless it is the data the checkpoint
+    and --gate were trained on (their recorded fingerprints; --allow-other-data: a warning instead)."""
+    from .data import TokenData, check_same_data
+    data = TokenData(args.data or trainer["config"]["data"], args.split)
+    check_same_data(trainer.get("data_fingerprint"), data, f"checkpoint {args.checkpoint}", args.allow_other_data)
+    if getattr(args, "gate_meta", None):
+        check_same_data(args.gate_meta.get("data_fingerprint"), data, f"gate {args.gate}", args.allow_other_data)
+    return data
+
+
+def finite_result(res: dict, what: str) -> dict:
+    """An evaluation result, refused when its perplexity is not a finite number (a damaged model, an overflow)."""
+    if not (math.isfinite(res["nll"]) and math.isfinite(res["ppl"])):
+        raise GatelabError(f"{what}: the evaluation gave a non-finite loss ({res['nll']}): the model's outputs are "
+                           f"not finite numbers, so there is no perplexity to report")
+    return res
+
+
+def add_other_data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-other-data", action="store_true", help="use --data even though its fingerprint differs "
+                   "from the data the checkpoint (or gate) was trained on (a warning instead of an error)")
 
 
 def cmd_eval(args) -> None:
     import torch
-    from .data import TokenData
     from .evaluate import perplexity
     model, trainer, device = load_for_evaluation(args)
-    data_dir = args.data or trainer["config"]["data"]
-    data = TokenData(data_dir, args.split)
+    data = load_checked_data(args, trainer)
+    data_dir = data.folder
     rows = []
     torch.manual_seed(args.seed)
     for routing in routings_from_args(args, model.cfg.context, _gate_block_size(args.gate)):
@@ -219,8 +246,9 @@ def cmd_eval(args) -> None:
         if routing.needs_block_gate and not model.block_gates():
             raise GatelabError(f"--routing {routing.mode} needs a block gate: this checkpoint has none; pass --gate "
                                f"GATE (from `gatelab distill --block-size ...`)")
-        res = perplexity(model, data, routing, args.batch_size, args.max_tokens, progress=not args.quiet,
-                         desc=routing.label())
+        res = finite_result(perplexity(model, data, routing, args.batch_size, args.max_tokens,
+                                       progress=not args.quiet, desc=routing.label()),
+                            f"{args.checkpoint} under {routing.label()}")
         rows.append(dict(routing=routing.mode, k=None if routing.mode == "dense" else
                          routing.block_k if routing.is_block else routing.k,
                          block_size=routing.block_size if routing.is_block else None,
@@ -231,7 +259,8 @@ def cmd_eval(args) -> None:
     print(format_table(rows, ["routing", "k"] + (["block_size"] if block else []) + ["ppl", "nll", "tokens"]))
     if args.json:
         write_json(args.json, dict(checkpoint=str(args.checkpoint), gate=args.gate, split=args.split,
-                                   data=str(data_dir), device=str(device), results=rows))
+                                   data=str(data_dir), data_fingerprint=data.fingerprint["id"], device=str(device),
+                                   results=rows))
 
 
 def cmd_distill(args) -> None:
@@ -241,7 +270,8 @@ def cmd_distill(args) -> None:
              if args.block_size else None)
     cfg = distill_config(args.checkpoint, args.loss, k=args.k, d_gate=args.d_gate, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_control=args.random_control,
-                         data=args.data, reading=args.reading, block=block, block_pool=args.block_pool)
+                         data=args.data, reading=args.reading, block=block, block_pool=args.block_pool,
+                         allow_other_data=args.allow_other_data)
     cfg = train_config_from_dict(apply_overrides(to_dict(cfg), list(args.overrides) +
                                                  (REFERENCE_OVERRIDES if args.reference else []))).validate()
     if args.random_control:  # nothing trains: export the frozen random gate of the same initialisation
@@ -255,10 +285,9 @@ def cmd_distill(args) -> None:
 
 def cmd_analyze(args) -> None:
     from .analyze import analyze, ensure_gate
-    from .data import TokenData
     model, trainer, _ = load_for_evaluation(args)
+    data = load_checked_data(args, trainer)
     note = f"gate {args.gate}" if args.gate else ensure_gate(model, args.seed)
-    data = TokenData(args.data or trainer["config"]["data"], args.split)
     for k in args.k:
         Routing(mode="oracle-topk", k=k).validate(model.cfg.context)
     out = args.out or str(Path(args.checkpoint).parent / "analysis")
@@ -270,7 +299,6 @@ def cmd_analyze(args) -> None:
 
 def cmd_audit(args) -> None:
     from .analyze import audit
-    from .data import TokenData
     if args.model:  # a Hugging Face model with gates saved by hf-distill
         from .evaluate import resolve_device
         from .hf import encode_corpus, hf_audit, load_pretrained
@@ -279,7 +307,7 @@ def cmd_audit(args) -> None:
         if not args.gate or args.checkpoint:
             raise GatelabError("audit --model DIR needs --gate GATES (saved by gatelab hf-distill) and no checkpoint")
         model, tok = load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
-        ids = encode_corpus(tok, "bundled", args.split)
+        ids = encode_corpus(tok, "bundled", args.split, progress=True)
         res = hf_audit(model, args.gate, ids, args.k, max_tokens=args.max_tokens,
                        allow_other_base=args.allow_other_base, progress=True, position=args.position)
         print(f"gate variant: {res['position']}", file=sys.stderr)
@@ -291,15 +319,15 @@ def cmd_audit(args) -> None:
         raise GatelabError("audit needs a gatelab checkpoint (RUN/checkpoint), or --model DIR --gate GATES")
     model, trainer, _ = load_for_evaluation(args)
     Routing(mode="gate-topk", k=args.k).validate(model.cfg.context)
-    meta = None
-    if args.gate:
-        from .distill import read_gate
-        meta = read_gate(args.gate)[0]
+    meta = args.gate_meta
+    data = load_checked_data(args, trainer)
     control = None
     if args.control:
         from .checkpoint import load_model
-        control = load_model(args.control, device=next(model.parameters()).device)[0]
-    data = TokenData(args.data or trainer["config"]["data"], args.split)
+        from .data import check_same_data
+        control, control_trainer = load_model(args.control, device=next(model.parameters()).device)
+        check_same_data(control_trainer.get("data_fingerprint"), data, f"control {args.control}",
+                        args.allow_other_data)
     res = audit(model, trainer, data, args.k, gate_meta=meta, max_tokens=args.max_tokens, control=control)
     _print_audit(res, args)
 
@@ -309,13 +337,25 @@ def _better(gain: float) -> str:
     return f"{100 * gain:.1f}% better" if gain >= 0 else f"{-100 * gain:.1f}% worse"
 
 
+def _gap_words(s: dict) -> str:
+    """What the audit can say about the share of the random-to-oracle gap the learned gate closes."""
+    closed = s.get("random_to_oracle_gap_closed")
+    if closed is not None:
+        if closed > 1:
+            return f"; it does better than the oracle top-k (closes {100 * closed:.1f}% of the random-to-oracle gap)"
+        return f" and closes {100 * closed:.1f}% of the random-to-oracle gap"
+    if "oracle_vs_random" in s:
+        from .analyze import MIN_ORACLE_GAIN
+        return (f"; the oracle top-k is only {_better(s['oracle_vs_random'])} than the random gate, under the "
+                f"{100 * MIN_ORACLE_GAIN:g}% needed: the random-to-oracle gap is too small to measure a share of it")
+    return ""
+
+
 def _print_audit(res: dict, args) -> None:
     print(format_table(res["rows"], ["model", "routing", "ppl"]))
     s = res["summary"]
-    closed = s["random_to_oracle_gap_closed"]
     print(f"\nhard top-{args.k}: the learned gate is {_better(s['learned_vs_random'])} than a frozen random "
-          f"gate of the same form" + (f" and closes {100 * closed:.1f}% of the random-to-oracle gap" if closed is not
-                                      None else ""))
+          f"gate of the same form" + _gap_words(s))
     if "soft_learned_vs_random" in s:
         print(f"under its training routing: {_better(s['soft_learned_vs_random'])} than random")
     for routing, gain in s.get("learned_vs_control", {}).items():
@@ -334,7 +374,7 @@ def cmd_hf_eval(args) -> None:
         from .blocks_hf import encode_long_documents
         docs = encode_long_documents(tok, args.context, args.corpus, args.split, args.source)
     else:
-        ids = encode_corpus(tok, args.corpus, args.split, args.source, context=args.context)
+        ids = encode_corpus(tok, args.corpus, args.split, args.source, context=args.context, progress=not args.quiet)
     routings = routings_from_args(args, args.context, _gate_block_size(args.gate))
     if args.gate:
         from .hf import load_gates
@@ -352,6 +392,7 @@ def cmd_hf_eval(args) -> None:
         else:
             res = hf_perplexity(model, ids, r, context=args.context, batch_size=args.batch_size,
                                 max_tokens=args.max_tokens, progress=not args.quiet)
+        finite_result(res, f"{args.model} under {r.label()}")
         block = r.is_block
         rows.append(dict(routing=r.mode, k=None if r.mode == "dense" else r.block_k if block else r.k,
                          block_size=r.block_size if block else None, label=r.label(), ppl=res["ppl"], nll=res["nll"],
@@ -376,7 +417,7 @@ def cmd_hf_distill(args) -> None:
         from .blocks_hf import encode_long_documents
         ids = [t for doc in encode_long_documents(tok, args.context, args.corpus, "train", args.source) for t in doc]
     else:
-        ids = encode_corpus(tok, args.corpus, "train", args.source, context=args.context)
+        ids = encode_corpus(tok, args.corpus, "train", args.source, context=args.context, progress=not args.quiet)
     k = args.k
     if args.block_size:  # block gates, distilled against each layer's pooled attention mass
         from .blocks_hf import attach_block_gates
@@ -497,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the bundled corpus: train a small dense and a soft-gated "
                        "model, evaluate both under several routings, print a table (minutes on CPU)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=POS_INT, default=200, help="training steps per model (default 200)")
+    p.add_argument("--steps", type=POS_INT, default=100, help="training steps per model (default 100)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -509,13 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenise a corpus into uint16 token files")
     p.add_argument("--corpus", default="bundled", choices=("bundled", "wikitext-103", "wikitext-2", "text"))
     p.add_argument("--source", help="wikitext: folder with wiki.{train,valid,test}.raw; text: a file or folder")
-    p.add_argument("--out", help="output folder (default data/prepared/CORPUS)")
+    p.add_argument("--out", help="output folder (default data/prepared/bundled for the bundled corpus, else "
+                   "data/prepared/CORPUS-HASH, HASH a short hash of --source's path, or data/prepared/NAME)")
+    p.add_argument("--name", help="prepare into data/prepared/NAME")
     p.add_argument("--context", type=POS_INT, default=512,
                    help="the model context you will train with (default 512, the model's default): the train split "
                         "must hold one window of context+1 tokens and validation and test 2 tokens each; a text "
                         "corpus whose documents are too few or too long to split 98/1/1 with a full window in every "
                         "split is cut by tokens instead")
-    p.add_argument("--force", action="store_true", help="tokenise again even if the output is current")
+    p.add_argument("--force", action="store_true", help="tokenise again even if the output is current, and replace "
+                   "an output folder that holds other data (runs trained on that data will then refuse it)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -538,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a gate distilled on another checkpoint (the paper's Experiment 3)")
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     p.add_argument("--data", help="prepared corpus folder (default: the one the checkpoint was trained on)")
+    add_other_data_arg(p)
     p.add_argument("--batch-size", type=POS_INT, default=16)
     p.add_argument("--max-tokens", type=NONNEG_INT, default=0, help="evaluate only about this many tokens (0 = all)")
     p.add_argument("--device", default="auto")
@@ -561,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=POS_INT, default=64, help="keys kept per query under hard top-k (default 64)")
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     p.add_argument("--data", help="prepared corpus folder (default: the checkpoint's)")
+    add_other_data_arg(p)
     p.add_argument("--max-tokens", type=NONNEG_INT, default=0, help="evaluate only about this many tokens (0 = all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when there is one)")
     p.add_argument("--json", help="also write the table and the summary to this JSON file")
@@ -636,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="every 31M-model experiment of the paper as resumable units, and a report")
     p.add_argument("--protocol", choices=("paper", "compact", "smoke"), default="compact",
-                   help="paper: SPEC's settings on WikiText-103; compact: the bundled corpus (default); "
+                   help="paper: the paper's settings on WikiText-103 (docs/method.md); compact: the bundled corpus (default); "
                         "smoke: a tiny model in minutes on CPU")
     p.add_argument("--only", type=_csv(str), help="comma-separated units or experiments (exp1, exp2, exp3, exp4, "
                    "table4, table5, figure1, baseline, readings, block, regime, or unit-name prefixes)")
@@ -700,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"--loss task: the soft-gate reading trained through (default {DEFAULT_READING}, the "
                         f"reading study's choice; README)")
     p.add_argument("--data", help="prepared corpus folder (default: the base checkpoint's)")
+    add_other_data_arg(p)
     add_block_gate_args(p)
     p.add_argument("--out", required=True, help="run directory; the gate is written to OUT/gate.{json,safetensors}")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
@@ -716,7 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=POS_INT, default=4)
     p.add_argument("--batch-size", type=POS_INT, default=8)
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
-    p.add_argument("--data")
+    p.add_argument("--data", help="prepared corpus folder (default: the checkpoint's)")
+    add_other_data_arg(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=NONNEG_INT, default=0)
     p.add_argument("--out", help="output folder (default: next to the checkpoint, analysis/)")
@@ -742,8 +790,8 @@ def main(argv: list[str] | None = None) -> int:
             return e.code
     keep_freed_memory()
     try:
-        if getattr(args, "json", None) and Path(args.json).is_dir():  # refuse before the work, not after it
-            raise GatelabError(f"--json {args.json} is a folder; give the name of a file to write")
+        if getattr(args, "json", None):  # refuse before the work, not after it
+            check_writable(args.json, "--json")
         args.func(args)
     except GatelabError as e:
         print(f"gatelab: error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ BLOCK_MODES = ("block-oracle", "block-gate", "block-random", "block-soft")
 ALL_ROUTING_MODES = ROUTING_MODES + BLOCK_MODES
 BLOCK_POOLS = ("mean", "max-min")  # how a block gate pools its keys' inputs (queries are always mean-pooled)
 SOFT_MASKS = ("topk-sigmoid", "sigmoid")
-# The soft-gate readings of SPEC (Routing fields), in the order of the tie-break of the reading study: closest to
+# The soft-gate readings (docs/method.md; Routing fields), in the order of the tie-break of the reading study: closest to
 # the paper's words ("element-wise multiplication with sigmoid gate scores (no hard top-k ...)") first.
 READINGS = {
     "sigmoid": dict(soft_mask="sigmoid", soft_renormalize=False),
@@ -40,6 +40,17 @@ READINGS = {
 # The default reading: the one that satisfies most of the paper's stated facts in the reading study
 # (report.READING_FACTS, results/compact/REPORT.md); a test checks that the committed study still picks it.
 DEFAULT_READING = "sigmoid"
+# Gate variants of the Hugging Face adapter (hf_gates.py; here so that the command line needs no torch to list them).
+POSITIONS = ("none", "rope", "qk")
+# The variant hf-distill, `reproduce --suite pretrained --position` and attach_gates use when none is named, and so
+# the gates `gatelab audit --model` audits by default. Chosen by pretrained.POSITION_RULE from the study on
+# SmolLM2-135M (results/pretrained/REPORT.md, H100): KL gates at d_gate 32/64 deployed at hard top-64/128/256 came
+# within a geometric mean of 0.17% (rope) and 0.19% (qk) of the oracle, against 13.0% for the pre-RoPE gate (none).
+DEFAULT_POSITION = "rope"
+POSITION_HELP = ("none: the gate reads the layer's normed input before RoPE (no position); rope: the model's own "
+                 "rotary embedding on the gate's query and key (d_gate/2 rotary pairs at the model's frequencies, "
+                 "plus per-head biases that score pure relative position); qk: low-rank maps of the model's own "
+                 "post-RoPE queries and keys")
 GATE_KINDS = ("none", "learned", "random")
 OBJECTIVES = ("lm", "kl", "bce")
 COMPILE_CHOICES = ("auto", True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -150,7 +161,7 @@ class ModelConfig:
 
 @dataclass
 class Routing:
-    """Which keys each query row attends to. SPEC's routing table; `k` counts causal keys kept per row.
+    """Which keys each query row attends to (docs/method.md, "Routing modes"); `k` counts causal keys kept per row.
 
     soft-gate readings (the paper only says "element-wise multiplication with sigmoid gate scores"; READINGS):
       soft_mask="sigmoid":      m = sigmoid(G / soft_temperature). (default, DEFAULT_READING)
@@ -376,8 +387,27 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout (an editable install), whose examples name
+# data/prepared/bundled relative to it
+
+
+def resolve_config_data(data: Any, config_path: str | os.PathLike) -> Any:
+    """A config file's relative `data` path, resolved against the config file's folder (against the project root
+    for the configs inside the project, e.g. experiments/*.json), so that a run reads the same data wherever it is
+    started from. Kept as written when it names the same folder from the working directory (so that runs written
+    before keep their config); an absolute path otherwise."""
+    if not isinstance(data, str) or not data or Path(data).is_absolute():
+        return data
+    config_dir = Path(config_path).resolve().parent
+    base = PROJECT_ROOT if config_dir.is_relative_to(PROJECT_ROOT) else config_dir
+    target = base / data
+    return data if target.resolve() == (Path.cwd() / data).resolve() else str(target)
+
+
 def load_train_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     data = read_config_file(path) if path else {}
+    if "data" in data and not any(o.split("=", 1)[0].strip() == "data" for o in overrides):
+        data["data"] = resolve_config_data(data["data"], path)  # a `data=` override is relative to where it's typed
     data = apply_overrides(data, list(overrides))
     try:
         cfg = _build(TrainConfig, data, "")
@@ -406,8 +436,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename (with the mode the
     umask gives new files, not tempfile's private 0600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file asked for, not the temporary one beside it
+        raise GatelabError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -419,6 +452,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Raise unless a file can be written at `path` (its folder exists or can be made, and is writable): checked
+    before a command computes what it would write there."""
+    path = Path(path)
+    if path.is_dir():
+        raise GatelabError(f"{option} {path} is a folder; give the name of a file to write")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise GatelabError(f"{option} {path}: cannot write there ({folder} is not a writable folder)")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

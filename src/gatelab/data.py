@@ -13,6 +13,7 @@ import json
 import lzma
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -73,11 +74,10 @@ def read_bundled() -> Iterator[tuple[str, str]]:
 
 
 def normalise_text(text: str) -> str:
-    """Text as the tokenizer should see it: no leading byte-order mark (U+FEFF), and CRLF / lone CR line ends
-    turned into LF (so that a file saved on Windows tokenises like the same file saved on Linux)."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    """Text as the tokenizer should see it: no byte-order mark (U+FEFF, at the start or inside, where files that
+    each began with one were concatenated), and CRLF / lone CR line ends turned into LF (so that a file saved on
+    Windows tokenises like the same file saved on Linux)."""
+    return text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_utf8(path: Path) -> str:
@@ -251,6 +251,9 @@ def prepare(corpus: str, out_dir: str | Path, source: str | None = None, context
         except json.JSONDecodeError:
             meta = {}
         if _is_current(meta, source_id, out_dir, context):
+            if not isinstance(meta.get("fingerprint"), dict):  # prepared before fingerprints: record it now
+                meta["fingerprint"] = folder_fingerprint(out_dir, meta)
+                write_json(meta_path, meta)
             return meta
     docs = [(split, enc.encode_ordinary(text)) for split, text in
             progress_bar(corpus_documents(corpus, source), desc=f"tokenising {corpus}", unit="doc",
@@ -266,8 +269,88 @@ def prepare(corpus: str, out_dir: str | Path, source: str | None = None, context
     meta = dict(corpus=corpus, source=str(source) if source else None, source_id=source_id, tokenizer="gpt2",
                 vocab_size=enc.n_vocab, eot=EOT, dtype="uint16", tokens={s: len(a) for s, a in arrays.items()},
                 split_by=how, context=context)
+    meta["fingerprint"] = fingerprint_of(meta, {s: hashlib.sha256(a.tobytes()).hexdigest() for s, a in arrays.items()})
+    if not force:
+        refuse_overwrite(out_dir, meta["fingerprint"])
     _write_prepared(out_dir, arrays, meta)
     return meta
+
+
+def prepared_folder(corpus: str, source: str | None = None, name: str | None = None) -> Path:
+    """Where `gatelab prepare` writes a corpus by default: data/prepared/NAME when a name is given, else
+    data/prepared/bundled (and data/prepared/wikitext-103 etc. read through Hugging Face), else, for a source
+    folder or file, data/prepared/CORPUS-HASH with HASH a short hash of the source's absolute path: each source
+    gets its own folder, so preparing a second one never replaces the first."""
+    root = Path("data") / "prepared"
+    if name is not None:
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise GatelabError(f"--name must be a plain folder name (no '/'), got {name!r}")
+        return root / name
+    if corpus == "bundled" or not source:
+        return root / corpus
+    return root / f"{corpus}-{hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fingerprints: which tokens a prepared corpus holds (recorded by checkpoints and gates, checked on use)
+
+def fingerprint_of(meta: dict, sha256: dict) -> dict:
+    """The fingerprint of prepared data: what it is (corpus, source, tokenizer, split sizes) and the sha256 of each
+    token file. `id` hashes the tokenizer and the token files only: the same tokens prepared from a source that
+    moved keep their id."""
+    h = hashlib.sha256(str(meta.get("tokenizer")).encode())
+    for split in SPLITS:
+        h.update(f"\n{split}:{sha256.get(split)}".encode())
+    return dict(id=h.hexdigest()[:16], corpus=meta.get("corpus"), source=meta.get("source"),
+                tokenizer=meta.get("tokenizer"), tokens=meta.get("tokens"), sha256=dict(sha256))
+
+
+def folder_fingerprint(folder: str | Path, meta: dict | None = None) -> dict:
+    """The fingerprint a prepared folder's meta.json records, or, for folders prepared before fingerprints were
+    recorded, the one computed from its token files."""
+    folder = Path(folder)
+    if meta is None:
+        meta = json.loads((folder / "meta.json").read_text())
+    if isinstance(meta.get("fingerprint"), dict) and meta["fingerprint"].get("id"):
+        return meta["fingerprint"]
+    return fingerprint_of(meta, {s: sha256_file(folder / f"{s}.bin") if (folder / f"{s}.bin").is_file() else None
+                                 for s in SPLITS})
+
+
+def describe_data(fp: dict) -> str:
+    """'text from /x/book.txt, 12,345 train tokens, fingerprint 0123abcd...' for messages."""
+    train = (fp.get("tokens") or {}).get("train")
+    return (f"{fp.get('corpus')}" + (f" from {fp['source']}" if fp.get("source") else "")
+            + (f", {train:,} train tokens" if isinstance(train, int) else "") + f", fingerprint {fp.get('id')}")
+
+
+def refuse_overwrite(out_dir: Path, new: dict) -> None:
+    """Refuse to replace a prepared folder that holds other tokens than `new` (a fingerprint) would write."""
+    if not (out_dir / "meta.json").is_file():
+        return
+    try:
+        old = folder_fingerprint(out_dir)
+    except (OSError, ValueError):
+        return  # not a readable prepared corpus: nothing a run could have been trained on
+    if old["id"] != new["id"]:
+        raise GatelabError(f"{out_dir} already holds other prepared data ({describe_data(old)}); runs trained on it "
+                           f"would no longer match it: prepare into another folder (--name NAME or --out DIR), or "
+                           f"pass --force to replace it")
+
+
+def check_same_data(recorded: dict | None, data: "TokenData", what: str, allow: bool = False) -> None:
+    """Refuse `data` when `what` (a checkpoint, a gate) records a fingerprint of other data; with `allow`, warn
+    instead. Checkpoints and gates made before fingerprints were recorded are accepted as they are."""
+    if not isinstance(recorded, dict) or not recorded.get("id"):
+        return
+    now = data.fingerprint
+    if recorded["id"] == now["id"]:
+        return
+    msg = (f"{data.folder} is not the data {what} was trained on (trained on {describe_data(recorded)}; "
+           f"{data.folder} holds {describe_data(now)})")
+    if not allow:
+        raise GatelabError(msg + ": pass --data FOLDER with that data, or --allow-other-data to use this anyway")
+    print(f"gatelab: WARNING: {msg}; using it anyway because --allow-other-data was given", file=sys.stderr)
 
 
 def _write_prepared(out_dir: Path, arrays: dict, meta: dict) -> None:
@@ -306,7 +389,7 @@ def _source_id(corpus: str, source: str | None) -> str:
     if corpus == "bundled":
         h.update((BUNDLED_DIR / "MANIFEST.json").read_bytes())
         return h.hexdigest()[:16]
-    h.update(b"normalised-text-v2")  # text read since BOMs and CR line ends are normalised: prepared again once
+    h.update(b"normalised-text-v3")  # text read since every BOM and CR line end is normalised: prepared again once
     if source:
         p = Path(source)
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
@@ -339,7 +422,10 @@ class TokenData:
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
-            raise GatelabError(f"{folder} is not a prepared corpus (no meta.json): run `gatelab prepare` first")
+            where = folder.resolve()
+            raise GatelabError(f"{where} is not a prepared corpus (no meta.json): prepare it there (`gatelab prepare "
+                               f"--out {where}`, with --corpus and --source for your own text), or name the folder "
+                               f"`gatelab prepare` printed")
         self.meta = json.loads(meta_path.read_text())
         path = folder / f"{split}.bin"
         if split not in SPLITS or not path.is_file():
@@ -354,6 +440,11 @@ class TokenData:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """Which tokens this prepared folder holds (folder_fingerprint)."""
+        return folder_fingerprint(self.folder, self.meta)
 
     def _check(self, context: int) -> None:
         if len(self.tokens) < context + 1:

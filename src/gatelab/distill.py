@@ -1,6 +1,6 @@
 """Post-hoc gates: train only fresh gate projections on a frozen model, save and attach them.
 
-Objectives (SPEC, paper sections 3.3 and 4.2-4.3), per layer, head and query row over causal keys:
+Objectives (docs/method.md, "Losses"; paper sections 3.3 and 4.2-4.3), per layer, head and query row over causal keys:
   kl   KL(A || softmax(G)), A the frozen model's dense attention weights, averaged over rows and layers
   bce  binary cross-entropy of G (as logits) against the oracle top-k mask of S
   lm   ("task") the language-model loss through the soft gate, model frozen (the paper's Table 5)
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import MODEL_FILE, find_checkpoint
+from .checkpoint import MODEL_FILE, check_finite, find_checkpoint
 from .config import (DEFAULT_READING, GatelabError, ModelConfig, Routing, TrainConfig, follow_umask,
                      model_config_from_dict, soft_gate_routing, to_dict, write_json)
 from .data import sha256_file
@@ -100,13 +100,15 @@ def distill_loss(model, x: torch.Tensor, objective: str, k: int) -> tuple[torch.
 def distill_config(base_checkpoint: str | Path, loss: str, k: int = 64, d_gate: int = 32, steps: int = 1000,
                    batch_size: int = 16, lr: float = 1e-3, seed: int = 0, random_control: bool = False,
                    data: str | None = None, overrides: dict | None = None, reading: str | None = None,
-                   block: Routing | None = None, block_pool: str = "mean") -> TrainConfig:
+                   block: Routing | None = None, block_pool: str = "mean",
+                   allow_other_data: bool = False) -> TrainConfig:
     """A TrainConfig that trains fresh gates on the frozen base checkpoint.
 
     loss: kl | bce | task. `random_control` (task only) freezes the gate too: the frozen random gate of the
     same initialisation, evaluated as the control (nothing trains, so steps is 0). reading (task only): the
     soft-gate reading trained through (config.READINGS; default config.DEFAULT_READING). block: a block routing
-    (block_size, block_k): train a block gate (pooling `block_pool`) against the pooled attention mass instead."""
+    (block_size, block_k): train a block gate (pooling `block_pool`) against the pooled attention mass instead.
+    The data must be what the base checkpoint was trained on (its recorded fingerprint), unless allow_other_data."""
     from .checkpoint import read_trainer
     found = find_checkpoint(base_checkpoint)
     if found is None:
@@ -130,7 +132,11 @@ def distill_config(base_checkpoint: str | Path, loss: str, k: int = 64, d_gate: 
         mcfg.validate()
         routing = Routing(mode="block-gate", block_size=block.block_size, block_k=block.block_k)
     routing.validate(mcfg.context)
-    cfg = TrainConfig(model=mcfg, routing=routing, data=data or trainer["config"]["data"], steps=steps,
+    from .data import TokenData, check_same_data
+    data = data or trainer["config"]["data"]
+    check_same_data(trainer.get("data_fingerprint"), TokenData(data, "train"), f"base checkpoint {base_checkpoint}",
+                    allow_other_data)
+    cfg = TrainConfig(model=mcfg, routing=routing, data=data, steps=steps,
                       batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10)),
                       weight_decay=0.0, seed=seed, eval_every=0, checkpoint_every=max(1, min(250, steps)),
                       objective=objective, init_from=str(Path(base_checkpoint)), freeze_model=True)
@@ -153,13 +159,22 @@ def export_gate(model, cfg: TrainConfig, out_dir: str | Path, extra: dict | None
                 n_layer=model.cfg.n_layer, n_head=model.cfg.n_head, d_model=model.cfg.d_model,
                 d_gate=model.cfg.d_gate, k=cfg.routing.k, loss={"lm": "task"}.get(cfg.objective, cfg.objective),
                 frozen_random=model.cfg.gate == "random", steps=cfg.steps, seed=cfg.seed,
-                routing=to_dict(cfg.routing), **(extra or {}))
+                routing=to_dict(cfg.routing), data_fingerprint=trained_on(cfg), **(extra or {}))
     tmp = out / (GATE_WEIGHTS + ".tmp")
     save_file(state, str(tmp))
     follow_umask(tmp)  # safetensors creates its files 0600
     tmp.replace(out / GATE_WEIGHTS)
     write_json(out / GATE_META, meta)
     return out / GATE_META
+
+
+def trained_on(cfg: TrainConfig) -> dict | None:
+    """The fingerprint of the data a gate was trained on (None when that data cannot be read)."""
+    from .data import TokenData
+    try:
+        return TokenData(cfg.data, "train").fingerprint
+    except (GatelabError, OSError, ValueError):
+        return None
 
 
 def export_random_control(cfg: TrainConfig, out_dir: str | Path, device) -> Path:
@@ -177,9 +192,10 @@ def read_gate(path: str | Path) -> tuple[dict, dict]:
         raise GatelabError(f"{path} is not a gate (needs {GATE_META} and {GATE_WEIGHTS}; `gatelab distill` "
                            f"writes them into its run directory)")
     try:
-        return json.loads(meta_f.read_text()), load_file(str(weights_f))
+        meta, state = json.loads(meta_f.read_text()), load_file(str(weights_f))
     except Exception as e:  # noqa: BLE001
         raise GatelabError(f"gate {folder} is corrupt ({type(e).__name__}: {e})") from None
+    return meta, check_finite(state, f"gate file {weights_f}")
 
 
 def attach_gate(model, gate_path: str | Path, checkpoint: str | Path | None = None,

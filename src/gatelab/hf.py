@@ -287,9 +287,14 @@ def load_gates(model, path: str | Path, allow_other_base: bool = False,
                                  block_size=int(meta["block_size"]), position=meta["position"])
     else:
         ctl = attach_gates(model, d_gate=int(meta["d_gate"]), gate="random", position=meta["position"])
+    from .checkpoint import check_finite
     try:
-        ctl.gates.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in load_file(
-            str(folder / GATE_WEIGHTS)).items()})
+        state = load_file(str(folder / GATE_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise GatelabError(f"gate file {folder / GATE_WEIGHTS} is corrupt or truncated ({type(e).__name__})") from None
+    check_finite(state, f"gate file {folder / GATE_WEIGHTS}")
+    try:
+        ctl.gates.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in state.items()})
     except RuntimeError as e:
         raise GatelabError(f"gate {path}: its weights do not fit a '{meta['position']}' gate of d_gate "
                            f"{meta['d_gate']}: {str(e).splitlines()[0][:200]}") from None
@@ -310,30 +315,84 @@ def load_pretrained(path: str | Path, gguf_file: str | None = None, dtype=torch.
         raise GatelabError(f"model {path} does not exist")
     if gguf_file and not (path / gguf_file).is_file():
         raise GatelabError(f"{path / gguf_file} does not exist")
+    if not gguf_file and not (path / "config.json").is_file():
+        raise GatelabError(f"{path} is not a Hugging Face model folder (it has no config.json); give the folder a "
+                           f"model was saved to (save_pretrained), or --gguf FILE for a GGUF inside it")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kw = dict(gguf_file=gguf_file) if gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(str(path), **kw)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
     except Exception as e:  # noqa: BLE001 - missing files, no gguf package...
+        words = " ".join(str(e).split())  # the whole message on one line, not its first line alone
         raise GatelabError(f"cannot load {path}{' / ' + gguf_file if gguf_file else ''}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}") from None
+                           f"{words if len(words) <= 400 else words[:400] + ' [...]'}") from None
     return model.to(device).eval(), tok
 
 
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A short hash of everything that decides a Hugging Face tokenizer's ids (its whole serialised fast tokenizer,
+    or its vocabulary, and its EOS id); None for a tokenizer that exposes neither (its output is not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    h = hashlib.sha256(f"{type(tokenizer).__name__}\n{tokenizer.eos_token_id}\n".encode())
+    h.update(text.encode())
+    return h.hexdigest()[:16]
+
+
+def token_cache_dir() -> Path:
+    """Where tokenised corpora are cached: $GATELAB_TOKEN_CACHE, else data/prepared/hf-tokens in the project."""
+    import os
+
+    from .data import REPO_ROOT
+    return Path(os.environ.get("GATELAB_TOKEN_CACHE") or REPO_ROOT / "data" / "prepared" / "hf-tokens")
+
+
 def encode_corpus(tokenizer, corpus: str = "bundled", split: str = "validation", source: str | None = None,
-                  context: int = 512) -> list:
+                  context: int = 512, progress: bool = False) -> list:
     """A corpus split tokenised with the model's own tokenizer, documents separated by its EOS token. A text
     corpus is split as `gatelab prepare` splits it for `context` (by document, or by tokens when its documents
-    are too few or too long: data.split_tokens)."""
+    are too few or too long: data.split_tokens). Cached per tokenizer (tokenizer_fingerprint) and input (the
+    corpus's source id) under token_cache_dir(), so only the first call per tokenizer pays for tokenising."""
+    import numpy as np
+
+    from .config import atomic_path
+    from .data import _source_id
+    tok_id = tokenizer_fingerprint(tokenizer)
+    cache = None
+    if tok_id is not None:
+        key = hashlib.sha256(f"v1|{tok_id}|{corpus}|{_source_id(corpus, source)}|{split}|"
+                             f"{context if corpus == 'text' else ''}".encode()).hexdigest()[:16]
+        cache = token_cache_dir() / f"{corpus}-{split}-{key}.npy"
+        if cache.is_file():
+            try:
+                return np.load(cache).tolist()
+            except (OSError, ValueError):
+                pass  # damaged: tokenised again below
+    ids = _encode_split(tokenizer, corpus, split, source, context, progress)
+    if cache is not None:
+        try:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(ids, dtype=np.int64))
+        except (OSError, GatelabError):
+            pass  # a read-only project: the corpus is tokenised again next time
+    return ids
+
+
+def _encode_split(tokenizer, corpus: str, split: str, source: str | None, context: int, progress: bool) -> list:
     from .data import corpus_documents, split_tokens
+    from .progress import progress_bar
     eos = tokenizer.eos_token_id
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    docs = progress_bar(corpus_documents(corpus, source), desc=f"tokenising {corpus} (once per tokenizer)",
+                        unit="doc", disable=not progress)
     if corpus == "text":
-        docs = [(doc_split, encode(text)) for doc_split, text in corpus_documents(corpus, source)]
-        return split_tokens(corpus, docs, eos, context)[0][split]
+        return split_tokens(corpus, [(doc_split, encode(text)) for doc_split, text in docs], eos, context)[0][split]
     ids: list[int] = []
-    for doc_split, text in corpus_documents(corpus, source):
+    for doc_split, text in docs:
         if doc_split == split:
             ids.extend(encode(text))
             if eos is not None:

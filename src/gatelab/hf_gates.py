@@ -34,16 +34,9 @@ import torch.nn as nn
 from .config import GatelabError
 from .routing import BilinearGate
 
-POSITIONS = ("none", "rope", "qk")
-# The variant hf-distill, `reproduce --suite pretrained --position` and attach_gates use when none is named, and so
-# the gates `gatelab audit --model` audits by default. Chosen by pretrained.POSITION_RULE from the study on
-# SmolLM2-135M (results/pretrained/REPORT.md, H100): KL gates at d_gate 32/64 deployed at hard top-64/128/256 came
-# within a geometric mean of 0.17% (rope) and 0.19% (qk) of the oracle, against 13.0% for the pre-RoPE gate (none).
-DEFAULT_POSITION = "rope"
-POSITION_HELP = ("none: the gate reads the layer's normed input before RoPE (no position); rope: the model's own "
-                 "rotary embedding on the gate's query and key (d_gate/2 rotary pairs at the model's frequencies, "
-                 "plus per-head biases that score pure relative position); qk: low-rank maps of the model's own "
-                 "post-RoPE queries and keys")
+# The variants, the default one (DEFAULT_POSITION) and their help text are defined in config.py, so that the command
+# line lists them without importing torch.
+from .config import DEFAULT_POSITION, POSITION_HELP, POSITIONS  # noqa: E402,F401
 
 
 def check_position(position: str, d_gate: int | None = None) -> str:

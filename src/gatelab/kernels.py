@@ -1,4 +1,4 @@
-"""Row top-k selection without sorting (issue 15): a Triton kernel and the torch reference it must match.
+"""Row top-k selection without sorting: a Triton kernel and the torch reference it must match.
 
 A hard routing keeps, in each causal row of a (B, H, T, S) score tensor, the k largest scores. The reference
 (`routing.topk_keep_mask`) sorts every row and scatters k indices into a boolean mask; on an H100 that sort alone is
@@ -314,7 +314,7 @@ def hashed_topk_keep(row_hash: torch.Tensor, k: int, S: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The soft gate as one flash-style kernel (issue 15): attention under m = sigmoid((G - tau) / t) without a T x T
+# The soft gate as one flash-style kernel: attention under m = sigmoid((G - tau) / t) without a T x T
 # tensor in memory. G = gq gk^T (the bilinear gate's two projections, gq already scaled by 1 / sqrt(d_gate)) is
 # computed tile by tile beside S = q k^T, like S itself. Both readings fit the online softmax:
 #   unrenormalised  out_i = sum_j softmax(S)_ij m_ij v_j: the running sum of exp(S - max) (no m) normalises, the
@@ -614,7 +614,7 @@ def block_attention_mass_fused(q: torch.Tensor, k: torch.Tensor, block_size: int
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The output head's loss without the logits in memory (issue 15, item 4): opt-in (model.LOSS_KERNEL = "triton").
+# The output head's loss without the logits in memory: opt-in (model.LOSS_KERNEL = "triton").
 # In the H100 profile of the dense step (benchmarks/results/profile-*.txt) the head is half the step: the logits
 # product, the log-sum-exp / softmax-gradient reduction over the 50,257-wide rows (1.41 ms a step, reading the
 # logits several times) and the two gradient products. Here, per chunk of rows:

@@ -29,7 +29,7 @@ from .config import DEFAULT_READING, GatelabError, Routing, soft_gate_routing, w
 from .hf_gates import DEFAULT_POSITION, POSITIONS, check_position
 from .reproduce import UnitSuite, output_folders
 
-PAPER = {  # Qwen3-1.7B, from SPEC.md
+PAPER = {  # Qwen3-1.7B, the paper's numbers (docs/method.md)
     "table9": {64: (11.57, 11.52), 128: (11.53, 11.52), 256: (11.52, 11.52)},  # oracle, dense
     "table6": {"kl": {64: 12.24, 128: 11.72, 256: 11.56}, "bce": {64: 102.82, 128: 25.76, 256: 20.78}},
     "table7": {"none": 8.70, "learned": 8.80, "random": 8.80, "dense (not fine-tuned)": 10.85},
@@ -541,7 +541,7 @@ def _position_tables(res: dict, p: PretrainedProtocol, t9: dict | None, out: Pat
     lines += [f"The default variant, by the rule written before the study ran: {POSITION_RULE} Scores (lower is "
               f"better): " + (", ".join(f"{pos} {v:.4f}" for pos, v in scores.items()) or "none yet") + ". "
               + (f"Chosen: **{chosen}**" + ("" if chosen == DEFAULT_POSITION else
-                 f" (hf_gates.DEFAULT_POSITION is still {DEFAULT_POSITION}: set it to {chosen})")
+                 f" (config.DEFAULT_POSITION is still {DEFAULT_POSITION}: set it to {chosen})")
                  if len(scores) == len(POSITIONS) else f"Not every variant ran; the default stays {DEFAULT_POSITION}")
               + ".", ""]
     # per-layer F1 at the protocol's k: where each variant gains or loses

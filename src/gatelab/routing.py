@@ -1,4 +1,4 @@
-"""Bilinear gates and attention under every routing mode of SPEC.md.
+"""Bilinear gates and attention under every routing mode (docs/method.md).
 
 All masks are per layer, head and query row, over causal keys only. Rows with k or fewer causal keys keep
 all of them. Hard modes (oracle-topk, gate-topk, random-topk, stochastic) build a boolean keep-mask from
@@ -300,7 +300,7 @@ def routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# flex_attention paths (issue 15): no T x T attention matrix. flex_attention is fast only when compiled, so they
+# flex_attention paths: no T x T attention matrix. flex_attention is fast only when compiled, so they
 # serve the compiled training step (train.py's fast path) on CUDA; eager code keeps the explicit reference above.
 
 def flex_ready() -> bool:

@@ -20,7 +20,7 @@ import torch
 from .checkpoint import (OPTIM_FILE, find_checkpoint, load_optimizer, load_state, load_weights, read_trainer,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import GatelabError, TrainConfig, atomic_path, same_run, to_dict, write_json
-from .data import TokenData
+from .data import TokenData, check_same_data
 from .evaluate import autocast_for, perplexity
 from .model import GPT
 from .progress import progress_bar
@@ -199,6 +199,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
         if not same_run(trainer["config"], cfg_dict):
             raise GatelabError(f"{out} holds a run with another config; resume it with the same config, "
                                f"or choose another --out")
+        check_same_data(trainer.get("data_fingerprint"), train_data, f"the checkpoint in {out}")
         load_weights(model, load_state(found), str(found))
         load_optimizer(opt, load_state(found, OPTIM_FILE), trainer["optimizer"])
         set_rng_state(trainer["rng"])
@@ -246,7 +247,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
                     kept = find_checkpoint(ckpt_dir)
                     where = (f"the last good checkpoint (step {read_trainer(kept)['step']}) is kept in {kept}"
                              if kept else "no checkpoint had been written yet")
-                    raise GatelabError(f"non-finite loss at step {first_bad}; stopping: {where}")
+                    bar.update(1)  # the bar shows this step, as metrics.jsonl would: steps count from 1
+                    raise GatelabError(f"non-finite loss at step {first_bad + 1} of {cfg.steps}; stopping: {where}")
             if will_log:
                 loss_v = ctx.mean(loss).item()
                 now = time.perf_counter()
@@ -257,8 +259,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
                 if ctx.main:
                     log.write(dict(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
                                    **extra))
-                bar.set_postfix(loss=f"{loss_v:.3f}", ppl=f"{math.exp(min(loss_v, 50)):.1f}",
-                                tok_s=f"{tok_s:,.0f}", refresh=False)
+                shown = dict(ppl=f"{math.exp(min(loss_v, 50)):.1f}") if cfg.objective == "lm" else \
+                    {k: f"{v:.3f}" for k, v in extra.items() if isinstance(v, float)}  # kl/bce: no perplexity
+                bar.set_postfix(loss=f"{loss_v:.3f}", **shown, tok_s=f"{tok_s:,.0f}", refresh=False)
             if will_eval and ctx.main:
                 res = perplexity(model, val_data, cfg.routing, cfg.batch_size, cfg.eval_tokens, cfg.dtype)
                 last_val = res["ppl"]
@@ -266,7 +269,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
                 bar.write(f"step {step}: validation ppl {res['ppl']:.2f} ({cfg.routing.label()})")
             if will_save and ctx.main:
                 save_checkpoint(ckpt_dir, model, dict(config=cfg_dict, step=step, rng=rng_state(),
-                                                      data_position=dict(seed=cfg.seed, next_step=step)), opt)
+                                                      data_position=dict(seed=cfg.seed, next_step=step),
+                                                      data_fingerprint=train_data.fingerprint), opt)
             bar.update(1)
             if will_save or will_eval:
                 ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
@@ -277,7 +281,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress:
         if ctx.main:
             log.close()
     summary = dict(config=cfg_dict, steps=step, final_val_ppl=last_val, device=str(device),
-                   params=model.num_params(), gate_params=model.num_params(gates=True), world_size=ctx.world)
+                   params=model.num_params(), gate_params=model.num_params(gates=True), world_size=ctx.world,
+                   data_fingerprint=train_data.fingerprint)
     if not ctx.main:
         ctx.barrier()
         return summary
