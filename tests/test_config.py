@@ -52,7 +52,7 @@ def bad_values(cls, name) -> list:
         bad.append(limit.lo if limit.lo_open else limit.lo - step)
         bad.append(limit.lo - 1000)
         if limit.hi is not None:
-            bad.append(limit.hi)
+            bad.append(limit.hi if limit.hi_open else limit.hi + step)
     return bad
 
 
