@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark scripts end to end, in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -97,6 +97,7 @@ def test_eval_checkpoint_of_another_config(trained, capsys):
     assert "another model config" in _err(capsys)
 
 
+@pytest.mark.slow
 def test_train_cli_end_to_end_and_skip(tmp_path, token_corpus):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(to_dict(tiny_train_config(token_corpus, steps=3))))

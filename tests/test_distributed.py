@@ -12,6 +12,8 @@ from gatelab.config import Routing, to_dict
 
 from .conftest import tiny_train_config
 
+pytestmark = pytest.mark.slow  # torchrun-style gloo process groups
+
 REPO = Path(__file__).resolve().parents[1]
 
 

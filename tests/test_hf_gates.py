@@ -130,6 +130,7 @@ def _previous_k_recall(G, allowed, k):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.slow
 def test_rope_gate_learns_the_previous_k_tokens_at_every_absolute_offset(family):
     """Trained (on random tokens, positions 0..47) towards attention spread over the k most recent keys, the rope
     gate picks exactly those keys in (nearly) every row, at every absolute offset up to far beyond what it saw and

@@ -216,6 +216,7 @@ def test_factor_threshold_kernel_matches_the_threshold_of_formed_scores():
 
 
 @pytest.mark.parametrize("rows,segment,coarse", [(16, 0, 16), (16, 16, 32), (8, 16, 20), (32, 32, 16)])
+@pytest.mark.slow
 def test_factor_threshold_kernel_settings_give_the_same_threshold(rows, segment, coarse):
     """Every setting bench_threshold.py times (rows per program, causal row segments launched with only the keys
     their rows see, coarse bits before the exact refinement) gives the reference threshold exactly, also where
@@ -242,6 +243,7 @@ def test_factor_threshold_kernel_settings_give_the_same_threshold(rows, segment,
     assert out.strip().endswith("ok")
 
 
+@pytest.mark.slow
 def test_stochastic_kernel_keeps_fresh_uniform_subsets():
     out = run_interpreted("""
         import torch
@@ -302,6 +304,7 @@ def test_kernels_stay_off_on_cpu_without_the_interpreter():
     assert torch.equal(kernels.causal_topk_keep(x, 3), routing.topk_keep_mask(x, 3, routing.causal_mask(10, None)))
 
 
+@pytest.mark.slow
 def test_fused_head_kernels_match_cross_entropy_and_its_gradients():
     """model.linear_cross_entropy on the fused head kernels (kernels.fused_head_loss: logits tile by tile, never
     stored) against F.cross_entropy in fp32 on the same fp16 values: the loss and both gradients, over chunkings that
@@ -351,6 +354,7 @@ def test_fused_head_kernels_match_cross_entropy_and_its_gradients():
     assert out.strip().endswith("ok")
 
 
+@pytest.mark.slow
 def test_every_kernel_config_compiles_for_the_h100_without_a_gpu():
     """scripts/kernel_resources.py compiles each Triton kernel at each config gatelab launches for sm_90 (Triton's
     bundled ptxas, no GPU): a kernel that would fail to compile on the H100 fails here, on CPU CI. The new

@@ -21,6 +21,7 @@ def small_smoke(monkeypatch):
     monkeypatch.setitem(reproduce_module.PROTOCOLS, "smoke", replace(PROTOCOLS["smoke"], **SMALLER))
 
 
+@pytest.mark.slow
 def test_smoke_protocol_runs_resumes_and_reports(workdir, small_smoke):
     out = workdir / "results"
     first = reproduce("smoke", out=str(out), only=["baseline", "exp2"], progress=False, device="cpu")
@@ -74,6 +75,7 @@ def test_smoke_protocol_runs_resumes_and_reports(workdir, small_smoke):
     assert next(g for g in grads if g["routing"] == "gate-topk")["exactly_zero"]
 
 
+@pytest.mark.slow
 def test_demo_main_job_runs(workdir):
     """The README's main job, shortened: prepare the bundled corpus (here already current), train both models,
     print the table."""
@@ -86,6 +88,7 @@ def test_demo_main_job_runs(workdir):
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["rows"][0]["tokens"] == 1024
 
 
+@pytest.mark.slow
 def test_sweep_over_two_workers_matches_the_sequential_run(workdir, monkeypatch, request):
     """`--gpus 2 --device cpu`: units as child processes on two workers, each as soon as its dependency is done;
     the results equal the in-process run's, and a second sweep skips everything. (--steps 4, which the children

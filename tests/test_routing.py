@@ -135,16 +135,16 @@ def test_gate_modes_without_gate_fail_clearly():
         model(x, routing=Routing(mode="gate-topk", k=4))
 
 
-@pytest.mark.parametrize("bad", [dict(mode="sparse"), dict(k=0), dict(soft_mask="relu"),
-                                 dict(soft_temperature=0.0)])
-def test_bad_routing_is_rejected(bad):
-    with pytest.raises(GatelabError):
+@pytest.mark.parametrize("bad,match", [
+    (dict(mode="sparse"), None), (dict(k=0), None), (dict(soft_mask="relu"), None), (dict(soft_temperature=0.0), None),
+    (dict(mode="oracle-topk", k=33), "larger than the context"),  # token routing: k beyond the context
+    (dict(mode="block-gate", block_size=0), "block_size"), (dict(mode="block-gate", block_k=0), "block_k"),
+    (dict(mode="block-gate", block_size=64), "larger than the context"),  # block routing: a block beyond it
+    (dict(mode="block-gate", block_size=2.5), "block_size")])
+def test_bad_routing_is_rejected(bad, match):
+    """Token and block routings alike: a bad setting is refused at a context of 32."""
+    with pytest.raises(GatelabError, match=match):
         Routing(**bad).validate(32)
-
-
-def test_k_larger_than_context_is_rejected():
-    with pytest.raises(GatelabError, match="larger than the context"):
-        Routing(mode="oracle-topk", k=33).validate(32)
 
 
 @pytest.mark.parametrize("soft_mask", ["sigmoid", "topk-sigmoid"])

@@ -19,6 +19,8 @@ from gatelab.reproduce import PROTOCOLS, reproduce
 from .slurm_cluster import LocalSlurm, unavailable
 from .test_reproduce import SMALLER
 
+pytestmark = pytest.mark.slow  # jobs on a local Slurm cluster
+
 # the smoke protocol at the test size, with training long enough (40 steps, a checkpoint every 8) to kill a job
 # between its first checkpoint and its end (scancel: SIGTERM, which submitit lets pass, then SIGKILL 2 s later)
 LONGER = dict(SMALLER, steps=40, eval_every=8)

@@ -29,7 +29,7 @@ from .config import GatelabError, Routing
 BLOCK_POSITIONS = ("none", "qk")  # what a block gate reads (hf_gates' variant names): X, or the model's q and k
 # The variant hf-distill --block-size uses when none is named. Rule, written before qk was measured: on SmolLM2-135M
 # at 8,192 tokens (results/block/README.md), both variants distilled for the same time on the H100
-# (scripts/block_gpu.sh smollm2 with STEPS=auto DISTILL_SECONDS=330: mean pooling, d_gate 32, lr 1e-3, KL), qk
+# (benchmarks/drivers/block_gpu.sh smollm2 with STEPS=auto DISTILL_SECONDS=330: mean pooling, d_gate 32, lr 1e-3, KL), qk
 # becomes the default if its gate's perplexity is lower than none's at every block_k evaluated (3, 8, 18);
 # otherwise none (the first block gate) stays. Measured (H100, test split, 40,960 tokens): qk 30.42 / 28.33 / 27.71
 # (450 steps) against none 37.32 / 30.80 / 28.64 (550 steps) at block_k 3 / 8 / 18, dense 27.45: qk.

@@ -254,7 +254,7 @@ class TrainConfig:
     compile: bool | str = "auto"
     fused_loss: bool = True  # chunked output-head cross-entropy that never materialises the full logits
     # observation only: at each log step, per-layer statistics of the gates (weight norms, spread of G, the soft
-    # mask's mean and slope, gate gradient norm) go into metrics.jsonl as `gate_stats` (scripts/soft_gate_divergence.py)
+    # mask's mean and slope, gate gradient norm) go into metrics.jsonl as `gate_stats` (benchmarks/drivers/soft_gate_divergence.py)
     log_gate_stats: bool = False
     # post-hoc gate training (gatelab distill): start from a checkpoint, freeze it, train only the gates
     objective: str = "lm"  # lm (language-model loss under `routing`) | kl | bce (gate distillation)

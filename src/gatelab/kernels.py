@@ -32,15 +32,13 @@ HARD_ATTENTION = os.environ.get("GATELAB_HARD_ATTENTION", "sdpa")
 # how the soft gate attends on CUDA: "fused" (soft_gate_attention below: one flash-style Triton kernel each way,
 # G formed tile by tile from the gate's two projections; bf16/fp16 inputs, else the explicit path), "explicit"
 # (routing.py's reference: G, S and the mask formed in memory), or "flex" (flex_attention with log m as a
-# score_mod, renormalised readings only: the unrenormalised form failed to compile on torch 2.11). On an H100 the
-# fused kernel's forward + backward took 0.74 ms against 1.10 ms explicit, both compiled (default reading, batch
-# 16 x 512; scripts/soft_kernel_check.py), so it is the default; benchmarks/bench_train.py times both in the step.
+# score_mod, renormalised readings only: the unrenormalised form failed to compile on torch 2.11). "fused" is the
+# default because it was the fastest; the timings behind each default here: benchmarks/README.md, "Timing history".
 SOFT_ATTENTION = os.environ.get("GATELAB_SOFT_ATTENTION", "fused")
 # where the fused soft gate's topk-sigmoid row threshold comes from: "factors" (factor_kth_largest: G formed in
 # registers from the gate's two projections, never in memory) or "scores" (G formed in memory, then the selection
-# kernel). Timed side by side on the H100 (benchmarks/results/nvidia-h100-80gb-hbm3-batch16-threshold.md): step
-# 8.33 ms with factors vs 8.96 ms with scores (1.35x vs 1.46x dense), the gradient check passing for both, so
-# "factors" is the default by the rule in benchmarks/README.md ("Opt-in paths, timed"); GATELAB_TOPK_THRESHOLD=scores
+# kernel). "factors" is the default, the faster of the two (benchmarks/README.md, "Timing history");
+# GATELAB_TOPK_THRESHOLD=scores selects the other
 TOPK_THRESHOLD = os.environ.get("GATELAB_TOPK_THRESHOLD", "factors")
 
 
@@ -248,9 +246,7 @@ def causal_kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
 # [0, S), [S, 2S), [2S, 4S), ... each launched with only as many key columns as its last row can see (a causal row i
 # sees i + 1 keys, so one launch over all rows spends half its work on masked columns); the bits found bit by bit
 # before the exact refinement (32: none). GATELAB_FACTOR_TAU=ROWS,SEGMENT,COARSE sets all three. The default is the
-# fastest setting of `bash scripts/kernels_gpu.sh tune` on the H100 (benchmarks/results/threshold-*.md, every
-# setting bitwise equal to the first build's threshold): 0.110 ms against 0.144 ms for the first build (16, 0, 32)
-# at 16 x 4 x 512 rows, k = 64.
+# fastest setting of `bash benchmarks/drivers/kernels_gpu.sh tune` on the H100 (benchmarks/README.md, "Timing history").
 def _factor_tau_setting(text: str) -> tuple[int, int, int]:
     """GATELAB_FACTOR_TAU's value: ROWS (a power of two, 1..64), SEGMENT (>= 0), COARSE (1..32)."""
     try:
@@ -463,7 +459,7 @@ if triton is not None:
 # (BLOCK_M, BLOCK_N, warps) the soft-gate kernels' autotuner tries. Compiled for sm_90 on CPU
 # (scripts/kernel_resources.py) the backward kernels spill registers in every one of these; tiles that do not spill
 # (bwd_kv 64 x 16 with 4 warps, bwd_q 64 x 32 with 8 warps) join the backward lists with
-# GATELAB_SOFT_SPILL_FREE_TILES=1 (timed beside the default by scripts/soft_kernel_check.py --compare-tiles).
+# GATELAB_SOFT_SPILL_FREE_TILES=1 (timed beside the default by benchmarks/drivers/soft_kernel_check.py --compare-tiles).
 SOFT_TILES = ((64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 32, 4))
 SOFT_SPILL_FREE_TILES = dict(kv=((64, 16, 4),), q=((64, 32, 8),))
 SOFT_ADD_SPILL_FREE = os.environ.get("GATELAB_SOFT_SPILL_FREE_TILES", "0") == "1"

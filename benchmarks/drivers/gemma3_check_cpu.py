@@ -1,7 +1,7 @@
-"""CPU check that Gemma-3-270M (GGUF from scripts/carry_gemma3.sh prepare, in /tmp/gemma3) loads and runs through the
+"""CPU check that Gemma-3-270M (GGUF from benchmarks/drivers/gemma3_parts.sh prepare, in /tmp/gemma3) loads and runs through the
 adapter with the rope and qk gates: dense routing gives the unpatched perplexity on the first 1,024 bundled
 validation tokens; an untrained gate and the oracle at k = 64 run. Output in
-results/pretrained/position-probes-cpu.md. Usage: PYTHONPATH=/tmp/site:src python scripts/gemma3_check_cpu.py
+results/pretrained/position-probes-cpu.md. Usage: PYTHONPATH=/tmp/site:src python benchmarks/drivers/gemma3_check_cpu.py
 """
 import time, torch
 torch.set_num_threads(2)

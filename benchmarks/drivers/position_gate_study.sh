@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# Issue #13 on SmolLM2-135M (one GPU): the gate-variant study and Table 6 of the chosen variant, as resumable units of
+# The gate-variant study on SmolLM2-135M (one GPU): the study and Table 6 of the chosen variant, as resumable units of
 # `gatelab reproduce --suite pretrained` (pos-{none,rope,qk}-kl-d{32,64}; table6-VARIANT-bce-d32-k{64,128,256}).
-# Run from the repository root on the device machine, after scripts/carry_smollm2.sh has assembled /tmp/smollm2:
+# Run from the repository root on the GPU machine, after benchmarks/drivers/smollm2_parts.sh has assembled
+# /tmp/smollm2; each step below fits a 10-minute job:
 #
-#   here:                              bash scripts/carry_smollm2.sh prepare
-#   device call 1, carry [".carry"]:   bash scripts/carry_smollm2.sh receive
-#   here:                              bash scripts/carry_smollm2.sh next
-#   device call 2, carry [".carry", ".whl"], timeout 590:
-#       bash scripts/carry_smollm2.sh receive && bash scripts/carry_smollm2.sh assemble && bash scripts/position_gate_study.sh study 6
-#   device calls 3, 4 (no carry; the machine is still warm, so /tmp/smollm2 and runs/ are still there), timeout 590:
-#       bash scripts/position_gate_study.sh study 7        # until it prints "study: all units done"
+#   here:                     bash benchmarks/drivers/smollm2_parts.sh prepare
+#   GPU machine:              bash benchmarks/drivers/smollm2_parts.sh receive
+#   here:                     bash benchmarks/drivers/smollm2_parts.sh next
+#   GPU machine (590 s):
+#       bash benchmarks/drivers/smollm2_parts.sh receive && bash benchmarks/drivers/smollm2_parts.sh assemble && bash benchmarks/drivers/position_gate_study.sh study 6
+#   GPU machine, twice more (/tmp/smollm2 and runs/ are still there), 590 s each:
+#       bash benchmarks/drivers/position_gate_study.sh study 7        # until it prints "study: all units done"
 #   then, with the variant V the table picks (and config.DEFAULT_POSITION set to it):
-#       bash scripts/position_gate_study.sh table6 V 7     # Table 6 with V gates (BCE at k = 64/128/256)
-#   optionally Gemma-3-270M (carried with scripts/carry_gemma3.sh, five calls; /tmp/gemma3): Table 9 and the KL gates
+#       bash benchmarks/drivers/position_gate_study.sh table6 V 7     # Table 6 with V gates (BCE at k = 64/128/256)
+#   optionally Gemma-3-270M (copied with benchmarks/drivers/gemma3_parts.sh; /tmp/gemma3): Table 9 and the KL gates
 #   at d_gate 32 of the pre-RoPE variant and of V, into results/pretrained-gemma3/:
-#       bash scripts/position_gate_study.sh gemma V 7
+#       bash benchmarks/drivers/position_gate_study.sh gemma V 7
 #
 # `study MINUTES` / `table6 V MINUTES` start no new unit after MINUTES (a unit takes about 1.5-2 minutes for a KL
-# gate, longer for BCE); a unit cut by the call's timeout resumes from its checkpoint in the next call while the
-# machine stays warm. MAX_STEPS=N caps the steps of each gate (default: the protocol's 800); every call copies
-# REPORT.md, the plots and the units' results to $OUT/pretrained/, which come back here: copy them over
-# results/pretrained/ (`cp -r FILES_AT/pretrained/. results/pretrained/`) and rebuild the report with
+# gate, longer for BCE); a unit cut by a time limit resumes from its checkpoint in the next step while the
+# machine keeps its disk. MAX_STEPS=N caps the steps of each gate (default: the protocol's 800); every step copies
+# REPORT.md, the plots and the units' results to $OUT/pretrained/ when OUT is set: copy them over
+# results/pretrained/ (`cp -r $OUT/pretrained/. results/pretrained/`) and rebuild the report with
 # `gatelab report --suite pretrained`.
 set -euo pipefail
 if [ "${1:-}" = gemma ]; then

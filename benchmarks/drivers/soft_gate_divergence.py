@@ -5,7 +5,7 @@ first --steps steps with TrainConfig.log_gate_stats on, for a few readings and l
 writes, per run and per logged step: the gradient norm of the whole model and of the gates, the gate weight norms,
 the spread of G (std over causal entries), the soft mask's mean, its mean slope dm/dG and its saturated share.
 
-    python scripts/soft_gate_divergence.py --steps 1600 --out results/compact/divergence
+    python benchmarks/drivers/soft_gate_divergence.py --steps 1600 --out results/compact/divergence
 
 Outputs: OUT/<run>.jsonl (the runs' metrics), OUT/summary.json, OUT/summary.md, OUT/divergence.png. Runs resume
 (their checkpoints live under --runs); a run that stops on a non-finite loss is recorded as such.
@@ -76,7 +76,7 @@ def _first(traj: list[dict], key: str, above: float):
 
 def _markdown(summary: dict, args) -> str:
     lines = ["# Soft-gate divergence: per-step measurements", "",
-             f"`python scripts/soft_gate_divergence.py --steps {args.steps} --out {args.out}` (compact protocol's "
+             f"`python benchmarks/drivers/soft_gate_divergence.py --steps {args.steps} --out {args.out}` (compact protocol's "
              f"Experiment 1 configs, seed 0, first {args.steps} steps). Columns are means over the 6 layers "
              "(w_norm = |W_gq| |W_gk|, Frobenius; g_std = std of G over causal entries; slope = mean m(1-m)/t; "
              "saturated = share of entries with m < 0.01 or m > 0.99).", ""]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evidence for data-parallel training and GPU sweeps, on a machine with 2 GPUs:
-#   bash scripts/scale_out_evidence.sh [OUT]        (default OUT: results/scale-out)
+#   bash benchmarks/drivers/scale_out_evidence.sh [OUT]        (default OUT: results/scale-out)
 # 1. the same dense run (global batch 16 x 512, seed 0, 600 steps) on 1 GPU and under torchrun on 2 GPUs;
 # 2. the same 4 compact units (300 training steps each) run one after another on 1 GPU and with --gpus 2.
 # Both sides compile from scratch (Inductor caches off), so neither profits from the other's compilation.
@@ -29,4 +29,4 @@ sweep=(python3 -m gatelab reproduce --protocol "${PROTOCOL:-compact}" --steps "$
        --quiet ${SWEEP_ARGS:-})
 run sweep-1gpu "${sweep[@]}" --out "$W/sw1" --runs "$W/sw1-runs"
 run sweep-2gpu "${sweep[@]}" --out "$W/sw2" --runs "$W/sw2-runs" --gpus 2
-python3 scripts/scale_out_summary.py "$W" "$OUT"
+python3 benchmarks/drivers/scale_out_summary.py "$W" "$OUT"

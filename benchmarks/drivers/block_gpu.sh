@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# Issue 14's GPU measurements, each step one device call of a few minutes (outputs under $OUT, which the device
-# tool brings back; copy them into the repository as each step says).
+# The block-sparse attention measurements on one GPU, each step a few minutes (outputs under $OUT, default
+# /tmp/gatelab-out; copy them into the repository as each step says).
 #
-#   bash scripts/block_gpu.sh bench      # attention + end-to-end prefill speed, SmolLM2-135M-shaped random weights
+#   bash benchmarks/drivers/block_gpu.sh bench      # attention + end-to-end prefill speed, SmolLM2-135M-shaped random weights
 #                                        #   -> $OUT/benchmarks/results/block-<gpu>.{json,md}
 #                                        #   (copy to benchmarks/results/)
-#   bash scripts/block_gpu.sh smollm2    # after scripts/carry_smollm2.sh's two calls (model in /tmp/smollm2): distil a
+#   bash benchmarks/drivers/block_gpu.sh smollm2    # after benchmarks/drivers/smollm2_parts.sh (model in /tmp/smollm2): distil a
 #                                        #   block gate at 8K (STEPS, default 300; STEPS=auto: as many as fit
 #                                        #   DISTILL_SECONDS, from a 20-step probe), evaluate dense / oracle / gate /
 #                                        #   random blocks at 8K
 #                                        #   -> $OUT/block/  (copy to results/block/)
-#   bash scripts/block_gpu.sh bench-model  # after smollm2, same warm machine: the real model's prefill latency and
+#   bash benchmarks/drivers/block_gpu.sh bench-model  # after smollm2, on the same machine: the real model's prefill latency and
 #                                        #   perplexity at 2K/4K/8K beside each setting, with its distilled gates
 #                                        #   -> $OUT/benchmarks/results-smollm2/ (copy the .md/.json to
 #                                        #   benchmarks/results/ under another name, e.g. block-smollm2-<gpu>.*)
-#   bash scripts/block_gpu.sh ablation [SEEDS]   # the block absorption ablation on the 31M GPT (compact protocol,
+#   bash benchmarks/drivers/block_gpu.sh ablation [SEEDS]   # the block absorption ablation on the 31M GPT (compact protocol,
 #                                        #   2,000 steps; SEEDS 1 by default, 3 is the protocol's; GPUS=N runs units
 #                                        #   concurrently on N GPUs) -> $OUT/compact/units/block-*  (copy them to
 #                                        #   results/compact/units/, then `gatelab report --protocol compact` here)
 #
 # Every step is bounded: bench by --budget-minutes, the others by their step counts; each writes what it finished.
 set -euo pipefail
-OUT=${OUT:?set by the device tool}
+OUT=${OUT:-/tmp/gatelab-out}
+mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:${PWD}/src:${PYTHONPATH:-}
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 GATES=${GATES:-/tmp/block/smollm2-gates-b128}  # DISTILL_ARGS: more hf-distill flags (e.g. --block-pool max-min)
@@ -54,7 +55,7 @@ print(max(20, int(${DISTILL_SECONDS:-300} / (d['train_s'] / d['steps'])) // 50 *
     python -m gatelab hf-eval --model /tmp/smollm2 --gguf "$GGUF" --gate "$GATES" \
       --routing dense,block-gate,block-oracle,block-random --block-k 3,8,18 --context 8192 --batch-size 1 \
       --split test --long-docs --json "$OUT/block/smollm2-eval-8k.json" --quiet | tee "$OUT/block/smollm2-eval-8k.md";;
-  bench-model)  # after `smollm2` on the same warm machine: prefill and perplexity of the real model with its gates
+  bench-model)  # after `smollm2` on the same machine: prefill and perplexity of the real model with its gates
     python benchmarks/bench_block.py --model /tmp/smollm2 --gguf "$GGUF" --gate "$GATES" --skip attention --ppl \
       --budget-minutes "${BUDGET:-3}" --out "$OUT/benchmarks/results-smollm2";;
   ablation)

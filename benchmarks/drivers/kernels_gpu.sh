@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# Issue 15's GPU measurements (outputs under $OUT, which the device tool brings back; copy them to
-# benchmarks/results/ or results/gpu-smoke/ as each step says). Each step fits one device call.
+# The Triton kernels' GPU measurements (outputs under $OUT, default /tmp/gatelab-out; copy them to
+# benchmarks/results/ or results/gpu-smoke/ as each step says). Each step fits a 10-minute job.
 #
-#   bash scripts/kernels_gpu.sh smoke   # the GPU smoke's training, distillation and evaluation checks of every token
+#   bash benchmarks/drivers/kernels_gpu.sh smoke   # the GPU smoke's training, distillation and evaluation checks of every token
 #                                       #   routing mode and reading (compiled and reference paths) -> $OUT/smoke-kernels.md
-#   bash scripts/kernels_gpu.sh topk    # the keep-mask kernel vs topk / sort -> $OUT/topk-<gpu>.md
-#   bash scripts/kernels_gpu.sh train   # the training step of every routing mode (MODES, TAG, EXTRA: more bench_train flags), fast vs fast-sort (before the
+#   bash benchmarks/drivers/kernels_gpu.sh topk    # the keep-mask kernel vs topk / sort -> $OUT/topk-<gpu>.md
+#   bash benchmarks/drivers/kernels_gpu.sh train   # the training step of every routing mode (MODES, TAG, EXTRA: more bench_train flags), fast vs fast-sort (before the
 #                                       #   kernels) vs flex hard masks, with the in-run gradient check
 #                                       #   -> $OUT/<gpu>-batch16.{json,md}
-#   bash scripts/kernels_gpu.sh opt-in  # the switches beside the defaults (README, "Switches"), each beside its default in
+#   bash benchmarks/drivers/kernels_gpu.sh opt-in  # the switches beside the defaults (README, "Switches"), each beside its default in
 #                                       #   one run: topk-sigmoid's other threshold source (fast-threshold), the fused
 #                                       #   loss with the other vocabulary padding (fast-padvocab) and on the
 #                                       #   Triton head kernels (fast-headkernel), and the block
 #                                       #   prefill with compiled gate scores and block lists (bench_block e2e)
 #                                       #   -> $OUT/<gpu>-batch16-opt-in.{json,md}, $OUT/block/block-<gpu>.{json,md}
-#   bash scripts/kernels_gpu.sh tune    # topk-sigmoid's threshold kernel under each setting (bench_threshold.py), the
+#   bash benchmarks/drivers/kernels_gpu.sh tune    # topk-sigmoid's threshold kernel under each setting (bench_threshold.py), the
 #                                       #   fastest exact one then timed in the step beside the threshold from G in
 #                                       #   memory; the soft-gate kernels' spill-free backward tiles beside the default
 #                                       #   lists (soft_kernel_check.py --compare-tiles, then the step with them)
 #                                       #   -> $OUT/threshold-<gpu>.*, soft-tiles.txt, <gpu>-batch16-{threshold-tuned,spill-free-tiles}.*
 set -uo pipefail
-OUT=${OUT:?set by the device tool}
+OUT=${OUT:-/tmp/gatelab-out}
+mkdir -p "$OUT"
 export PYTHONPATH=${PWD}/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 case "${1:-}" in
   smoke)
@@ -49,7 +50,7 @@ case "${1:-}" in
     python benchmarks/bench_threshold.py --out "$OUT" 2>&1 | grep -E "^\||Fastest" || status=1
     best=$(python -c "import json,glob; b=json.load(open(glob.glob('$OUT/threshold-*.json')[0]))['best']; print(f\"{b['rows']},{b['segment']},{b['coarse']}\")")
     echo "fastest exact threshold setting: $best"
-    python scripts/soft_kernel_check.py --compare-tiles 2>&1 | grep -v Warn | tee "$OUT/soft-tiles.txt"
+    python benchmarks/drivers/soft_kernel_check.py --compare-tiles 2>&1 | grep -v Warn | tee "$OUT/soft-tiles.txt"
     common=(--batches 16 --compiled-modes none --skip-extra --eager-modes none --sort-modes none --flexhard-modes none
             --chunk-modes none --soft-modes none --padvocab-modes none --headkernel-modes none --out "$OUT")
     GATELAB_FACTOR_TAU=$best python benchmarks/bench_train.py "${common[@]}" --modes dense,soft-gate:topk-sigmoid \

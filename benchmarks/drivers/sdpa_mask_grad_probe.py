@@ -4,7 +4,7 @@ Calls F.scaled_dot_product_attention with a float attn_mask that requires grad w
 SDPA backend that accepts the call, and prints whether backward works. gatelab's fix (routing.routed_attention)
 takes the explicit softmax path exactly when the mask alone needs a gradient.
 
-    python scripts/sdpa_mask_grad_probe.py
+    python benchmarks/drivers/sdpa_mask_grad_probe.py
 """
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Summarise scripts/scale_out_evidence.sh: loss agreement and throughput of 1 vs 2 GPU data-parallel training,
+"""Summarise benchmarks/drivers/scale_out_evidence.sh: loss agreement and throughput of 1 vs 2 GPU data-parallel training,
 and the wall-time ratio of a 4-unit sweep on 1 vs 2 GPUs. Writes OUT/scale-out.json and OUT/README.md."""
 import json
 import statistics
@@ -40,7 +40,7 @@ summary = dict(
 d, s = summary["ddp"], summary["sweep"]
 (out / "README.md").write_text(f"""# Scale-out evidence ({summary['gpus']} x2)
 
-Produced by `bash scripts/scale_out_evidence.sh` (raw metrics: `ddp-1gpu.jsonl`, `ddp-2gpu.jsonl`).
+Produced by `bash benchmarks/drivers/scale_out_evidence.sh` (raw metrics: `ddp-1gpu.jsonl`, `ddp-2gpu.jsonl`).
 
 ## Data-parallel training: 1 GPU vs `torchrun --nproc-per-node 2`
 Dense model, global batch {cfg['batch_size']} x {cfg['model']['context']}, seed {cfg['seed']}, {cfg['steps']} steps, dtype {cfg['dtype']}, compile={cfg['compile']} on both.

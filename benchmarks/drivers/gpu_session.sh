@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# One GPU machine, several device calls, many runs at once: the runs start as background process sessions (they
-# outlive the call that starts them while the machine stays warm), each call waits, reports progress and brings
-# back everything finished so far in $OUT/session.tgz. The runs work in a copy of the repository (/tmp/repo), so
-# the tree the device tool syncs at each call never changes under them.
+# One GPU machine, many runs at once, driven in steps of about 10 minutes (each step fits a 10-minute job): the
+# runs start as background process sessions (they outlive the step that starts them while the machine keeps
+# running), each step waits, reports progress and packs everything finished so far into $OUT/session.tgz. The
+# runs work in a copy of the repository (/tmp/repo), so changes to the working tree between steps never reach them.
 #
-#   call 1, carry [".carry"]:          bash scripts/gpu_session.sh start-31m 540
+#   step 1 (with SmolLM2's first part in .parts/):  bash benchmarks/drivers/gpu_session.sh start-31m 540
 #        the compact suite's Experiments 2 and 4 and the block ablation (--jobs-per-gpu 8), and the full GPU
-#        smoke (scripts/gpu_smoke.sh), then waits until 540 s into the call; .carry holds SmolLM2's first part
-#   here: bash scripts/carry_smollm2.sh next
-#   call 2, carry [".carry", ".whl"]:  bash scripts/gpu_session.sh start-smollm2 540
+#        smoke (scripts/gpu_smoke.sh), then waits until 540 s into the step
+#   here: bash benchmarks/drivers/smollm2_parts.sh next
+#   step 2 (with .parts/ and .whl/):               bash benchmarks/drivers/gpu_session.sh start-smollm2 540
 #        assembles SmolLM2 and starts the gate-variant study (pos-{none,rope,qk}, three processes), then Table 6
 #        with the variant the study picks (pretrained.choose_position) and Tables 7-8 under the default reading;
-#        beside them the block gate at 8K (scripts/block_gpu.sh smollm2, bench-model)
+#        beside them the block gate at 8K (benchmarks/drivers/block_gpu.sh smollm2, bench-model)
 #   COMPACT_ONLY=block picks the compact experiments of start-31m; ONLY='regex' limits the smoke to those checks
-#   (on a fresh machine, call 1 can be just: carry [".carry"], bash scripts/carry_smollm2.sh receive)
-#   later calls:                       bash scripts/gpu_session.sh wait 560
+#   (on a fresh machine, step 1 can be just: bash benchmarks/drivers/smollm2_parts.sh receive)
+#   later steps:                                   bash benchmarks/drivers/gpu_session.sh wait 560
 #
-# Here: tar xzf FILES_AT/session.tgz -C /tmp/session, then copy units into results/ (see the README's commands).
+# Then, on your machine: tar xzf session.tgz -C /tmp/session, and copy units into results/ (see the README's commands).
 set -uo pipefail
-OUT=${OUT:?set by the device tool}
+OUT=${OUT:-/tmp/gatelab-out}
+mkdir -p "$OUT"
 REPO=${REPO:-/tmp/repo}
 T0=$SECONDS
 export PYTHONUNBUFFERED=1
@@ -39,7 +40,7 @@ collect() {  # everything finished so far -> $OUT/session.tgz, and a progress su
     [ -e "$f" ] && files+=("$f")
   done
   [ ${#files[@]} -gt 0 ] && tar czf "$OUT/session.tgz" "${files[@]}" 2>/dev/null
-  echo "== $(date +%T), $((SECONDS - T0)) s into the call"
+  echo "== $(date +%T), $((SECONDS - T0)) s into the step"
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
   for l in /tmp/logs/*.log; do [ -e "$l" ] || continue
     echo "-- $(basename "$l") $(cat "${l%.log}.done" 2>/dev/null)"; tail -c 600 "$l" | tr '\r' '\n' | tail -3; done
@@ -49,13 +50,13 @@ collect() {  # everything finished so far -> $OUT/session.tgz, and a progress su
   ls "$REPO"/results/pretrained/units 2>/dev/null | grep -E "^pos-|^table6-.*-bce|^table[78]-" | tr '\n' ' '; echo
   ls -la "$OUT"
 }
-make_repo() { [ -d $REPO/src ] || { mkdir -p $REPO && tar --exclude=./.carry --exclude=./.whl -cf - . | tar -xf - -C $REPO; }; }
+make_repo() { [ -d $REPO/src ] || { mkdir -p $REPO && tar --exclude=./.parts --exclude=./.whl -cf - . | tar -xf - -C $REPO; }; }
 wait_until() { while [ $((SECONDS - T0)) -lt "$1" ]; do sleep 10; done; }
 
 case "${1:-}" in
   start-31m)
     make_repo
-    bash scripts/carry_smollm2.sh receive
+    bash benchmarks/drivers/smollm2_parts.sh receive
     (cd $REPO && PYTHONPATH=$REPO/src python -m gatelab prepare) || exit 1
     daemon compact "PYTHONPATH=$REPO/src python -m gatelab reproduce --protocol compact --only ${COMPACT_ONLY:-exp2,exp4,block} \
       --jobs-per-gpu ${COMPACT_JOBS:-8} --out /tmp/compact --runs /tmp/runs-compact --no-report --quiet"
@@ -63,7 +64,7 @@ case "${1:-}" in
     wait_until "${2:-540}"; collect;;
   start-smollm2)
     make_repo
-    bash scripts/carry_smollm2.sh receive && bash scripts/carry_smollm2.sh assemble || exit 1
+    bash benchmarks/drivers/smollm2_parts.sh receive && bash benchmarks/drivers/smollm2_parts.sh assemble || exit 1
     cp -r .whl $REPO/ 2>/dev/null
     PT="PYTHONPATH=/tmp/site:$REPO/src python -m gatelab reproduce --suite pretrained --protocol compact \
       --model /tmp/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --runs /tmp/runs-pretrained --no-report --quiet"
@@ -76,7 +77,7 @@ case "${1:-}" in
       && touch /tmp/logs/pos-rope.ok && $PT --only table7 && $PT --only table8"
     daemon pos-qk "while [ ! -e /tmp/runs-pretrained/tokens/validation.npy ]; do sleep 5; done; $PT --only pos-qk \
       && touch /tmp/logs/pos-qk.ok"
-    daemon block8k "export OUT=/tmp/blockout; mkdir -p \$OUT; bash scripts/block_gpu.sh smollm2 && BUDGET=3 bash scripts/block_gpu.sh bench-model"
+    daemon block8k "export OUT=/tmp/blockout; mkdir -p \$OUT; bash benchmarks/drivers/block_gpu.sh smollm2 && BUDGET=3 bash benchmarks/drivers/block_gpu.sh bench-model"
     wait_until "${2:-540}"; collect;;
   wait) wait_until "${2:-560}"; collect;;
   collect) collect;;
