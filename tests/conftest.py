@@ -70,3 +70,18 @@ def workdir(tmp_path, monkeypatch, prepared_bundled):
     link.symlink_to(prepared_bundled, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def model_poisoned_at_call(cfg: TrainConfig, call: int):
+    """A GPT of cfg (seeded as train seeds it) whose final LayerNorm output turns NaN on its `call`-th forward,
+    which feeds the loss on both the fused and the reference path: a non-finite loss at step `call`."""
+    from gatelab.model import GPT
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model)
+    calls = {"n": 0}
+
+    def poison(_module, _inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == call else output
+    model.ln_f.register_forward_hook(poison)
+    return model

@@ -15,7 +15,7 @@ from gatelab.checkpoint import load_model
 from gatelab.config import GatelabError, ModelConfig, Routing, to_dict
 from gatelab.model import GPT
 from gatelab.train import lr_at, train
-from tests.conftest import TINY_VOCAB, tiny_model_config, tiny_train_config
+from tests.conftest import TINY_VOCAB, model_poisoned_at_call, tiny_model_config, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,14 +122,7 @@ def test_sigkill_then_resume_gives_identical_losses(token_corpus, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(token_corpus, tmp_path):
     cfg = tiny_train_config(token_corpus, steps=20, checkpoint_every=2)
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model)
-    calls = {"n": 0}
-
-    def poison(_module, _inputs, output):
-        calls["n"] += 1
-        return output * float("nan") if calls["n"] == 6 else output
-    model.ln_f.register_forward_hook(poison)  # feeds the loss on both the fused and the reference path
+    model = model_poisoned_at_call(cfg, 6)
     with pytest.raises(GatelabError, match=r"non-finite loss at step 6 of 20.*step 4"):
         train(cfg, tmp_path / "run", progress=False, model=model)
     ckpt = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())

@@ -321,21 +321,11 @@ def test_a_failed_write_names_the_file_not_its_temporary(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_message_names_the_step_the_bar_shows(tmp_path, capsys):
-    import torch
-
     from gatelab.config import GatelabError
-    from gatelab.model import GPT
     from gatelab.train import train
-    from tests.conftest import tiny_train_config, write_token_corpus
+    from tests.conftest import model_poisoned_at_call, tiny_train_config, write_token_corpus
     cfg = tiny_train_config(write_token_corpus(tmp_path / "c"), steps=20, checkpoint_every=2, log_every=1)
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model)
-    calls = {"n": 0}
-
-    def poison(_module, _inputs, output):
-        calls["n"] += 1
-        return output * float("nan") if calls["n"] == 6 else output
-    model.ln_f.register_forward_hook(poison)
+    model = model_poisoned_at_call(cfg, 6)
     with pytest.raises(GatelabError, match="non-finite loss at step 6 of 20"):
         train(cfg, tmp_path / "run", progress=True, model=model)
     assert capsys.readouterr().err.strip().splitlines()[-1].count("6/20") == 1
