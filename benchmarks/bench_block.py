@@ -36,10 +36,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab.blocks import (BlockGate, block_mask_from_scores, block_sparse_attention, build_block_mask,  # noqa: E402
-                            compiled_flex, previous_block_rows, select_blocks)
+from gatelab.attention.gates import BlockGate
+from gatelab.attention.flex import block_mask_from_scores, build_block_mask
+from gatelab.attention.block_attention import block_sparse_attention
+from gatelab.attention.blocks import # noqa: E402                             compiled_flex, previous_block_rows, select_blocks
 from gatelab import blocks  # noqa: E402
-from gatelab.config import Routing  # noqa: E402
+from gatelab.config import Routing# noqa: E402
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
 TINY = dict(layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=101)
@@ -216,9 +218,9 @@ def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, check
 
 # ------------------------------------------------------------------------------------------------------------
 def load_model(args, dims, device, dtype):
-    from gatelab.blocks_hf import attach_block_gates
+    from gatelab.hf.adapter import attach_block_gates
     if args.model:
-        from gatelab.hf import load_gates, load_pretrained
+        from gatelab.hf.gate_files import load_gates, load_pretrained
         model, tok = load_pretrained(args.model, args.gguf, dtype=dtype, device=device)
         if args.gate:
             # the gate was trained on the fp32 weights; this is a copy of them in the benchmark's dtype, whose
@@ -279,7 +281,8 @@ def bench_e2e(args, model, ctl, device, budget: Budget, rows: list) -> None:
 
 
 def bench_ppl(args, model, tok, ctl, budget: Budget, rows: list) -> None:
-    from gatelab.blocks_hf import encode_long_documents, hf_perplexity_docs
+    from gatelab.hf.corpus import encode_long_documents
+    from gatelab.hf.evaluate import hf_perplexity_docs
     bs = args.block_size
     for T in args.contexts:
         if budget.over():

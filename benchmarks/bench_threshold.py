@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab import kernels  # noqa: E402
-from gatelab.routing import causal_rows, row_kth_largest  # noqa: E402
+from gatelab.attention.masks import causal_rows
+from gatelab.kernels.topk import row_kth_largest# noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_topk import ms  # noqa: E402

@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab import kernels  # noqa: E402
-from gatelab.routing import causal_mask, row_topk, topk_keep_mask  # noqa: E402
+from gatelab.attention.masks import causal_mask
+from gatelab.kernels.topk import row_topk, topk_keep_mask# noqa: E402
 
 
 def ms(fn, reps=20):

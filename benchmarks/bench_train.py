@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab import kernels  # noqa: E402
 from gatelab import model as gatelab_model  # noqa: E402
-from gatelab.config import READINGS, ModelConfig, Routing, TrainConfig, soft_gate_routing  # noqa: E402
-from gatelab.evaluate import autocast_for  # noqa: E402
-from gatelab.model import GPT  # noqa: E402
-from gatelab.distributed import Context  # noqa: E402
-from gatelab.train import make_optimizer, wrap_for_training  # noqa: E402
+from gatelab.config import READINGS, ModelConfig, Routing, TrainConfig, soft_gate_routing# noqa: E402
+from gatelab.devices import autocast_for# noqa: E402
+from gatelab.model import GPT# noqa: E402
+from gatelab.training.distributed import Context# noqa: E402
+from gatelab.training.train import make_optimizer, wrap_for_training# noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM datasheet
 MODELS = {"paper": {}, "tiny": dict(n_layer=2, d_model=64, n_head=4, d_mlp=128, context=64, d_gate=8)}
@@ -206,7 +206,7 @@ def _time_train(step, model, mode, losses, routing, batch, device, variant, step
 
 
 def bench_distill(mcfg: dict, k: int, batch: int, device, steps: int, warmup: int) -> dict:
-    from gatelab.distill import distill_loss
+    from gatelab.training.distill import distill_loss
     torch.manual_seed(0)
     model = GPT(ModelConfig(**mcfg, gate="learned")).to(device)
     for p in model.parameters():

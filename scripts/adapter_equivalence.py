@@ -14,7 +14,9 @@ import sys
 import torch
 
 from gatelab.config import Routing, write_text
-from gatelab.hf import attach_gates, encode_corpus, load_pretrained
+from gatelab.hf.adapter import attach_gates
+from gatelab.hf.corpus import encode_corpus
+from gatelab.hf.gate_files import load_pretrained
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from gatelab.analyze import attention_statistics
+from gatelab.diagnostics.analyze import attention_statistics
 from gatelab.model import GPT
 from tests.conftest import tiny_model_config
 

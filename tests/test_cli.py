@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gatelab.cli import build_parser, main
+from gatelab.cli.main import build_parser, main
 from gatelab.config import to_dict
-from gatelab.train import train
+from gatelab.training.train import train
 from tests.conftest import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]

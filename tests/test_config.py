@@ -11,9 +11,9 @@ import typing
 
 import pytest
 
-from gatelab.cli import main
+from gatelab.cli.main import main
 from gatelab.config import GatelabError, Limit, ModelConfig, Routing, TrainConfig, load_train_config
-from gatelab.train import train
+from gatelab.training.train import train
 
 CLASSES = {"": TrainConfig, "model.": ModelConfig, "routing.": Routing}
 FREE_TEXT = {(TrainConfig, "data"), (TrainConfig, "init_from")}  # paths, checked where they are used

@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 from scipy import stats as scipy_stats
 
-from gatelab import criteria
-from gatelab.report import write_report
-from gatelab.reproduce import PROTOCOLS
-from gatelab.stats import of_differences, paired
-from gatelab.verdicts import Verdict
+from gatelab.reproduce.report import criteria
+from gatelab.reproduce.report.compact import write_report
+from gatelab.reproduce.suite import PROTOCOLS
+from gatelab.reproduce.report.stats import of_differences, paired
+from gatelab.reproduce.report.verdicts import Verdict
 
 
 def test_paired_interval_and_detectable_effect_match_a_t_test():

@@ -1,3 +1,8 @@
+from gatelab.kernels.head_loss import fused_head_fits, linear_cross_entropy
+from gatelab.kernels.topk import factor_kth_largest, row_kth_largest
+from gatelab.DROP import LOSS_KERNEL
+from gatelab.attention.masks import causal_rows
+# FIX-EXTRA-IMPORTS-ABOVE
 """The Triton kernels on a real GPU at the training step's shapes (skipped without CUDA; CI has none).
 
 The CPU tests run these kernels under Triton's interpreter at tiny shapes, which cannot see out-of-bounds
@@ -9,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gatelab import kernels, model, routing
+pass  # REMOVED-MODULE-IMPORT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,11 +31,11 @@ def _head_inputs(seed=0):
 
 
 def _loss_and_grads(h, w, t, kernel, compile_it=False):
-    old = model.LOSS_KERNEL
-    model.LOSS_KERNEL = kernel
+    old = LOSS_KERNEL
+    LOSS_KERNEL = kernel
     try:
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        fn = model.linear_cross_entropy
+        fn = linear_cross_entropy
         if compile_it:
             torch._dynamo.reset()
             fn = torch.compile(fn)
@@ -39,7 +44,7 @@ def _loss_and_grads(h, w, t, kernel, compile_it=False):
         torch.cuda.synchronize()
         return float(loss), gh.float(), gw.float()
     finally:
-        model.LOSS_KERNEL = old
+        LOSS_KERNEL = old
 
 
 def _rel(a, b):
@@ -49,7 +54,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("compile_it", [False, True], ids=["eager", "compiled"])
 def test_head_kernels_match_the_torch_loss_at_the_training_shape(compile_it):
     h, w, t = _head_inputs()
-    assert kernels.fused_head_fits(h, w)
+    assert fused_head_fits(h, w)
     ref_loss, ref_gh, ref_gw = _loss_and_grads(h, w, t, "torch")
     loss, gh, gw = _loss_and_grads(h, w, t, "triton", compile_it)
     exact = F.cross_entropy(h.float() @ w.float().t(), t)
@@ -62,9 +67,9 @@ def test_factor_threshold_matches_the_threshold_of_formed_scores_at_the_training
     g = torch.Generator(device="cuda").manual_seed(1)
     gq = torch.randn(B, H, T, DG, device="cuda", generator=g).bfloat16()
     gk = torch.randn(B, H, T, DG, device="cuda", generator=g).bfloat16()
-    tau = kernels.factor_kth_largest(gq, gk, k)
+    tau = factor_kth_largest(gq, gk, k)
     torch.cuda.synchronize()
-    want = routing.row_kth_largest(gq.float() @ gk.float().transpose(-1, -2), k, routing.causal_rows(T, T, "cuda"))
+    want = row_kth_largest(gq.float() @ gk.float().transpose(-1, -2), k, causal_rows(T, T, "cuda"))
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(tau), finite)
     torch.testing.assert_close(tau[finite], want[finite], rtol=1e-4, atol=1e-4)

@@ -179,7 +179,7 @@ def test_one_long_document_is_cut_by_tokens(tmp_path):
     held = max(round(0.01 * n), 9)
     assert meta["split_by"] == "tokens" and meta["tokens"] == dict(train=n - 2 * held, validation=held, test=held)
     # and the 512-context corpus trains a 512-context model
-    from gatelab.train import train
+    from gatelab.training.train import train
     from tests.conftest import tiny_model_config, tiny_train_config
     model = tiny_model_config(vocab_size=50257, context=512, d_model=16, n_head=2, d_mlp=16, n_layer=1)
     cfg = tiny_train_config(tmp_path / "out", steps=2, batch_size=1, model=model)
@@ -272,7 +272,7 @@ def test_token_files_follow_the_umask(tmp_path):
 
 
 def test_a_corpus_too_small_for_the_context_is_refused_before_training(tmp_path, capsys):
-    from gatelab.train import train
+    from gatelab.training.train import train
     from tests.conftest import tiny_train_config, write_token_corpus
     small = write_token_corpus(tmp_path / "small", n_train=32, n_val=3, n_test=3)
     cfg = tiny_train_config(small)  # context 32: one window needs 33 tokens

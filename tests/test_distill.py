@@ -4,16 +4,16 @@ import json
 import pytest
 import torch
 
-from gatelab.analyze import analyze, attention_statistics, gate_gradient_norms
-from gatelab.checkpoint import load_model, load_state
-from gatelab.cli import main
+from gatelab.diagnostics.analyze import analyze, attention_statistics, gate_gradient_norms
+from gatelab.training.checkpoint import load_model, load_state
+from gatelab.cli.main import main
 from gatelab.config import GatelabError
 from gatelab.data import TokenData
-from gatelab.distill import (attach_gate, attention_logits, distill_config, distill_loss, gate_f1, kl_rows,
-                             layer_inputs)
+from gatelab.training.gate_files import attach_gate
+from gatelab.training.distill import attention_logits, distill_config, distill_loss, gate_f1, kl_rows, layer_inputs
 from gatelab.model import GPT
-from gatelab.routing import causal_mask
-from gatelab.train import train
+from gatelab.attention.masks import causal_mask
+from gatelab.training.train import train
 from tests.conftest import tiny_model_config, tiny_train_config
 
 
@@ -129,7 +129,7 @@ def test_random_control_writes_the_frozen_initial_gate(base, tmp_path):
 def test_analyze_gradients_concentration_and_outputs(base, tmp_path):
     model, _ = load_model(base)
     model.blocks[0].attn.gate = None
-    from gatelab.routing import BilinearGate
+    from gatelab.attention.gates import BilinearGate
     for b in model.blocks:
         b.attn.gate = BilinearGate(32, 4, 8)
     data = TokenData(tmp_path / "corpus", "validation")

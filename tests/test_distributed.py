@@ -82,7 +82,7 @@ def test_batch_not_divisible_by_ranks_is_refused(token_corpus, tmp_path):
 
 
 def test_gate_distillation_under_two_ranks_matches_one_process(token_corpus, tmp_path):
-    from gatelab.train import train
+    from gatelab.training.train import train
     train(tiny_train_config(token_corpus, steps=4), tmp_path / "base", progress=False)
     args = ["distill", str(tmp_path / "base" / "checkpoint"), "--loss", "kl", "--k", "4", "--steps", "5",
             "--batch-size", "4", "--quiet", "device=cpu", "log_every=1"]

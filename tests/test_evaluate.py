@@ -6,7 +6,7 @@ import torch
 
 from gatelab.config import Routing
 from gatelab.data import TokenData
-from gatelab.evaluate import perplexity
+from gatelab.diagnostics.evaluate import perplexity
 from gatelab.model import GPT
 from tests.conftest import TINY_VOCAB, tiny_model_config
 

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from gatelab.config import ModelConfig, Routing, same_run, to_dict
-from gatelab.model import GPT, linear_cross_entropy
-from gatelab.train import train
+from gatelab.model import GPT
+from gatelab.kernels.head_loss import linear_cross_entropy
+from gatelab.training.train import train
 
 from .conftest import tiny_train_config
 
@@ -113,7 +114,7 @@ def test_speed_fields_do_not_change_which_run_it_is(token_corpus, tmp_path):
 
 @pytest.mark.parametrize("k", [1, 5, 32])
 def test_row_topk_by_sort_matches_torch_topk(k):
-    from gatelab.routing import row_topk
+    from gatelab.kernels.topk import row_topk
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(k))
     (v1, i1), (v2, i2) = row_topk(x, k, "topk"), row_topk(x, k, "sort")
     assert torch.equal(v1, v2) and torch.equal(i1, i2)  # no ties among random floats: the same keys

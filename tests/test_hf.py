@@ -5,8 +5,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gatelab.config import GatelabError, Routing  # noqa: E402
-from gatelab.hf import attach_gates, load_gates, save_gates, set_trainable  # noqa: E402
+from gatelab.config import GatelabError, Routing# noqa: E402
+from gatelab.hf.adapter import attach_gates, set_trainable
+from gatelab.hf.gate_files import load_gates, save_gates# noqa: E402
 
 T = 24
 
@@ -133,7 +134,7 @@ def test_gate_routing_without_gates_is_a_clear_error():
 
 
 def test_hf_perplexity_of_a_uniform_model_is_the_vocab_size():
-    from gatelab.hf import hf_perplexity
+    from gatelab.hf.evaluate import hf_perplexity
     model = tiny("llama")
     torch.nn.init.zeros_(model.lm_head.weight)
     ids = torch.randint(0, 101, (300,)).tolist()
@@ -148,7 +149,7 @@ def test_hf_perplexity_of_a_uniform_model_is_the_vocab_size():
 
 
 def test_hf_perplexity_matches_the_models_own_loss():
-    from gatelab.hf import hf_perplexity
+    from gatelab.hf.evaluate import hf_perplexity
     model = tiny("qwen3")
     ids = torch.randint(0, 101, (65,)).tolist()
     res = hf_perplexity(model, ids, Routing(), context=64)
@@ -162,7 +163,8 @@ def test_hf_perplexity_matches_the_models_own_loss():
 
 
 def test_encode_corpus_and_load_errors(tmp_path):
-    from gatelab.hf import encode_corpus, load_pretrained
+    from gatelab.hf.corpus import encode_corpus
+    from gatelab.hf.gate_files import load_pretrained
 
     class WordTokenizer:
         eos_token_id = 0
@@ -186,7 +188,7 @@ def _losses(folder):
 
 @pytest.mark.parametrize("loss", ["kl", "bce", "task"])
 def test_train_gates_freezes_the_model_and_learns(tmp_path, loss):
-    from gatelab.hf import train_gates
+    from gatelab.hf.distill import train_gates
     model = tiny("llama")
     attach_gates(model, d_gate=8)
     set_trainable(model, layers=[])
@@ -211,7 +213,7 @@ def test_task_loss_trains_through_the_reading_it_is_given(tmp_path, reading):
     import json
 
     from gatelab.data import sample_windows
-    from gatelab.hf import train_gates
+    from gatelab.hf.distill import train_gates
     from gatelab.config import READINGS
     model = tiny("llama")
     # large gate scores: the readings give clearly different losses (thresholds below measured on the pre-RoPE gate)
@@ -239,7 +241,7 @@ def test_task_loss_trains_through_the_reading_it_is_given(tmp_path, reading):
 
 
 def test_train_gates_resumes_exactly_after_an_interruption(tmp_path):
-    from gatelab.hf import train_gates
+    from gatelab.hf.distill import train_gates
     ids = torch.randint(0, 101, (3000,)).tolist()
     kw = dict(loss="kl", k=4, steps=10, batch_size=2, context=32, lr=1e-2, checkpoint_every=5, progress=False)
 
@@ -266,7 +268,8 @@ def test_train_gates_resumes_exactly_after_an_interruption(tmp_path):
 
 def test_hf_audit_random_control_is_the_gates_exact_initialisation(tmp_path):
     """An untrained gate audits exactly equal to its random control; a KL-trained one is compared with it."""
-    from gatelab.hf import hf_audit, train_gates
+    from gatelab.hf.audit import hf_audit
+    from gatelab.hf.distill import train_gates
     ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
     model = tiny("llama")
     attach_gates(model, d_gate=8, gate="learned", seed=3)
@@ -285,7 +288,7 @@ def test_hf_audit_random_control_is_the_gates_exact_initialisation(tmp_path):
     s = res["summary"]
     assert learned != rand and s["oracle_vs_random"] == pytest.approx((rand - oracle) / rand)
     if s["gap_too_small"]:  # random weights: the oracle may be hardly better than random; then no share is given
-        from gatelab.analyze import MIN_ORACLE_GAIN
+        from gatelab.diagnostics.analyze import MIN_ORACLE_GAIN
         assert s["random_to_oracle_gap_closed"] is None and s["oracle_vs_random"] < MIN_ORACLE_GAIN
     else:
         assert s["random_to_oracle_gap_closed"] == pytest.approx((rand - learned) / (rand - oracle))

@@ -7,10 +7,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gatelab.config import GatelabError, Routing  # noqa: E402
-from gatelab.hf import (attach_gates, capture_layers, load_gates, read_gate_meta, save_gates,  # noqa: E402
-                        set_trainable, train_gates)
-from gatelab.hf_gates import POSITIONS, RopeGate, frequency_index, gate_scores  # noqa: E402
+from gatelab.config import GatelabError, Routing# noqa: E402
+from gatelab.hf.adapter import attach_gates, # noqa: E402                         set_trainable
+from gatelab.hf.distill import capture_layers, train_gates
+from gatelab.hf.gate_files import load_gates, read_gate_meta, save_gates
+from gatelab.attention.position_gates import POSITIONS, RopeGate, frequency_index, gate_scores# noqa: E402
 
 from .test_hf import FAMILIES, T, tiny  # noqa: E402
 
@@ -221,7 +222,7 @@ def test_rope_gate_refuses_an_interleaved_rotary_layout():
 
 
 def test_hf_audit_random_control_is_of_the_gates_variant(tmp_path):
-    from gatelab.hf import hf_audit
+    from gatelab.hf.audit import hf_audit
     ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
     model = tiny("llama")
     attach_gates(model, d_gate=8, gate="learned", seed=3, position="rope")
@@ -252,7 +253,7 @@ CONVERGE = dict(loss="kl", k=4, steps=60, batch_size=2, context=32, lr=3e-2, che
 
 
 def test_train_gates_stops_when_the_heldout_objective_stops_improving(tmp_path):
-    from gatelab.hf import _heldout_windows, heldout_objective
+    from gatelab.hf.distill import _heldout_windows, heldout_objective
     ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
     model = _fresh()
     summary = train_gates(model, ids, tmp_path / "g", **CONVERGE)
@@ -332,7 +333,7 @@ def test_cli_hf_distill_eval_and_audit_with_a_variant(tmp_path, monkeypatch, cap
     """`hf-distill --position rope --eval-every --patience` records the variant and the steps taken; hf-eval and
     audit --model read it back and refuse another variant with a one-line error."""
     import gatelab.hf as hf
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     model_box = {}
 
     class Tok:

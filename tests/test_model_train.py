@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gatelab.checkpoint import load_model
+from gatelab.training.checkpoint import load_model
 from gatelab.config import GatelabError, ModelConfig, Routing, to_dict
 from gatelab.model import GPT
-from gatelab.train import lr_at, train
+from gatelab.training.train import lr_at, train
 from tests.conftest import TINY_VOCAB, model_poisoned_at_call, tiny_model_config, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]

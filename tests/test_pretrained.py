@@ -6,9 +6,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from gatelab.hf import attach_gates, set_trainable  # noqa: E402
-from gatelab.hf_gates import DEFAULT_POSITION  # noqa: E402
-from gatelab.pretrained import PROTOCOLS, PretrainedSuite, middle_layers, write_pretrained_report  # noqa: E402
+from gatelab.hf.adapter import attach_gates, set_trainable# noqa: E402
+from gatelab.attention.position_gates import DEFAULT_POSITION# noqa: E402
+from gatelab.reproduce.pretrained import PROTOCOLS, PretrainedSuite, middle_layers
+from gatelab.reproduce.report.pretrained import write_pretrained_report# noqa: E402
 
 from .test_hf import tiny  # noqa: E402
 
@@ -100,7 +101,7 @@ def test_another_soft_gate_reading_gets_its_own_units_and_tables(tmp_path):
 
 
 def test_loss_trend_and_paired_gap_average_tenths_and_flag_divergence():
-    from gatelab.pretrained import _loss_trend, _paired_gap
+    from gatelab.reproduce.report.pretrained import _loss_trend, _paired_gap
     flat = dict(curve=[(i + 1, 5.0 if i < 10 else 4.0) for i in range(100)])
     assert _loss_trend(flat) == "5.00 -> 4.00"
     rising = dict(curve=[(i + 1, 5.0 + i / 50) for i in range(100)])  # first tenth mean 5.09, last 6.89
@@ -129,7 +130,7 @@ def test_table6_of_another_variant_gets_its_own_units(tmp_path):
 
 
 def test_gap_closed_and_steps_taken():
-    from gatelab.pretrained import _gap_closed, _steps_taken
+    from gatelab.reproduce.report.pretrained import _gap_closed, _steps_taken
     t9 = dict(evals={"random-topk@k=64": 440.0, "oracle-topk@k=64": 40.0})
     assert _gap_closed(60.0, t9, 64) == pytest.approx(0.95) and _gap_closed(60.0, None, 64) is None
     assert _gap_closed(60.0, t9, 128) is None
@@ -145,7 +146,7 @@ def _pos_unit(root, pos, d, ppls):
 
 
 def test_choose_position_follows_the_written_rule(tmp_path):
-    from gatelab.pretrained import choose_position, position_scores
+    from gatelab.reproduce.report.pretrained import choose_position, position_scores
     t9 = tmp_path / "units" / "table9"
     t9.mkdir(parents=True)
     (t9 / "result.json").write_text(json.dumps(dict(table="table9", evals={"oracle-topk@k=64": 40.0,

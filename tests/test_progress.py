@@ -4,7 +4,7 @@ import re
 
 from gatelab.config import Routing
 from gatelab.data import TokenData
-from gatelab.evaluate import perplexity
+from gatelab.diagnostics.evaluate import perplexity
 from gatelab.model import GPT
 from gatelab.progress import progress_bar
 from tests.conftest import tiny_model_config

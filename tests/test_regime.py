@@ -3,11 +3,11 @@ report judges the predictions against seed noise."""
 import numpy as np
 import pytest
 
-from gatelab import regime
+from gatelab.reproduce import regime
 from gatelab.config import GatelabError, TrainConfig
 from gatelab.data import TokenData
-from gatelab.report_regime import _order, outcomes
-from gatelab.reproduce import PROTOCOLS, Suite
+from gatelab.reproduce.report.regime import _order, outcomes
+from gatelab.reproduce.suite import PROTOCOLS, Suite
 
 
 def test_each_compact_cell_changes_one_factor_of_the_base():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gatelab.config import DEFAULT_READING, READINGS, Routing
-from gatelab.report import READING_FACTS, reading_study, write_report
+from gatelab.reproduce.report.compact import READING_FACTS, reading_study, write_report
 
 
 def _unit(evals: dict, **kw) -> dict:
@@ -89,10 +89,11 @@ def test_committed_reports_are_what_gatelab_report_rebuilds(tmp_path, folder, su
     src = Path(__file__).resolve().parents[1] / "results" / folder
     shutil.copytree(src, tmp_path / folder)
     if suite == "pretrained":
-        from gatelab.pretrained import PROTOCOLS as PRETRAINED, write_pretrained_report
+        from gatelab.reproduce.pretrained import PROTOCOLS as PRETRAINED
+        from gatelab.reproduce.report.pretrained import write_pretrained_report
         path = write_pretrained_report(tmp_path / folder, PRETRAINED["compact"])
     else:
-        from gatelab.reproduce import PROTOCOLS
+        from gatelab.reproduce.suite import PROTOCOLS
         path = write_report(tmp_path / folder, PROTOCOLS["compact"])
     assert path.read_text() == (src / "REPORT.md").read_text()
 
@@ -101,7 +102,7 @@ def test_a_report_is_not_written_over_units_of_another_protocol(tmp_path):
     """The archived 4,000-step suite is not rewritten under the compact protocol's 10,000-step header."""
     import shutil
     from gatelab.config import GatelabError
-    from gatelab.reproduce import PROTOCOLS
+    from gatelab.reproduce.suite import PROTOCOLS
     src = Path(__file__).resolve().parents[1] / "results" / "compact-4k"
     shutil.copytree(src / "units", tmp_path / "units")
     with pytest.raises(GatelabError, match="4,000 steps, not the compact protocol's 10,000"):

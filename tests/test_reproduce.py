@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gatelab.reproduce as reproduce_module
-from gatelab.reproduce import PROTOCOLS, reproduce
+from gatelab.reproduce.suite import PROTOCOLS, reproduce
 
 SMALLER = dict(steps=4, batch_size=2, eval_every=2, eval_tokens=256, distill_steps=3, task_steps=3,
                task_eval_every=1, warmup_steps=1)
@@ -79,7 +79,7 @@ def test_smoke_protocol_runs_resumes_and_reports(workdir, small_smoke):
 def test_demo_main_job_runs(workdir):
     """The README's main job, shortened: prepare the bundled corpus (here already current), train both models,
     print the table."""
-    from gatelab.experiments import run_demo
+    from gatelab.reproduce.demo import run_demo
     tmp_path = workdir
     table = run_demo(tmp_path / "demo", steps=2, progress=False, eval_tokens=1024)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "val_ppl" not in line]
@@ -121,7 +121,7 @@ def test_gpus_beyond_the_visible_ones_is_refused():
     import pytest
 
     from gatelab.config import GatelabError
-    from gatelab.reproduce import workers_for
+    from gatelab.reproduce.workers import workers_for
     with pytest.raises(GatelabError, match="GPU"):
         workers_for(64, "auto")
     assert workers_for(3, "cpu") == ["cpu"] * 3 and workers_for(1, "cpu") is None
@@ -133,7 +133,7 @@ def test_gpus_beyond_the_visible_ones_is_refused():
 def test_jobs_per_gpu_multiplies_the_workers_on_cuda(monkeypatch):
     """--gpus 2 --jobs-per-gpu 4 is 8 workers, 4 per GPU, spread over the GPUs first (on a machine with 2 GPUs)."""
     from gatelab.config import GatelabError
-    from gatelab.reproduce import workers_for
+    from gatelab.reproduce.workers import workers_for
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert workers_for(2, "cuda", per_gpu=4) == ["0", "1"] * 4
     assert workers_for("all", "auto", per_gpu=2) == ["0", "1", "0", "1"]
@@ -149,11 +149,11 @@ def test_jobs_per_gpu_multiplies_the_workers_on_cuda(monkeypatch):
 def test_reproduce_runs_default_under_out():
     from pathlib import Path
 
-    from gatelab.reproduce import output_folders
+    from gatelab.reproduce.suite import output_folders
     assert output_folders(None, None, "smoke") == (Path("results/smoke"), Path("runs/smoke"))
     assert output_folders("/tmp/x", None, "smoke") == (Path("/tmp/x"), Path("/tmp/x/runs"))
     assert output_folders("/tmp/x", "/ckpt", "smoke") == (Path("/tmp/x"), Path("/ckpt"))
     assert output_folders(None, "/ckpt", "pretrained") == (Path("results/pretrained"), Path("/ckpt"))
-    from gatelab.cli import build_parser
+    from gatelab.cli.main import build_parser
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert "OUT/runs" in sub.choices["reproduce"].format_help()

@@ -6,7 +6,11 @@ import torch
 
 from gatelab.config import GatelabError, Routing
 from gatelab.model import GPT
-from gatelab.routing import RandomMaskCache, causal_mask, routed_attention, soft_gate_mask, topk_keep_mask
+from gatelab.attention.hard import RandomMaskCache
+from gatelab.attention.masks import causal_mask
+from gatelab.attention.token import routed_attention
+from gatelab.attention.soft import soft_gate_mask
+from gatelab.kernels.topk import topk_keep_mask
 from tests.conftest import tiny_model_config
 
 HARD_MODES = ["oracle-topk", "gate-topk", "random-topk", "stochastic"]
@@ -171,7 +175,7 @@ def test_renormalised_soft_gate_on_a_frozen_model_trains_only_the_gate(soft_mask
 def test_random_topk_subsets_do_not_depend_on_the_sequence_length():
     """The fixed subset of (layer, head, row) is the same whatever the chunk length: a prefix of a sequence
     keeps exactly the keys the full sequence keeps in those rows (in the GPT's cache and in the HF adapter's path)."""
-    from gatelab.routing import hard_topk_keep
+    from gatelab.attention.hard import hard_topk_keep
     for layer, seed, k in ((0, 0, 4), (3, 7, 9)):
         full = RandomMaskCache().get(layer, 3, 64, k, seed=seed, device="cpu")
         for T in (5, 24, 63):
@@ -198,7 +202,7 @@ def test_random_topk_prefix_gives_the_same_model_outputs():
 def test_random_topk_scores_are_exact_integer_hashes():
     """The scores come from int64 arithmetic that never overflows (the same on every device): the tensor path
     equals the same hash in Python's unbounded integers, over the whole 32-bit range."""
-    from gatelab.routing import _mix32, fixed_random_scores
+    from gatelab.kernels.hashing import _mix32, fixed_random_scores
     x = torch.cat([torch.randint(0, 2 ** 32, (2000,), generator=torch.Generator().manual_seed(0)),
                    torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1])])
     assert _mix32(x).tolist() == [_mix32(int(v)) for v in x]
@@ -230,8 +234,8 @@ def test_flex_soft_gate_matches_the_explicit_soft_gate(reading):
     """The compiled training step's soft gate (flex_attention, log m as a score_mod; the non-renormalised reading via
     the ratio of two log-sum-exps) computes the explicit reference's output (forward on CPU: flex_attention has no
     CPU backward; the GPU benchmark compares gradients)."""
-    from gatelab.routing import soft_gate_flex_attention
-    from gatelab.kernels import causal_kth_largest
+    from gatelab.attention.soft import soft_gate_flex_attention
+    from gatelab.kernels.topk import causal_kth_largest
     g = torch.Generator().manual_seed(3)
     B, H, T, D = 2, 2, 20, 8
     q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
@@ -246,7 +250,7 @@ def test_flex_soft_gate_matches_the_explicit_soft_gate(reading):
 @pytest.mark.parametrize("mode", ["oracle-topk", "random-topk"])
 def test_flex_hard_mask_matches_sdpa_with_the_mask(mode):
     """The keep-mask applied as a flex_attention score_mod (-inf outside it) equals SDPA with the boolean mask."""
-    from gatelab.routing import causal_flex_attention
+    from gatelab.attention.flex import causal_flex_attention
     g = torch.Generator().manual_seed(4)
     B, H, T, D = 2, 2, 20, 8
     q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import gatelab.reproduce as reproduce_module
-from gatelab.cli import main
-from gatelab.reproduce import PROTOCOLS, reproduce
+from gatelab.cli.main import main
+from gatelab.reproduce.suite import PROTOCOLS, reproduce
 
 from .slurm_cluster import LocalSlurm, unavailable
 from .test_reproduce import SMALLER
@@ -142,7 +142,7 @@ def test_bad_slurm_options_are_refused_before_submitting(workdir, slurm_cluster,
 
 def test_slurm_options_from_a_file_and_flags(tmp_path):
     from gatelab.config import GatelabError
-    from gatelab.slurm import options_from
+    from gatelab.reproduce.slurm import options_from
     cfg = tmp_path / "slurm.toml"
     cfg.write_text('partition = "gpu"\ntime = 30\nsetup = ["source venv/bin/activate"]\n[params]\naccount = "lab"\n')
     opts = options_from(str(cfg), time=60, params={"mem": "32G"}, gpus_per_job=None)
@@ -204,7 +204,7 @@ def test_pretrained_units_run_as_jobs(workdir, slurm_cluster, one_thread, capsys
     Table 9's unit gives the local run's numbers."""
     import numpy as np
 
-    from gatelab.pretrained import reproduce_pretrained
+    from gatelab.reproduce.pretrained import reproduce_pretrained
 
     from .test_blocks import _local_hf_model
     model, _ = _local_hf_model(workdir)

@@ -1,3 +1,5 @@
+from gatelab.hf.corpus import encode_corpus
+# FIX-EXTRA-IMPORTS-ABOVE
 """What a new user meets first: a fast command line, data that cannot be silently swapped, corrupt files and
 non-finite results refused, paths and messages that say what they mean."""
 import json
@@ -21,8 +23,8 @@ def test_cli_imports_no_torch():
 def test_demo_stays_small():
     """The demo finishes in under 3 minutes on 2 CPU cores: at most ~100K training tokens per model (a step of
     8 x 128 tokens takes about 0.5 s there) and 8,192 evaluation tokens per routing; the CLI's default agrees."""
-    from gatelab import experiments
-    from gatelab.cli import build_parser
+    from gatelab.reproduce import demo as experiments
+    from gatelab.cli.main import build_parser
     m = experiments.DEMO_MODEL
     assert experiments.DEMO_STEPS * experiments.DEMO_BATCH * m["context"] <= 110_000
     assert experiments.DEMO_EVAL_TOKENS <= 8192 and m["n_layer"] <= 2 and m["d_model"] <= 128
@@ -42,7 +44,7 @@ def _err(capsys) -> str:
 
 @pytest.fixture
 def trained(tmp_path):
-    from gatelab.train import train
+    from gatelab.training.train import train
     from tests.conftest import tiny_train_config, write_token_corpus
     corpus = write_token_corpus(tmp_path / "corpus")
     train(tiny_train_config(corpus, steps=3), tmp_path / "run", progress=False)
@@ -58,7 +60,7 @@ def _book(path: Path, word: str, n: int = 300) -> str:
 
 
 def test_each_text_source_is_prepared_into_its_own_folder(tmp_path, monkeypatch, capsys):
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     monkeypatch.chdir(tmp_path)
     a, b = _book(tmp_path / "a.txt", "whale"), _book(tmp_path / "b.txt", "ship")
     assert main(["prepare", "--corpus", "text", "--source", a, "--context", "16", "--quiet"]) == 0
@@ -80,7 +82,7 @@ def test_each_text_source_is_prepared_into_its_own_folder(tmp_path, monkeypatch,
 
 
 def test_checkpoints_record_their_data_and_refuse_other_data(trained, tmp_path, capsys):
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     from tests.conftest import write_token_corpus
     trainer = json.loads((trained / "trainer.json").read_text())
     fp = trainer["data_fingerprint"]
@@ -101,7 +103,7 @@ def test_checkpoints_record_their_data_and_refuse_other_data(trained, tmp_path, 
 
 
 def test_checkpoints_without_a_fingerprint_still_evaluate(trained, capsys):
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     trainer = json.loads((trained / "trainer.json").read_text())
     del trainer["data_fingerprint"]
     (trained / "trainer.json").write_text(json.dumps(trainer))
@@ -109,7 +111,7 @@ def test_checkpoints_without_a_fingerprint_still_evaluate(trained, capsys):
 
 
 def test_distilled_gates_record_their_data(trained, tmp_path):
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     assert main(["distill", str(trained), "--k", "4", "--d-gate", "8", "--steps", "2", "--batch-size", "2",
                  "--out", str(tmp_path / "g"), "--quiet", "device=cpu"]) == 0
     meta = json.loads((tmp_path / "g" / "gate.json").read_text())
@@ -129,7 +131,7 @@ def _damage(f: Path) -> None:
 
 
 def test_checkpoint_with_damaged_values_is_refused(trained, tmp_path, capsys):
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     _damage(trained / "model.safetensors")
     assert main(["eval", str(trained), "--quiet", "--json", str(tmp_path / "e.json")]) == 2
     assert "non-finite values" in _err(capsys)
@@ -141,7 +143,7 @@ def test_gate_with_damaged_values_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     from gatelab.config import GatelabError
-    from gatelab.distill import read_gate
+    from gatelab.training.gate_files import read_gate
     (tmp_path / "gate.json").write_text(json.dumps(dict(format="gatelab-gate-v1")))
     save_file({"blocks.0.wq": torch.tensor([[1.0, float("nan")]])}, str(tmp_path / "gate.safetensors"))
     with pytest.raises(GatelabError, match="non-finite values"):
@@ -150,7 +152,7 @@ def test_gate_with_damaged_values_is_refused(tmp_path):
 
 def test_non_finite_perplexity_is_an_error(trained, tmp_path, capsys, monkeypatch):
     import gatelab.evaluate
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     monkeypatch.setattr(gatelab.evaluate, "perplexity",
                         lambda *a, **k: dict(routing="dense", nll=float("nan"), ppl=float("nan"), tokens=10))
     assert main(["eval", str(trained), "--quiet", "--json", str(tmp_path / "e.json")]) == 2
@@ -178,7 +180,7 @@ def test_config_data_resolves_against_the_config_folder(tmp_path, monkeypatch):
 
 
 def test_missing_data_error_names_the_absolute_path(tmp_path, monkeypatch, capsys):
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     (tmp_path / "cfgs").mkdir()
     (tmp_path / "cfgs" / "c.json").write_text(json.dumps({"data": "data/prepared/nothing", "device": "cpu"}))
     monkeypatch.chdir(tmp_path)
@@ -194,8 +196,8 @@ def test_missing_data_error_names_the_absolute_path(tmp_path, monkeypatch, capsy
 def test_audit_gap_share_only_when_the_oracle_beats_random():
     from argparse import Namespace
 
-    from gatelab.analyze import audit_summary
-    from gatelab.cli import _print_audit
+    from gatelab.diagnostics.analyze import audit_summary
+    from gatelab.cli.main import _print_audit
     s = audit_summary(64, learned=40.0, rand=40.02, oracle=40.019)
     assert s["random_to_oracle_gap_closed"] is None and s["gap_too_small"]
     assert audit_summary(64, learned=90.0, rand=100.0, oracle=80.0)["random_to_oracle_gap_closed"] == \
@@ -214,7 +216,7 @@ def test_audit_gap_share_only_when_the_oracle_beats_random():
 # 5. hf-distill tokenises the corpus once per tokenizer
 
 def test_encode_corpus_is_cached_per_tokenizer(tmp_path, monkeypatch, capsys):
-    from gatelab import hf
+    pass  # REMOVED-MODULE-IMPORT
 
     class VocabTokenizer:  # a tokenizer with a vocabulary, counting its calls
         eos_token_id = 0
@@ -231,12 +233,12 @@ def test_encode_corpus_is_cached_per_tokenizer(tmp_path, monkeypatch, capsys):
             return {"input_ids": [len(w) + self.shift for w in text.split()]}
     monkeypatch.setenv("GATELAB_TOKEN_CACHE", str(tmp_path / "cache"))
     src = _book(tmp_path / "t.txt", "whale")
-    first = hf.encode_corpus(VocabTokenizer(), "text", "train", src, context=16, progress=True)
+    first = encode_corpus(VocabTokenizer(), "text", "train", src, context=16, progress=True)
     assert "tokenising text" in capsys.readouterr().err  # progress while it builds the cache
     calls = VocabTokenizer.calls
-    assert hf.encode_corpus(VocabTokenizer(), "text", "train", src, context=16) == first
+    assert encode_corpus(VocabTokenizer(), "text", "train", src, context=16) == first
     assert VocabTokenizer.calls == calls  # read from the cache
-    other = hf.encode_corpus(VocabTokenizer(shift=1), "text", "train", src, context=16)  # another tokenizer
+    other = encode_corpus(VocabTokenizer(shift=1), "text", "train", src, context=16)  # another tokenizer
     assert VocabTokenizer.calls > calls and other != first
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
 
@@ -290,7 +292,7 @@ def test_committed_gpu_logs_hold_no_machine_paths():
 # 7. smaller things
 
 def test_hf_eval_on_a_folder_that_is_no_model_says_so(tmp_path, capsys):
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     (tmp_path / "notes.txt").write_text("not a model")
     assert main(["hf-eval", "--model", str(tmp_path), "--quiet"]) == 2
     err = _err(capsys)
@@ -299,7 +301,7 @@ def test_hf_eval_on_a_folder_that_is_no_model_says_so(tmp_path, capsys):
 
 def test_json_that_cannot_be_written_is_refused_before_the_work(trained, tmp_path, capsys, monkeypatch):
     import gatelab.evaluate
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     called = []
     monkeypatch.setattr(gatelab.evaluate, "perplexity", lambda *a, **k: called.append(1))
     (tmp_path / "afile").write_text("")
@@ -322,7 +324,7 @@ def test_a_failed_write_names_the_file_not_its_temporary(tmp_path, monkeypatch):
 
 def test_non_finite_loss_message_names_the_step_the_bar_shows(tmp_path, capsys):
     from gatelab.config import GatelabError
-    from gatelab.train import train
+    from gatelab.training.train import train
     from tests.conftest import model_poisoned_at_call, tiny_train_config, write_token_corpus
     cfg = tiny_train_config(write_token_corpus(tmp_path / "c"), steps=20, checkpoint_every=2, log_every=1)
     model = model_poisoned_at_call(cfg, 6)
@@ -332,7 +334,7 @@ def test_non_finite_loss_message_names_the_step_the_bar_shows(tmp_path, capsys):
 
 
 def test_distill_progress_shows_no_perplexity_for_a_gate_loss(trained, tmp_path, capsys):
-    from gatelab.cli import main
+    from gatelab.cli.main import main
     assert main(["distill", str(trained), "--k", "4", "--d-gate", "8", "--steps", "2", "--batch-size", "2",
                  "--out", str(tmp_path / "g"), "device=cpu"]) == 0
     err = capsys.readouterr().err
@@ -340,7 +342,7 @@ def test_distill_progress_shows_no_perplexity_for_a_gate_loss(trained, tmp_path,
 
 
 def test_concentration_plot_keeps_entropy_off_the_mass_axis_and_the_legend_off_the_bars():
-    from gatelab.analyze import concentration_figure
+    from gatelab.diagnostics.analyze import concentration_figure
     rows = [dict(layer=i, entropy_ratio=0.3 + 0.1 * i, top4_mass=0.95, top8_mass=0.99) for i in range(3)]
     rows.append(dict(layer="all", entropy_ratio=0.4, top4_mass=0.95, top8_mass=0.99))
     fig = concentration_figure(rows, [4, 8], "t")

@@ -5,7 +5,10 @@ results/pretrained/position-probes-cpu.md. Usage: PYTHONPATH=/tmp/site:src pytho
 """
 import time, torch
 torch.set_num_threads(2)
-from gatelab.hf import load_pretrained, attach_gates, encode_corpus, hf_perplexity
+from gatelab.hf.gate_files import load_pretrained
+from gatelab.hf.adapter import attach_gates
+from gatelab.hf.corpus import encode_corpus
+from gatelab.hf.evaluate import hf_perplexity
 from gatelab.config import Routing
 t0 = time.time()
 model, tok = load_pretrained("/tmp/gemma3", "gemma-3-270m-q4_k_m.gguf")

@@ -8,7 +8,10 @@ results/pretrained/position-probes-cpu.md. Usage (the GGUF unpacked from llm-smo
 import sys, time, json, torch
 import numpy as np
 torch.set_num_threads(2)
-from gatelab.hf import load_pretrained, attach_gates, set_trainable, train_gates, encode_corpus, _heldout_windows, heldout_objective
+from gatelab.hf.gate_files import load_pretrained
+from gatelab.hf.adapter import attach_gates, set_trainable
+from gatelab.hf.distill import train_gates, _heldout_windows, heldout_objective
+from gatelab.hf.corpus import encode_corpus
 from gatelab.config import Routing
 model, tok = load_pretrained("/tmp/smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 ids = encode_corpus(tok, "bundled", "validation")  # small split, used here only as a probe's token source

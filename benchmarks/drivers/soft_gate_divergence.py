@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from gatelab.config import GatelabError, soft_gate_routing, write_json, write_text
-from gatelab.reproduce import PROTOCOLS, Suite
-from gatelab.train import train
+from gatelab.reproduce.suite import PROTOCOLS, Suite
+from gatelab.training.train import train
 
 RUNS = [("topk-sigmoid", "learned"), ("topk-sigmoid", "random"), ("sigmoid", "learned"),
         ("topk-sigmoid-renorm", "learned")]

@@ -1,3 +1,7 @@
+from gatelab.DROP import SOFT_ATTENTION
+from gatelab.kernels.soft_gate import _soft_autotuners, _soft_bwd_kv, _soft_bwd_q, _soft_fwd
+from gatelab.attention.token import routed_attention
+# FIX-EXTRA-IMPORTS-ABOVE
 #!/usr/bin/env python3
 """GPU check of the fused soft-gate kernel (kernels.soft_gate_attention) at the paper's shape, eager and compiled:
 output and gradients against the explicit soft gate (routing.routed_attention) in bf16, and the forward + backward
@@ -14,7 +18,7 @@ import traceback
 
 import torch
 
-from gatelab import kernels, routing
+pass  # REMOVED-MODULE-IMPORT
 from gatelab.config import Routing
 
 torch.manual_seed(0)
@@ -28,9 +32,9 @@ def inputs():
 
 def run(path, r, leaves, dout):
     q, k, v, gq0, gk0 = leaves
-    kernels.SOFT_ATTENTION = path
+    SOFT_ATTENTION = path
     gq = gq0 / math.sqrt(DG)
-    out = routing.routed_attention(q, k, v, r, gate_scores=lambda: gq @ gk0.transpose(-1, -2),
+    out = routed_attention(q, k, v, r, gate_scores=lambda: gq @ gk0.transpose(-1, -2),
                                    gate_factors=lambda: (gq, gk0))
     out.backward(dout)
     return out
@@ -58,7 +62,7 @@ def compare_tiles():
             t.grad = None
         ref = [run("explicit", r, leaves, dout).float()] + [t.grad.float() for t in leaves]
         for spill_free in (False, True):
-            kernels._soft_fwd, kernels._soft_bwd_kv, kernels._soft_bwd_q = kernels._soft_autotuners(spill_free)
+            _soft_fwd, _soft_bwd_kv, _soft_bwd_q = _soft_autotuners(spill_free)
             for t in leaves:
                 t.grad = None
             got = [run("fused", r, leaves, dout).float()] + [t.grad.float() for t in leaves]
@@ -95,7 +99,7 @@ for reading in ("sigmoid", "sigmoid-renorm", "topk-sigmoid"):
         print(f"eager {reading}: FAILED\n{traceback.format_exc()[-4000:]}", flush=True)
     try:
         for path in ("explicit", "fused"):
-            kernels.SOFT_ATTENTION = path
+            SOFT_ATTENTION = path
             torch._dynamo.reset()
             f = torch.compile(lambda *a: run(path, r, list(a[:5]), a[5]))
             f(*leaves, dout)

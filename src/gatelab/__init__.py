@@ -2,4 +2,6 @@
 
 Reproduces "Routing Absorption in Sparse Attention: Why Random Gates Are Hard to Beat" (arXiv 2603.02227).
 """
+from __future__ import annotations
+
 __version__ = "0.1.0"

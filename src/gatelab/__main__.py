@@ -1,5 +1,8 @@
+"""TODO-DOC"""
+from __future__ import annotations
+
 import sys
 
-from .cli import main
+from gatelab.cli.main import main
 
 sys.exit(main())

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tempfile
+import tomllib
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,11 +25,21 @@ class GatelabError(Exception):
 
 
 ROUTING_MODES = ("dense", "oracle-topk", "gate-topk", "soft-gate", "random-topk", "stochastic")
+
+
 # Block routing (blocks.py): key blocks of `block_size` tokens chosen per query block, the diagonal block always kept.
 BLOCK_MODES = ("block-oracle", "block-gate", "block-random", "block-soft")
+
+
 ALL_ROUTING_MODES = ROUTING_MODES + BLOCK_MODES
+
+
 BLOCK_POOLS = ("mean", "max-min")  # how a block gate pools its keys' inputs (queries are always mean-pooled)
+
+
 SOFT_MASKS = ("topk-sigmoid", "sigmoid")
+
+
 # The soft-gate readings (docs/method.md; Routing fields), in the order of the tie-break of the reading study: closest to
 # the paper's words ("element-wise multiplication with sigmoid gate scores (no hard top-k ...)") first.
 READINGS = {
@@ -37,24 +48,42 @@ READINGS = {
     "topk-sigmoid": dict(soft_mask="topk-sigmoid", soft_renormalize=False),
     "topk-sigmoid-renorm": dict(soft_mask="topk-sigmoid", soft_renormalize=True),
 }
+
+
 # The default reading: the one that satisfies most of the paper's stated facts in the reading study
 # (report.READING_FACTS, results/compact/REPORT.md); a test checks that the committed study still picks it.
 DEFAULT_READING = "sigmoid"
+
+
 # Gate variants of the Hugging Face adapter (hf_gates.py; here so that the command line needs no torch to list them).
 POSITIONS = ("none", "rope", "qk")
+
+
 # The variant hf-distill, `reproduce --suite pretrained --position` and attach_gates use when none is named, and so
 # the gates `gatelab audit --model` audits by default. Chosen by pretrained.POSITION_RULE from the study on
 # SmolLM2-135M (results/pretrained/REPORT.md, H100): KL gates at d_gate 32/64 deployed at hard top-64/128/256 came
 # within a geometric mean of 0.17% (rope) and 0.19% (qk) of the oracle, against 13.0% for the pre-RoPE gate (none).
 DEFAULT_POSITION = "rope"
+
+
 POSITION_HELP = ("none: the gate reads the layer's normed input before RoPE (no position); rope: the model's own "
                  "rotary embedding on the gate's query and key (d_gate/2 rotary pairs at the model's frequencies, "
                  "plus per-head biases that score pure relative position); qk: low-rank maps of the model's own "
                  "post-RoPE queries and keys")
+
+
 GATE_KINDS = ("none", "learned", "random")
+
+
 OBJECTIVES = ("lm", "kl", "bce")
+
+
 COMPILE_CHOICES = ("auto", True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 DTYPES = ("auto", "fp32", "bf16")
+
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -312,9 +341,6 @@ def same_run(a: dict, b: dict) -> bool:
     return normal(a) == normal(b)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# loading, overrides, serialisation
-
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
@@ -375,7 +401,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            import tomllib
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
@@ -388,7 +413,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout (an editable install), whose examples name
-# data/prepared/bundled relative to it
 
 
 def resolve_config_data(data: Any, config_path: str | os.PathLike) -> Any:
@@ -419,9 +443,6 @@ def load_train_config(path: str | None = None, overrides: list[str] = ()) -> Tra
 def train_config_from_dict(data: dict) -> TrainConfig:
     return _build(TrainConfig, data, "")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# atomic output
 
 def follow_umask(path: str | os.PathLike, directory: bool = False) -> None:
     """Give a file (or folder) made by tempfile, which creates them private (0600 / 0700), the mode an ordinary

@@ -19,18 +19,37 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import tiktoken
+import torch
+from tiktoken.load import load_tiktoken_bpe
 
-from .config import GatelabError, follow_umask, write_json
-from .progress import progress_bar
+from gatelab.config import GatelabError, follow_umask, write_json
+from gatelab.progress import progress_bar
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 BUNDLED_DIR = REPO_ROOT / "data" / "bundled"
+
+
 GPT2_RANKS = ASSETS / "gpt2.tiktoken"
+
+
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
 EOT = 50256
+
+
 SPLITS = ("train", "validation", "test")
+
+
 CORPORA = ("bundled", "wikitext-103", "wikitext-2")
 
 
@@ -45,8 +64,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 @functools.lru_cache(maxsize=1)
 def gpt2_tokenizer():
     """GPT-2 BPE through tiktoken, built offline from the committed ranks file (hash-checked)."""
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
 
     digest = sha256_file(GPT2_RANKS)
     if digest != GPT2_RANKS_SHA256:
@@ -55,9 +72,6 @@ def gpt2_tokenizer():
                              mergeable_ranks=load_tiktoken_bpe(str(GPT2_RANKS)),
                              special_tokens={"<|endoftext|>": EOT})
 
-
-# ----------------------------------------------------------------------------------------------------------
-# corpus readers: each yields (split, document text)
 
 def read_bundled() -> Iterator[tuple[str, str]]:
     """The committed bundled corpus (see data/bundled/MANIFEST.json), hash-checked."""
@@ -166,10 +180,9 @@ def corpus_documents(corpus: str, source: str | None = None) -> Iterator[tuple[s
     raise GatelabError(f"unknown corpus {corpus!r}; choose bundled, wikitext-103, wikitext-2 or text")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# prepare: documents -> uint16 token files
-
 FIXED_SPLITS = ("bundled", "wikitext-103", "wikitext-2")  # corpora whose documents come with their split
+
+
 TOKEN_CUT = (0.98, 0.01, 0.01)  # fractions of a token-cut stream (text corpora too small to split by document)
 
 
@@ -291,9 +304,6 @@ def prepared_folder(corpus: str, source: str | None = None, name: str | None = N
     return root / f"{corpus}-{hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]}"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# fingerprints: which tokens a prepared corpus holds (recorded by checkpoints and gates, checked on use)
-
 def fingerprint_of(meta: dict, sha256: dict) -> dict:
     """The fingerprint of prepared data: what it is (corpus, source, tokenizer, split sizes) and the sha256 of each
     token file. `id` hashes the tokenizer and the token files only: the same tokens prepared from a source that
@@ -399,14 +409,10 @@ def _source_id(corpus: str, source: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# reading token files
-
 def sample_windows(tokens, step: int, batch_size: int, context: int, seed: int, rows: slice | None = None):
     """(inputs, targets) of `batch_size` random `context`-token windows of a token array, a pure function of
     (seed, step): a resumed run reads exactly the batches it would have read. `rows` reads only part of the batch
     (a data-parallel rank's shard), so the global batch is the same whatever the number of ranks."""
-    import torch
     rng = np.random.default_rng([seed, step, 0])
     # starts < len - context - 1 (kept so that batches stay what they were); a split of exactly one window has one
     starts = rng.integers(0, max(1, len(tokens) - context - 1), size=batch_size)
@@ -464,7 +470,6 @@ class TokenData:
     def chunks(self, context: int, max_tokens: int = 0) -> Iterable[tuple]:
         """Non-overlapping evaluation chunks: every token after the first is predicted exactly once.
         The last chunk may be shorter. `max_tokens` > 0 stops after about that many predicted tokens."""
-        import torch
         self._check(1)
         n = len(self.tokens) - 1
         if max_tokens:

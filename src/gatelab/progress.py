@@ -13,6 +13,8 @@ import sys
 import time
 
 LOG_INTERVAL = 10.0  # seconds between progress lines in a log
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 

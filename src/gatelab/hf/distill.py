@@ -1,0 +1,236 @@
+"""TODO-DOC"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gatelab.attention.position_gates import gate_scores
+from gatelab.config import GatelabError, Routing, TrainConfig, atomic_path, write_json
+from gatelab.data import sample_windows
+from gatelab.devices import autocast_for
+from gatelab.hf.gate_files import save_gates
+from gatelab.progress import progress_bar
+from gatelab.training.block_distill import block_gate_objective
+from gatelab.training.distill import bce_oracle, gate_f1, kl_rows
+from gatelab.training.train import MetricsLog, lr_at
+
+
+def capture_layers(model, x: torch.Tensor) -> list[dict]:
+    """One dense forward of batch x without gradient; per layer: the attention logits S, the allowed keys and what
+    the layer's gate reads (hf_gates.gate_inputs)."""
+    ctl = model.gatelab
+    ctl.capture = []
+    try:
+        with torch.no_grad(), ctl.routing(Routing()):
+            model(x, use_cache=False)
+        return ctl.capture
+    finally:
+        ctl.capture = None
+
+
+def captured_gate_objective(model, x: torch.Tensor, objective: str, k: int,
+                            f1: bool = True) -> tuple[torch.Tensor, float | None]:
+    """The kl or bce objective of the attached gates on batch x (averaged over layers), and their mean F1 at k
+    (None when f1=False: it costs a top-k per layer): the gates are scored on one captured dense forward."""
+    gates = model.gatelab.gates
+    total, f1s = 0.0, []
+    captured = capture_layers(model, x)
+    if getattr(model.gatelab, "gate_type", "token") == "block":  # block gates: against each layer's pooled mass
+        ctl = model.gatelab
+        return block_gate_objective(((c["mass"], gates[c["layer"]](c["x"], ctl.block_size, c["valid"], q=c["q"],
+                                                                   k=c["k"]).float())
+                                     for c in captured), objective, k)
+    for c in captured:
+        S, allowed = c["S"], c["allowed"]
+        G = gate_scores(gates[c["layer"]], c["inputs"]).float()
+        total = total + (kl_rows(S, G, allowed) if objective == "kl" else bce_oracle(S, G, allowed, k))
+        if f1:
+            f1s.append(float(gate_f1(S, G.detach(), allowed, k)))
+    return total / len(captured), (sum(f1s) / len(f1s) if f1 else None)
+
+
+@torch.no_grad()
+def captured_gate_f1(model, x: torch.Tensor, ks: list[int]) -> dict[int, list[float]]:
+    """Per layer, the attached gates' F1 against the oracle top-k on batch x, for each k."""
+    gates = model.gatelab.gates
+    out: dict[int, list[float]] = {k: [] for k in ks}
+    for c in capture_layers(model, x):
+        G = gate_scores(gates[c["layer"]], c["inputs"]).float()
+        for k in ks:
+            out[k].append(float(gate_f1(c["S"], G, c["allowed"], k)))
+    return out
+
+
+def _heldout_windows(tokens, n_windows: int, context: int) -> tuple[torch.Tensor, int]:
+    """The last n_windows non-overlapping (context + 1)-token windows of `tokens` (inputs and next tokens) and how
+    many tokens before them remain for training."""
+    n = n_windows * context + 1
+    if len(tokens) - n < context + 2:
+        raise GatelabError(f"{len(tokens)} tokens are too few to hold out {n_windows} windows of {context} tokens "
+                           f"and still train on one")
+    tail = torch.as_tensor(tokens[len(tokens) - n:], dtype=torch.long)
+    win = torch.stack([tail[i * context:(i + 1) * context + 1] for i in range(n_windows)])
+    return win, len(tokens) - n
+
+
+@torch.no_grad()
+def heldout_objective(model, windows: torch.Tensor, loss: str, k: int, batch_size: int,
+                      soft: Routing) -> tuple[float, float | None]:
+    """The training objective (and for kl/bce, the gates' F1 at k) averaged over held-out windows (N, context+1)."""
+    ctl = model.gatelab
+    device = next(model.parameters()).device
+    values, f1s = [], []
+    for i in range(0, len(windows), batch_size):
+        w = windows[i:i + batch_size].to(device)
+        x, y = w[:, :-1], w[:, 1:]
+        with autocast_for(device):
+            if loss == "task":
+                with ctl.routing(soft if ctl.gates is not None else Routing()):
+                    logits = model(x, use_cache=False).logits.float()
+                values.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                      y.reshape(-1))))
+            else:
+                v, f = captured_gate_objective(model, x, loss, k)
+                values.append(float(v))
+                f1s.append(f)
+    return sum(values) / len(values), (sum(f1s) / len(f1s) if f1s else None)
+
+
+def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k: int = 64, steps: int = 1000,
+                batch_size: int = 8, context: int = 512, lr: float = 1e-3, seed: int = 0,
+                checkpoint_every: int = 100, progress: bool = True, model_lr: float | None = None,
+                soft_routing: Routing | None = None, eval_every: int = 0, patience: int = 0,
+                min_delta: float = 0.0, eval_batches: int = 2, step_f1: bool = True) -> dict:
+    """Train the attached gates (and whatever else set_trainable unfroze) on windows of `ids`.
+
+    loss: kl (KL(dense attention || softmax(G)) per row), bce (G vs the oracle top-k mask), or task (the LM
+    loss through the soft gate, the paper's Tables 7-8). soft_routing: the soft gate (reading) the task loss
+    trains through, the one it will be evaluated under (default: soft-gate at k, the default reading).
+
+    Until convergence (eval_every > 0): the last eval_batches x batch_size non-overlapping windows of `ids` are
+    held out (never trained on); every eval_every steps (and at the last) the objective on them, and for kl/bce the
+    gates' F1 at k, is logged to metrics.jsonl as val_loss / val_f1. With patience > 0, training stops once
+    `patience` evaluations in a row failed to improve on the last improvement's val_loss by more than the fraction
+    min_delta; `steps` is then the cap (the learning-rate schedule runs over it). Either way the gates (and unfrozen
+    weights) of the evaluation with the lowest val_loss are kept. step_f1=False leaves the per-step F1 (a top-k
+    per layer and step) out of the log.
+
+    Resumes exactly from out_dir/checkpoint.pt (the stopping state included); writes out_dir/metrics.jsonl and, at
+    the end, the gates (save_gates, with the steps taken) and done.json (steps taken, best step, training time).
+    """
+
+
+    ctl = getattr(model, "gatelab", None)
+    if loss not in ("kl", "bce", "task"):
+        raise GatelabError(f"loss must be kl, bce or task, got {loss!r}")
+    if ctl is None or (loss != "task" and (ctl.gates is None or ctl.kind != "learned")):
+        raise GatelabError("train_gates needs learned gates: attach_gates(model, gate='learned') first")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise GatelabError("nothing to train: set_trainable(model, ...) unfroze no parameter")
+    if eval_every < 0 or patience < 0 or min_delta < 0 or (eval_every and eval_batches < 1):
+        raise GatelabError("eval_every, patience and min_delta must be >= 0 (and eval_batches >= 1)")
+    if patience and not eval_every:
+        raise GatelabError("patience (stopping when the held-out objective stops improving) needs eval_every > 0")
+    Routing(mode="gate-topk", k=k).validate(context)
+    soft = soft_routing if soft_routing is not None else Routing(mode="soft-gate", k=k)
+    if soft.mode != "soft-gate":
+        raise GatelabError(f"soft_routing must be a soft-gate routing, got {soft.mode}")
+    soft.validate(context)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "done.json").is_file():  # finished: restore what it trained (gates and unfrozen layers)
+        if (out / "checkpoint.pt").is_file():
+            state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+            model.load_state_dict(state["trainable"], strict=False)
+        return dict(json.loads((out / "done.json").read_text()), skipped=True)
+    tokens = np.asarray(ids, dtype=np.int64)
+    if len(tokens) < context + 2:
+        raise GatelabError(f"{len(tokens)} tokens are fewer than one {context}-token window")
+    heldout = None
+    if eval_every:
+        heldout, n_train = _heldout_windows(tokens, eval_batches * batch_size, context)
+        tokens = tokens[:n_train]
+    params = [p for p in model.parameters() if p.requires_grad]
+    gate_ids = {id(p) for p in ctl.gate_parameters()}
+    groups = [dict(params=[p for p in params if id(p) in gate_ids], lr=lr),
+              dict(params=[p for p in params if id(p) not in gate_ids], lr=model_lr if model_lr is not None else lr)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    sched = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10)))
+    trainable = lambda: {n: p.detach().cpu().clone() for n, p in model.named_parameters()  # noqa: E731
+                         if p.requires_grad}
+    step, ckpt = 0, out / "checkpoint.pt"
+    # stopping state: the best evaluation so far (value, step, weights), the value of the last improvement by more
+    # than min_delta and the evaluations since it, whether it stopped
+    best, ref, bad, finished, train_s, last_loss = None, None, 0, False, 0.0, None
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        best, ref, bad = state.get("best"), state.get("ref"), state.get("bad", 0)
+        finished = state.get("finished", False)
+        train_s, last_loss = state.get("train_s", 0.0), state.get("last_loss")
+    device = next(model.parameters()).device
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step if ckpt.is_file() else None)
+    bar = progress_bar(total=steps, initial=step, desc=f"gates ({loss})", disable=not progress)
+    t0 = time.time()
+    while step < steps and not finished:
+        for g, base in zip(opt.param_groups, base_lrs):  # warm-up and cosine decay, each group from its own lr
+            g["lr"] = base * lr_at(step, sched) / lr
+        x, y = (t.to(device) for t in sample_windows(tokens, step, batch_size, context, seed))
+        f1 = None
+        with autocast_for(device):
+            if loss == "task":  # the LM loss through the soft gate (dense where there is no gate)
+                with ctl.routing(soft if ctl.gates is not None else Routing()):
+                    value = model(x, labels=None, use_cache=False).logits.float()
+                value = torch.nn.functional.cross_entropy(value.reshape(-1, value.shape[-1]), y.reshape(-1))
+            else:
+                value, f1 = captured_gate_objective(model, x, loss, k, f1=step_f1)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        last_loss = float(value.detach())
+        metrics.write(dict(step=step, loss=last_loss, lr=opt.param_groups[0]["lr"],
+                           **({"f1": f1} if f1 is not None else {})))
+        bar.update(1)
+        if eval_every and (step % eval_every == 0 or step == steps):
+            v, vf1 = heldout_objective(model, heldout, loss, k, batch_size, soft)
+            if best is None or v < best["value"]:  # the weights kept: the lowest held-out value
+                best = dict(value=v, step=step, trainable=trainable())
+            if ref is None or v < ref * (1 - min_delta):  # an improvement: by more than min_delta on the last one
+                ref, bad = v, 0
+            else:
+                bad += 1
+            finished = bool(patience) and bad >= patience
+            metrics.write(dict(step=step, val_loss=v, **({"val_f1": vf1} if vf1 is not None else {}),
+                               best_step=best["step"]))
+        done = finished or step == steps
+        if done and best is not None:  # keep the best evaluation's weights
+            model.load_state_dict(best["trainable"], strict=False)
+            finished = True
+        if step % checkpoint_every == 0 or done:
+            train_s += time.time() - t0
+            t0 = time.time()
+            with atomic_path(ckpt) as tmp:
+                torch.save(dict(step=step, trainable=trainable(), optimizer=opt.state_dict(), best=best, ref=ref,
+                                bad=bad, finished=finished, train_s=train_s, last_loss=last_loss), tmp)
+    bar.close()
+    metrics.close()
+    stopped_early = step < steps
+    summary = dict(loss=loss, k=k, steps=step, max_steps=steps, best_step=None if best is None else best["step"],
+                   best_val_loss=None if best is None else best["value"], stopped_early=stopped_early,
+                   train_s=round(train_s, 2), final_loss=last_loss)
+    if ctl.gates is not None:
+        save_gates(model, out, extra=dict(loss=loss, k=k, steps=step, max_steps=steps, best_step=summary["best_step"],
+                                          seed=seed, context=context,
+                                          **({"routing": asdict(soft)} if loss == "task" else {})))
+    write_json(out / "done.json", summary)
+    return summary

@@ -1,0 +1,278 @@
+"""Training: AdamW, linear warm-up then cosine decay, clipping, periodic validation, exact resume.
+
+A run lives in one directory:
+  config.json      the full TrainConfig
+  metrics.jsonl    one JSON record per log / eval event
+  checkpoint/      the latest checkpoint (see checkpoint.py); a run resumes from it bit-for-bit
+  done.json        written last; a finished run is skipped when started again
+Batches are a pure function of (seed, step), and RNG states are checkpointed, so a run killed at any
+moment and resumed reproduces the uninterrupted run's losses exactly (on the same device).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from gatelab.attention.soft import soft_gate_statistics
+from gatelab.config import GatelabError, TrainConfig, atomic_path, same_run, to_dict, write_json
+from gatelab.data import TokenData, check_same_data
+from gatelab.devices import autocast_for
+from gatelab.diagnostics.evaluate import perplexity
+from gatelab.model import GPT
+from gatelab.progress import progress_bar
+from gatelab.training import distributed
+from gatelab.training.block_distill import block_distill_loss
+from gatelab.training.checkpoint import (
+    OPTIM_FILE, build_model, find_checkpoint, load_optimizer, load_state, load_weights, read_trainer, rng_state,
+    save_checkpoint, set_rng_state
+)
+from gatelab.training.distill import distill_loss, layer_inputs
+from gatelab.training.gate_files import export_block_gate, export_gate
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only (frozen gates are never touched, not even by weight decay);
+    weight decay on matrices and embeddings, none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise GatelabError("nothing to train: every parameter is frozen")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def compile_mode(cfg: TrainConfig, device: torch.device, world: int = 1) -> str | None:
+    """The torch.compile mode of a run, or None for eager. auto: on one GPU, "reduce-overhead" (CUDA graphs: a
+    step of this small model is otherwise bound by kernel-launch overhead, benchmarks/results/); under torchrun,
+    the default mode (DDP's gradient hooks do not go into CUDA graphs); on CPU, eager (compile time outweighs the
+    gain for short runs)."""
+    if cfg.compile is False:
+        return None
+    if cfg.compile == "auto":
+        if device.type != "cuda":
+            return None
+        return "reduce-overhead" if world == 1 else "default"
+    return "default" if cfg.compile is True else cfg.compile
+
+
+class TrainingObjective(torch.nn.Module):
+    """The training objective of one batch as a module: what DistributedDataParallel and torch.compile wrap.
+
+    lm: the language-model loss under cfg.routing; kl / bce: gate distillation (extra metric: gate F1).
+    """
+
+    def __init__(self, model: GPT, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        cfg = self.cfg
+        if cfg.objective == "lm":
+            return self.model(x, y, routing=cfg.routing, fused_loss=cfg.fused_loss)[1], {}
+        if cfg.routing.is_block:  # a post-hoc block gate
+            loss, f1 = block_distill_loss(self.model, x, cfg.objective, cfg.routing)
+            return loss, dict(f1=f1)
+        loss, f1 = distill_loss(self.model, x, cfg.objective, cfg.routing.k)
+        return loss, dict(f1=f1)
+
+
+def wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
+    """The objective module, in DistributedDataParallel under torchrun, compiled where that applies."""
+    objective = TrainingObjective(model, cfg)
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # trainable gates that the routing never reads (hard top-k under the LM loss) get no gradient
+        unused = cfg.objective == "lm" and cfg.routing.mode not in ("soft-gate", "block-soft") and any(
+            p.requires_grad for p in model.gate_parameters())
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=unused)
+    mode = compile_mode(cfg, device, ctx.world) if cfg.objective == "lm" else None
+    if mode is not None:
+        objective = torch.compile(objective, mode=None if mode == "default" else mode)
+    return objective, mode
+
+
+def gate_stats(model: GPT, x: torch.Tensor, routing, device, dtype) -> list[dict]:
+    """routing.soft_gate_statistics of every layer's gate on batch x (TrainConfig.log_gate_stats)."""
+    with autocast_for(device, dtype):
+        inputs = layer_inputs(model, x, routing)
+    return [dict(layer=i, **soft_gate_statistics(b.attn.gate, xn.float(), routing))
+            for i, (b, xn) in enumerate(zip(model.blocks, inputs)) if b.attn.gate is not None]
+
+
+class MetricsLog:
+    """Append-only JSONL, flushed each line; on resume, records past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_until_step: int | None):
+        self.path = path
+        if keep_until_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: str = "auto", progress: bool = True,
+          stop_after: int | None = None, model: GPT | None = None) -> dict:
+    """Train (or resume, or skip if finished) the run in out_dir. Returns the final summary.
+
+    resume: "auto" continues from a checkpoint when there is one; "require" fails without one;
+    "never" starts over. `stop_after` ends the process early after that many steps (for tests).
+    `model` lets a caller supply a prepared model (e.g. with some parameters frozen).
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    done = out / "done.json"
+    cfg_dict = to_dict(cfg)
+    if done.is_file() and resume != "never":
+        summary = json.loads(done.read_text())
+        if not same_run(summary.get("config", {}), cfg_dict):
+            raise GatelabError(f"{out} holds a finished run with another config; choose another --out")
+        return dict(summary, skipped=True)
+    # everything the user gave is checked before the run directory is made
+    train_data = TokenData(cfg.data, "train", fraction=cfg.train_fraction)
+    val_data = TokenData(cfg.data, "validation")
+    train_data.check_trainable(cfg.model.context)
+    val_data.check_trainable(cfg.model.context)
+    if train_data.vocab_size > cfg.model.vocab_size:
+        raise GatelabError(f"the corpus's tokenizer has {train_data.vocab_size} tokens but model.vocab_size is "
+                           f"{cfg.model.vocab_size}")
+    if cfg.init_from and find_checkpoint(cfg.init_from) is None:
+        raise GatelabError(f"init_from: {cfg.init_from} is not a gatelab checkpoint")
+    ckpt_dir = out / "checkpoint"
+    found = find_checkpoint(ckpt_dir) if resume != "never" else None
+    if resume == "require" and found is None:
+        raise GatelabError(f"--resume: {out} has no checkpoint to resume from")
+    ctx = distributed.setup(cfg.device)
+    device = ctx.device
+    rows = ctx.rows(cfg.batch_size)
+    model = model.to(device) if model is not None else build_model(cfg, device)
+    opt = make_optimizer(model, cfg, device)
+    out.mkdir(parents=True, exist_ok=True)
+    step = 0
+    if found is not None:
+        trainer = read_trainer(found)
+        if not same_run(trainer["config"], cfg_dict):
+            raise GatelabError(f"{out} holds a run with another config; resume it with the same config, "
+                               f"or choose another --out")
+        check_same_data(trainer.get("data_fingerprint"), train_data, f"the checkpoint in {out}")
+        load_weights(model, load_state(found), str(found))
+        load_optimizer(opt, load_state(found, OPTIM_FILE), trainer["optimizer"])
+        set_rng_state(trainer["rng"])
+        step = trainer["step"]
+    if ctx.main:
+        write_json(out / "config.json", cfg_dict)
+        log = MetricsLog(out / "metrics.jsonl", keep_until_step=step if found is not None else None)
+    run_objective, mode = wrap_for_training(model, cfg, ctx, device)
+    graphs = mode is not None and "reduce-overhead" in mode
+    tokens_per_step = cfg.batch_size * cfg.model.context
+    last_val = None
+    bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {out.name}" + (f" x{ctx.world}" if ctx.world > 1
+                       else ""), unit="step", disable=not (progress and ctx.main))
+    t_last, steps_since = time.perf_counter(), 0
+    nonfinite_at = torch.tensor(-1, device=device)
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = train_data.batch(step, cfg.batch_size, cfg.model.context, cfg.seed, rows)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if ctx.world > 1:  # per-rank randomness (stochastic routing) that a resume on the same N reproduces
+                torch.manual_seed(cfg.seed * 1_000_003 + step * 7919 + ctx.rank)
+            if graphs:  # a new iteration: CUDA-graph outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            with autocast_for(device, cfg.dtype):
+                loss, extra = run_objective(x, y)
+            # The first step with a non-finite loss, tracked on the device (no host sync per step) and checked
+            # before every log and checkpoint, so a bad state is never saved.
+            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(loss.detach()), step, nonfinite_at)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            opt.step()
+            step += 1
+            steps_since += 1
+            will_log = step % cfg.log_every == 0 or step == cfg.steps
+            will_save = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            will_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if will_log or will_save or will_eval:
+                first_bad = int(ctx.min(torch.where(nonfinite_at >= 0, nonfinite_at, cfg.steps + 1)))
+                if first_bad <= cfg.steps:
+                    kept = find_checkpoint(ckpt_dir)
+                    where = (f"the last good checkpoint (step {read_trainer(kept)['step']}) is kept in {kept}"
+                             if kept else "no checkpoint had been written yet")
+                    bar.update(1)  # the bar shows this step, as metrics.jsonl would: steps count from 1
+                    raise GatelabError(f"non-finite loss at step {first_bad + 1} of {cfg.steps}; stopping: {where}")
+            if will_log:
+                loss_v = ctx.mean(loss).item()
+                now = time.perf_counter()
+                tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
+                t_last, steps_since = now, 0
+                if cfg.log_gate_stats and model.gates():
+                    extra = dict(extra, gate_stats=gate_stats(model, x[:2], cfg.routing, device, cfg.dtype))
+                if ctx.main:
+                    log.write(dict(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                                   **extra))
+                shown = dict(ppl=f"{math.exp(min(loss_v, 50)):.1f}") if cfg.objective == "lm" else \
+                    {k: f"{v:.3f}" for k, v in extra.items() if isinstance(v, float)}  # kl/bce: no perplexity
+                bar.set_postfix(loss=f"{loss_v:.3f}", **shown, tok_s=f"{tok_s:,.0f}", refresh=False)
+            if will_eval and ctx.main:
+                res = perplexity(model, val_data, cfg.routing, cfg.batch_size, cfg.eval_tokens, cfg.dtype)
+                last_val = res["ppl"]
+                log.write(dict(step=step, val_loss=res["nll"], val_ppl=res["ppl"], val_tokens=res["tokens"]))
+                bar.write(f"step {step}: validation ppl {res['ppl']:.2f} ({cfg.routing.label()})")
+            if will_save and ctx.main:
+                save_checkpoint(ckpt_dir, model, dict(config=cfg_dict, step=step, rng=rng_state(),
+                                                      data_position=dict(seed=cfg.seed, next_step=step),
+                                                      data_fingerprint=train_data.fingerprint), opt)
+            bar.update(1)
+            if will_save or will_eval:
+                ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
+            if stop_after is not None and step >= stop_after and step < cfg.steps:
+                return dict(stopped_at=step)
+    finally:
+        bar.close()
+        if ctx.main:
+            log.close()
+    summary = dict(config=cfg_dict, steps=step, final_val_ppl=last_val, device=str(device),
+                   params=model.num_params(), gate_params=model.num_params(gates=True), world_size=ctx.world,
+                   data_fingerprint=train_data.fingerprint)
+    if not ctx.main:
+        ctx.barrier()
+        return summary
+    if cfg.freeze_model and model.gates():
+        export_gate(model, cfg, out)
+        summary["gate"] = str(out / "gate.json")
+    elif cfg.freeze_model and model.block_gates():
+        export_block_gate(model, cfg, out)
+        summary["gate"] = str(out / "gate.json")
+    write_json(done, summary)
+    ctx.barrier()
+    return summary
