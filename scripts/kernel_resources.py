@@ -46,39 +46,40 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int, num_st
 def kernel_grid():
     """(kernel, shape note, signature, constexprs, warps, stages) for each config gatelab launches on the GPU, at the
     paper's GPT shapes (T = 512, head dim 64, d_gate 32, d_model 256) and SmolLM2's block shapes (block 128)."""
-    from gatelab import kernels as K
+    from gatelab.kernels import block_mass, head_loss, soft_gate
+    from gatelab.kernels import topk as topk_kernels
     bf16, f32 = "*bf16", "*fp32"
     rows = []
     topk = dict(scores_ptr=f32, row_hash_ptr="*i64", keep_ptr="*i8", tau_ptr=f32, n_rows="i32", T="i32", S="i32",
                 offset="i32", k="i32")
     for hashed, keep, tau, note in ((False, True, False, "keep-mask"), (True, True, False, "hashed keep-mask"),
                                     (False, False, True, "threshold")):
-        rows.append((K._topk_rows_kernel, f"{note}, 8 rows x 512", topk,
+        rows.append((topk_kernels._topk_rows_kernel, f"{note}, 8 rows x 512", topk,
                      dict(HASHED=hashed, WRITE_KEEP=keep, WRITE_TAU=tau, BLOCK_M=8, BLOCK_N=512), 4, 3))
     for coarse in (32, 16):
-        rows.append((K._factor_tau_kernel, f"16 rows x 512, d_gate 32, {coarse} coarse bits",
+        rows.append((topk_kernels._factor_tau_kernel, f"16 rows x 512, d_gate 32, {coarse} coarse bits",
                      dict(GQ=bf16, GK=bf16, TAU=f32, T="i32", k="i32", row0="i32", row1="i32"),
                      dict(DG=32, BLOCK_M=16, BLOCK_N=512, COARSE=coarse), 8, 3))
     soft = dict(Q=bf16, K=bf16, V=bf16, GQ=bf16, GK=bf16, TAU=f32)
-    for cfg in K._soft_configs(tuple(sorted(set(sum(K.SOFT_SPILL_FREE_TILES.values(), ()))))):
+    for cfg in soft_gate._soft_configs(tuple(sorted(set(sum(soft_gate.SOFT_SPILL_FREE_TILES.values(), ()))))):
         m, n, w, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
         common = dict(sm_scale=0.125, inv_t=1.0, RENORM=False, HAS_TAU=True, D=64, DG=32, BLOCK_M=m, BLOCK_N=n)
-        rows.append((K._soft_fwd_kernel, f"{m} x {n}", {**soft, "O": bf16, "L": f32, "T": "i32"}, common, w, st))
-        rows.append((K._soft_bwd_kv_kernel, f"{m} x {n}", {**soft, "DO": bf16, "L": f32, "DELTA": f32, "DK": bf16,
+        rows.append((soft_gate._soft_fwd_kernel, f"{m} x {n}", {**soft, "O": bf16, "L": f32, "T": "i32"}, common, w, st))
+        rows.append((soft_gate._soft_bwd_kv_kernel, f"{m} x {n}", {**soft, "DO": bf16, "L": f32, "DELTA": f32, "DK": bf16,
                                                            "DV": bf16, "DGK": bf16, "T": "i32"}, common, w, st))
-        rows.append((K._soft_bwd_q_kernel, f"{m} x {n}", {**soft, "DO": bf16, "L": f32, "DELTA": f32, "DQ": bf16,
+        rows.append((soft_gate._soft_bwd_q_kernel, f"{m} x {n}", {**soft, "DO": bf16, "L": f32, "DELTA": f32, "DQ": bf16,
                                                           "DGQ": bf16, "T": "i32"}, common, w, st))
-    rows.append((K._block_mass_kernel, "block 128, tile 64, head dim 64",
+    rows.append((block_mass._block_mass_kernel, "block 128, tile 64, head dim 64",
                  dict(Q=bf16, K=bf16, OUT=f32, sqb="i32", sqh="i32", sqt="i32", skb="i32", skh="i32", skt="i32",
                       H="i32", T="i32", nb="i32", group="i32", qk_scale="fp32"),
                  dict(BLOCK=128, TILE_N=64, D=64), 8, 3))
     lse = dict(H=bf16, W=bf16, TGT="*i64", MAX=f32, SUM=f32, PICK=f32, N="i32", V="i32", cols_per_split="i32")
-    for m, v, w, st in K.LCE_LSE_TILES:
-        rows.append((K._lce_lse_kernel, f"{m} x {v}, C 256", lse, dict(C=256, BLOCK_M=m, BLOCK_V=v), w, st))
+    for m, v, w, st in head_loss.LCE_LSE_TILES:
+        rows.append((head_loss._lce_lse_kernel, f"{m} x {v}, C 256", lse, dict(C=256, BLOCK_M=m, BLOCK_V=v), w, st))
     grad = dict(H=bf16, W=bf16, TGT="*i64", LSE=f32, G=bf16, DH=f32, N="i32", V="i32", g_stride="i32",
                 cols_per_split="i32")
-    for m, v, w, st in K.LCE_GRAD_TILES:
-        rows.append((K._lce_grad_kernel, f"{m} x {v}, C 256", grad,
+    for m, v, w, st in head_loss.LCE_GRAD_TILES:
+        rows.append((head_loss._lce_grad_kernel, f"{m} x {v}, C 256", grad,
                      dict(C=256, BLOCK_M=m, BLOCK_V=v, WRITE_G=True, WANT_DH=True), w, st))
     return rows
 

@@ -1,18 +1,18 @@
-from gatelab.attention.gates import qk_block_scores
-from gatelab.attention.blocks import block_lists
-# FIX-EXTRA-IMPORTS-ABOVE
 """Block routing: block selection, the flex_attention path against a dense reference, block-random's
 prefix consistency, gradients, post-hoc block gates on gatelab's GPT and on Hugging Face models."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from gatelab.attention.gates import BlockGate, pool_blocks
-from gatelab.attention.blocks import block_attention_mass, block_random_scores, previous_block_rows, select_blocks
-from gatelab.attention.flex import block_mask_from_scores, build_block_mask
 from gatelab.attention.block_attention import block_routed_attention, block_sparse_attention
+from gatelab.attention.blocks import (
+    block_attention_mass, block_lists, block_random_scores, previous_block_rows, select_blocks
+)
+from gatelab.attention.flex import block_mask_from_scores, build_block_mask
+from gatelab.attention.gates import BlockGate, pool_blocks, qk_block_scores
 from gatelab.config import GatelabError, ModelConfig, Routing
 from gatelab.model import GPT
 from tests.conftest import tiny_model_config, tiny_train_config
@@ -177,9 +177,8 @@ def test_block_mask_from_scores_is_the_selection_and_flex_on_it_matches_the_refe
 
 @pytest.mark.parametrize("pool", ["mean", "max-min"])
 def test_compiled_inference_selection_equals_the_eager_one(pool):
-    """The inference path compiles a qk gate's scores and the block lists on CUDA (blocks._compiled); compiled here
+    """The inference path compiles a qk gate's scores and the block lists on CUDA (Backend.compile_blocks); compiled here
     on CPU, both give exactly the eager results, for every block_k including 0 and one above the earlier blocks."""
-    pass  # REMOVED-MODULE-IMPORT
     torch.manual_seed(11)
     gate = BlockGate(32, H, 8, pool=pool, reads="qk", head_dim=D)
     q, k_, _ = qkv(4)
@@ -309,10 +308,10 @@ def test_older_run_configs_are_still_the_same_run(token_corpus):
 
 
 def test_post_hoc_block_gate_on_the_gpt_trains_exports_and_reloads(tmp_path, token_corpus):
-    from gatelab.training.checkpoint import load_model
     from gatelab.cli.main import main
-    from gatelab.training.gate_files import attach_gate
+    from gatelab.training.checkpoint import load_model
     from gatelab.training.distill import distill_config
+    from gatelab.training.gate_files import attach_gate
     from gatelab.training.train import train
     base_cfg = tiny_train_config(token_corpus, steps=4)
     train(base_cfg, tmp_path / "dense", progress=False)
@@ -383,12 +382,12 @@ def test_hf_block_routings_flex_equals_masked_and_all_blocks_equal_dense():
             r = Routing(mode=mode, block_size=BS, block_k=1)
             outs = {}
             for backend in ("masked", "flex"):
-                ctl.block_backend = backend
+                ctl.backend = replace(ctl.backend, block_attention=backend)
                 with ctl.routing(r):
                     outs[backend] = model(ids, use_cache=False).logits
             assert torch.allclose(outs["flex"], outs["masked"], atol=1e-5), mode
             assert not torch.allclose(outs["masked"], dense, atol=1e-3), mode
-        ctl.block_backend = "auto"
+        ctl.backend = replace(ctl.backend, block_attention="auto")
         with ctl.routing(Routing(mode="block-oracle", block_size=BS, block_k=T // BS)):
             assert torch.allclose(model(ids, use_cache=False).logits, dense, atol=1e-5)
         with pytest.raises(GatelabError, match="token gates"), ctl.routing(Routing(mode="gate-topk", k=4)):
@@ -413,11 +412,9 @@ def test_hf_block_routing_never_reads_padding_keys():
 
 @pytest.mark.parametrize("position", ["none", "qk"])
 def test_hf_block_gates_distil_save_and_reload(tmp_path, position):
-    from gatelab.hf.adapter import attach_block_gates
+    from gatelab.hf.adapter import attach_block_gates, set_trainable
+    from gatelab.hf.distill import captured_gate_objective, train_gates
     from gatelab.hf.gate_files import load_gates, save_gates
-    from gatelab.hf.adapter import set_trainable
-    from gatelab.hf.distill import train_gates
-    from gatelab.hf.distill import captured_gate_objective
     model = _tiny_llama()
     # the tiny model's pooled queries and keys are small, so a qk gate at init 0.5 already scores blocks almost
     # uniformly, about as close to its near-uniform attention mass as it can get: start it far off instead
@@ -521,8 +518,8 @@ def _local_hf_model(folder):
 
 
 def test_hf_cli_distils_a_block_gate_and_evaluates_it_on_long_documents(tmp_path):
-    from gatelab.hf.adapter import DEFAULT_BLOCK_POSITION
     from gatelab.cli.main import main
+    from gatelab.hf.adapter import DEFAULT_BLOCK_POSITION
     model_dir, docs = _local_hf_model(tmp_path)
     common = ["--model", str(model_dir), "--corpus", "text", "--source", str(docs), "--context", str(T),
               "--device", "cpu", "--quiet"]

@@ -4,9 +4,11 @@ import json
 import pytest
 import torch
 
-from gatelab.training.checkpoint import find_checkpoint, load_model, load_optimizer, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
 from gatelab.config import GatelabError, to_dict
 from gatelab.model import GPT
+from gatelab.training.checkpoint import (
+    find_checkpoint, load_model, load_optimizer, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
+)
 from gatelab.training.train import train
 from tests.conftest import tiny_model_config, tiny_train_config
 

@@ -9,9 +9,9 @@ from scipy import stats as scipy_stats
 
 from gatelab.reproduce.report import criteria
 from gatelab.reproduce.report.compact import write_report
-from gatelab.reproduce.suite import PROTOCOLS
 from gatelab.reproduce.report.stats import of_differences, paired
 from gatelab.reproduce.report.verdicts import Verdict
+from gatelab.reproduce.suite import PROTOCOLS, unit_names
 
 
 def test_paired_interval_and_detectable_effect_match_a_t_test():
@@ -93,7 +93,7 @@ def _units(tmp_path, finished_at):
 
 def _exp4_line(out) -> str:
     protocol = replace(PROTOCOLS["smoke"], seeds=1)
-    report = write_report(out, protocol).read_text()
+    report = write_report(out, protocol, unit_names(protocol)).read_text()
     return next(line for line in report.splitlines() if line.startswith("- **4. Stochastic"))
 
 

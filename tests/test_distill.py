@@ -4,15 +4,15 @@ import json
 import pytest
 import torch
 
-from gatelab.diagnostics.analyze import analyze, attention_statistics, gate_gradient_norms
-from gatelab.training.checkpoint import load_model, load_state
+from gatelab.attention.masks import causal_mask
 from gatelab.cli.main import main
 from gatelab.config import GatelabError
 from gatelab.data import TokenData
-from gatelab.training.gate_files import attach_gate
-from gatelab.training.distill import attention_logits, distill_config, distill_loss, gate_f1, kl_rows, layer_inputs
+from gatelab.diagnostics.analyze import analyze, attention_statistics, gate_gradient_norms
 from gatelab.model import GPT
-from gatelab.attention.masks import causal_mask
+from gatelab.training.checkpoint import load_model, load_state
+from gatelab.training.distill import attention_logits, distill_config, distill_loss, gate_f1, kl_rows, layer_inputs
+from gatelab.training.gate_files import attach_gate
 from gatelab.training.train import train
 from tests.conftest import tiny_model_config, tiny_train_config
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from gatelab.config import ModelConfig, Routing, same_run, to_dict
-from gatelab.model import GPT
 from gatelab.kernels.head_loss import linear_cross_entropy
+from gatelab.model import GPT
 from gatelab.training.train import train
 
 from .conftest import tiny_train_config

@@ -5,9 +5,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gatelab.config import GatelabError, Routing# noqa: E402
+from gatelab.config import GatelabError, Routing  # noqa: E402
 from gatelab.hf.adapter import attach_gates, set_trainable
-from gatelab.hf.gate_files import load_gates, save_gates# noqa: E402
+from gatelab.hf.gate_files import load_gates, save_gates  # noqa: E402
 
 T = 24
 
@@ -212,9 +212,9 @@ def test_task_loss_trains_through_the_reading_it_is_given(tmp_path, reading):
     """The first logged task loss is the model's loss under that reading on the first batch (and not the other's)."""
     import json
 
+    from gatelab.config import READINGS
     from gatelab.data import sample_windows
     from gatelab.hf.distill import train_gates
-    from gatelab.config import READINGS
     model = tiny("llama")
     # large gate scores: the readings give clearly different losses (thresholds below measured on the pre-RoPE gate)
     attach_gates(model, d_gate=8, init_std=1.0, position="none")

@@ -7,11 +7,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gatelab.config import GatelabError, Routing# noqa: E402
-from gatelab.hf.adapter import attach_gates, # noqa: E402                         set_trainable
+from gatelab.attention.position_gates import POSITIONS, RopeGate, frequency_index, gate_scores  # noqa: E402
+from gatelab.config import GatelabError, Routing  # noqa: E402
+from gatelab.hf.adapter import attach_gates, set_trainable  # noqa: E402
 from gatelab.hf.distill import capture_layers, train_gates
 from gatelab.hf.gate_files import load_gates, read_gate_meta, save_gates
-from gatelab.attention.position_gates import POSITIONS, RopeGate, frequency_index, gate_scores# noqa: E402
 
 from .test_hf import FAMILIES, T, tiny  # noqa: E402
 
@@ -292,15 +292,15 @@ def test_train_gates_stops_when_the_heldout_objective_stops_improving(tmp_path):
 
 
 def test_train_gates_until_convergence_never_trains_on_the_heldout_windows(tmp_path, monkeypatch):
-    import gatelab.data as data
+    import gatelab.hf.distill as hf_distill
     ids = list(range(3000))
     seen = []
-    real = data.sample_windows
+    real = hf_distill.sample_windows
 
     def spy(tokens, *a, **kw):
         seen.append(len(tokens))
         return real(tokens, *a, **kw)
-    monkeypatch.setattr(data, "sample_windows", spy)
+    monkeypatch.setattr(hf_distill, "sample_windows", spy)
     train_gates(_fresh(), [i % 101 for i in ids], tmp_path / "g", **dict(CONVERGE, steps=3, eval_every=3))
     assert set(seen) == {3000 - (2 * 2 * 32 + 1)}
 

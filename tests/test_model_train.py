@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gatelab.training.checkpoint import load_model
 from gatelab.config import GatelabError, ModelConfig, Routing, to_dict
 from gatelab.model import GPT
+from gatelab.training.checkpoint import load_model
 from gatelab.training.train import lr_at, train
 from tests.conftest import TINY_VOCAB, model_poisoned_at_call, tiny_model_config, tiny_train_config
 
@@ -164,6 +164,7 @@ def test_run_files_follow_the_umask(token_corpus, tmp_path):
     """Checkpoint files (safetensors writes 0600) and JSON written atomically (tempfile: 0600) get the mode the
     umask gives new files."""
     import os
+
     from gatelab.config import write_json
     old = os.umask(0o022)
     try:

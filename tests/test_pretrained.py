@@ -6,10 +6,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from gatelab.hf.adapter import attach_gates, set_trainable# noqa: E402
-from gatelab.attention.position_gates import DEFAULT_POSITION# noqa: E402
+from gatelab.attention.position_gates import DEFAULT_POSITION  # noqa: E402
+from gatelab.hf.adapter import attach_gates, set_trainable  # noqa: E402
 from gatelab.reproduce.pretrained import PROTOCOLS, PretrainedSuite, middle_layers
-from gatelab.reproduce.report.pretrained import write_pretrained_report# noqa: E402
+from gatelab.reproduce.report.pretrained import write_pretrained_report  # noqa: E402
 
 from .test_hf import tiny  # noqa: E402
 

@@ -3,9 +3,9 @@ report judges the predictions against seed noise."""
 import numpy as np
 import pytest
 
-from gatelab.reproduce import regime
 from gatelab.config import GatelabError, TrainConfig
 from gatelab.data import TokenData
+from gatelab.reproduce import regime
 from gatelab.reproduce.report.regime import _order, outcomes
 from gatelab.reproduce.suite import PROTOCOLS, Suite
 

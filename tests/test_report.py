@@ -93,18 +93,19 @@ def test_committed_reports_are_what_gatelab_report_rebuilds(tmp_path, folder, su
         from gatelab.reproduce.report.pretrained import write_pretrained_report
         path = write_pretrained_report(tmp_path / folder, PRETRAINED["compact"])
     else:
-        from gatelab.reproduce.suite import PROTOCOLS
-        path = write_report(tmp_path / folder, PROTOCOLS["compact"])
+        from gatelab.reproduce.suite import PROTOCOLS, unit_names
+        path = write_report(tmp_path / folder, PROTOCOLS["compact"], unit_names(PROTOCOLS["compact"]))
     assert path.read_text() == (src / "REPORT.md").read_text()
 
 
 def test_a_report_is_not_written_over_units_of_another_protocol(tmp_path):
     """The archived 4,000-step suite is not rewritten under the compact protocol's 10,000-step header."""
     import shutil
+
     from gatelab.config import GatelabError
-    from gatelab.reproduce.suite import PROTOCOLS
+    from gatelab.reproduce.suite import PROTOCOLS, unit_names
     src = Path(__file__).resolve().parents[1] / "results" / "compact-4k"
     shutil.copytree(src / "units", tmp_path / "units")
     with pytest.raises(GatelabError, match="4,000 steps, not the compact protocol's 10,000"):
-        write_report(tmp_path, PROTOCOLS["compact"])
+        write_report(tmp_path, PROTOCOLS["compact"], unit_names(PROTOCOLS["compact"]))
     assert not (tmp_path / "REPORT.md").exists()

@@ -4,27 +4,27 @@ import math
 import pytest
 import torch
 
-from gatelab.config import GatelabError, Routing
-from gatelab.model import GPT
 from gatelab.attention.hard import RandomMaskCache
 from gatelab.attention.masks import causal_mask
-from gatelab.attention.token import routed_attention
 from gatelab.attention.soft import soft_gate_mask
+from gatelab.attention.attend import GateScores, attend
+from gatelab.config import GatelabError, Routing
 from gatelab.kernels.topk import topk_keep_mask
+from gatelab.model import GPT
 from tests.conftest import tiny_model_config
 
 HARD_MODES = ["oracle-topk", "gate-topk", "random-topk", "stochastic"]
 
 
 def attention_weights(mode, k, T=24, B=2, H=3, seed=0, **routing_kw):
-    """Run routed_attention with V = identity, so that each output row *is* that row's attention weights."""
+    """Run attend with V = identity, so that each output row *is* that row's attention weights."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, T, generator=g)
     kk = torch.randn(B, H, T, T, generator=g)
     v = torch.eye(T).expand(B, H, T, T)
     G = torch.randn(B, H, T, T, generator=g)
-    return routed_attention(q, kk, v, Routing(mode=mode, k=k, **routing_kw), gate_scores=lambda: G,
-                            random_masks=RandomMaskCache()), q, kk, G
+    return attend(q, kk, v, Routing(mode=mode, k=k, **routing_kw), gate=GateScores(lambda: G),
+                  random_masks=RandomMaskCache()), q, kk, G
 
 
 @pytest.mark.parametrize("mode", HARD_MODES)
@@ -115,13 +115,13 @@ def test_soft_gate_readings():
     # renormalised reading == softmax(S + log m)
     q, kk, v = (torch.randn(2, 3, T, 8) for _ in range(3))
     r = Routing(mode="soft-gate", k=k, soft_renormalize=True)
-    out = routed_attention(q, kk, v, r, gate_scores=lambda: G)
+    out = attend(q, kk, v, r, gate=GateScores(lambda: G))
     S = q @ kk.transpose(-1, -2) / math.sqrt(8)
     ref = torch.softmax((S + torch.log(soft_gate_mask(G, r, causal))).masked_fill(~causal, float("-inf")), -1) @ v
     assert torch.allclose(out, ref, atol=1e-5)
     # not renormalised: softmax(S) * m
     r = Routing(mode="soft-gate", k=k)
-    out = routed_attention(q, kk, v, r, gate_scores=lambda: G)
+    out = attend(q, kk, v, r, gate=GateScores(lambda: G))
     ref = (torch.softmax(S.masked_fill(~causal, float("-inf")), -1) * soft_gate_mask(G, r, causal)) @ v
     assert torch.allclose(out, ref, atol=1e-5)
 
@@ -243,7 +243,7 @@ def test_flex_soft_gate_matches_the_explicit_soft_gate(reading):
     r = Routing(mode="soft-gate", k=6, soft_temperature=0.5, **reading)
     tau = causal_kth_largest(G, r.k) if r.soft_mask == "topk-sigmoid" else None
     fast = soft_gate_flex_attention(q, k, v, G, r, tau)
-    ref = routed_attention(q, k, v, r, gate_scores=lambda: G)
+    ref = attend(q, k, v, r, gate=GateScores(lambda: G))
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
 

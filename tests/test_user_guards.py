@@ -1,5 +1,3 @@
-from gatelab.hf.corpus import encode_corpus
-# FIX-EXTRA-IMPORTS-ABOVE
 """What a new user meets first: a fast command line, data that cannot be silently swapped, corrupt files and
 non-finite results refused, paths and messages that say what they mean."""
 import json
@@ -8,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from gatelab.hf.corpus import encode_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +23,8 @@ def test_cli_imports_no_torch():
 def test_demo_stays_small():
     """The demo finishes in under 3 minutes on 2 CPU cores: at most ~100K training tokens per model (a step of
     8 x 128 tokens takes about 0.5 s there) and 8,192 evaluation tokens per routing; the CLI's default agrees."""
-    from gatelab.reproduce import demo as experiments
     from gatelab.cli.main import build_parser
+    from gatelab.reproduce import demo as experiments
     m = experiments.DEMO_MODEL
     assert experiments.DEMO_STEPS * experiments.DEMO_BATCH * m["context"] <= 110_000
     assert experiments.DEMO_EVAL_TOKENS <= 8192 and m["n_layer"] <= 2 and m["d_model"] <= 128
@@ -196,8 +196,8 @@ def test_missing_data_error_names_the_absolute_path(tmp_path, monkeypatch, capsy
 def test_audit_gap_share_only_when_the_oracle_beats_random():
     from argparse import Namespace
 
-    from gatelab.diagnostics.analyze import audit_summary
     from gatelab.cli.main import _print_audit
+    from gatelab.diagnostics.analyze import audit_summary
     s = audit_summary(64, learned=40.0, rand=40.02, oracle=40.019)
     assert s["random_to_oracle_gap_closed"] is None and s["gap_too_small"]
     assert audit_summary(64, learned=90.0, rand=100.0, oracle=80.0)["random_to_oracle_gap_closed"] == \
@@ -216,7 +216,6 @@ def test_audit_gap_share_only_when_the_oracle_beats_random():
 # 5. hf-distill tokenises the corpus once per tokenizer
 
 def test_encode_corpus_is_cached_per_tokenizer(tmp_path, monkeypatch, capsys):
-    pass  # REMOVED-MODULE-IMPORT
 
     class VocabTokenizer:  # a tokenizer with a vocabulary, counting its calls
         eos_token_id = 0

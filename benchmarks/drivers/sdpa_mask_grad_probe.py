@@ -1,7 +1,7 @@
 """Why the renormalised soft gate failed on CUDA when only the gate trains: a probe of PyTorch's SDPA.
 
 Calls F.scaled_dot_product_attention with a float attn_mask that requires grad while q/k/v do or do not, on every
-SDPA backend that accepts the call, and prints whether backward works. gatelab's fix (routing.routed_attention)
+SDPA backend that accepts the call, and prints whether backward works. gatelab's fix (attention/soft.py's soft_gate_reference)
 takes the explicit softmax path exactly when the mask alone needs a gradient.
 
     python benchmarks/drivers/sdpa_mask_grad_probe.py

@@ -1,15 +1,11 @@
-from gatelab.DROP import SOFT_ATTENTION
-from gatelab.kernels.soft_gate import _soft_autotuners, _soft_bwd_kv, _soft_bwd_q, _soft_fwd
-from gatelab.attention.token import routed_attention
-# FIX-EXTRA-IMPORTS-ABOVE
 #!/usr/bin/env python3
-"""GPU check of the fused soft-gate kernel (kernels.soft_gate_attention) at the paper's shape, eager and compiled:
-output and gradients against the explicit soft gate (routing.routed_attention) in bf16, and the forward + backward
+"""GPU check of the fused soft-gate kernel (kernels/soft_gate.py) at the paper's shape, eager and compiled:
+output and gradients against the explicit soft gate (attention/soft.py) in bf16, and the forward + backward
 time of each. Prints full tracebacks (bench_train.py records only the first 300 characters of a failure).
 
     PYTHONPATH=src python benchmarks/drivers/soft_kernel_check.py
     PYTHONPATH=src python benchmarks/drivers/soft_kernel_check.py --compare-tiles   # the fused kernel's autotuned tiles as
-        # they are, then with the spill-free backward tiles added (kernels.SOFT_SPILL_FREE_TILES): errors and times
+        # they are, then with the spill-free backward tiles added (kernels/soft_gate.py's SOFT_SPILL_FREE_TILES): errors and times
 """
 import math
 import sys
@@ -18,8 +14,10 @@ import traceback
 
 import torch
 
-pass  # REMOVED-MODULE-IMPORT
+from gatelab.attention.attend import GateScores, attend
+from gatelab.attention.backend import Backend
 from gatelab.config import Routing
+from gatelab.kernels.soft_gate import _soft_autotuners
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -30,12 +28,11 @@ def inputs():
     return [torch.randn(B, H, T, n, device=dev, dtype=torch.bfloat16, requires_grad=True) for n in (D, D, D, DG, DG)]
 
 
-def run(path, r, leaves, dout):
+def run(path, r, leaves, dout, spill_free=False):
     q, k, v, gq0, gk0 = leaves
-    SOFT_ATTENTION = path
     gq = gq0 / math.sqrt(DG)
-    out = routed_attention(q, k, v, r, gate_scores=lambda: gq @ gk0.transpose(-1, -2),
-                                   gate_factors=lambda: (gq, gk0))
+    out = attend(q, k, v, r, gate=GateScores(lambda: gq @ gk0.transpose(-1, -2), lambda: (gq, gk0)),
+                 backend=Backend(soft_attention=path, soft_spill_free_tiles=spill_free))
     out.backward(dout)
     return out
 
@@ -62,14 +59,13 @@ def compare_tiles():
             t.grad = None
         ref = [run("explicit", r, leaves, dout).float()] + [t.grad.float() for t in leaves]
         for spill_free in (False, True):
-            _soft_fwd, _soft_bwd_kv, _soft_bwd_q = _soft_autotuners(spill_free)
             for t in leaves:
                 t.grad = None
-            got = [run("fused", r, leaves, dout).float()] + [t.grad.float() for t in leaves]
+            got = [run("fused", r, leaves, dout, spill_free).float()] + [t.grad.float() for t in leaves]
             err = max(float((a - b).norm() / a.norm()) for a, b in zip(ref, got))
-            ms = timed(lambda: run("fused", r, leaves, dout), n=50)
-            chosen = {name: str(getattr(getattr(kernels, f"_soft_{name}"), "best_config", "?"))
-                      for name in ("bwd_kv", "bwd_q")}
+            ms = timed(lambda: run("fused", r, leaves, dout, spill_free), n=50)
+            tuners = dict(zip(("fwd", "bwd_kv", "bwd_q"), _soft_autotuners(spill_free)))
+            chosen = {name: str(getattr(tuners[name], "best_config", "?")) for name in ("bwd_kv", "bwd_q")}
             print(f"{reading} {'spill-free tiles added' if spill_free else 'default tiles':22s}: fused fwd+bwd "
                   f"{ms:.3f} ms, largest rel. err vs explicit {err:.4f}, chosen {chosen}", flush=True)
 
@@ -99,7 +95,6 @@ for reading in ("sigmoid", "sigmoid-renorm", "topk-sigmoid"):
         print(f"eager {reading}: FAILED\n{traceback.format_exc()[-4000:]}", flush=True)
     try:
         for path in ("explicit", "fused"):
-            SOFT_ATTENTION = path
             torch._dynamo.reset()
             f = torch.compile(lambda *a: run(path, r, list(a[:5]), a[5]))
             f(*leaves, dout)

@@ -37,6 +37,7 @@ from gatelab.attention.position_gates import (
     DEFAULT_POSITION, check_position, gate_factors, gate_inputs, gate_scores, make_gate
 )
 from gatelab.config import GatelabError, Routing
+from gatelab.training.gate_files import BLOCK_ROWS
 
 ATTN_NAME = "gatelab"
 DENSE = Routing()

@@ -385,6 +385,11 @@ def make_suite(protocol: str, out: str | None = None, runs: str | None = None, s
     return Suite(p, out, runs, progress=progress, device=device)
 
 
+def unit_names(protocol: Protocol) -> list[str]:
+    """The names of a protocol's units, in order (what its report counts), without running anything."""
+    return list(Suite(protocol, "-", "-", progress=False).units)
+
+
 def reproduce(protocol: str, out: str | None = None, runs: str | None = None, only: list[str] | None = None,
               seeds: int | None = None, progress: bool = True, device: str = "auto",
               budget_s: float | None = None, report: bool = True, gpus: str | int | None = None,
