@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""`python -m gatelab`: the command line."""
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""Which device a run uses (auto: CUDA when there is one) and its autocast (bf16 on GPU, fp32 on CPU)."""
 from __future__ import annotations
 
 from contextlib import nullcontext

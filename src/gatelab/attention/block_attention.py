@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""Attention over the key blocks a block routing selects: flex_attention with a BlockMask (work skipped) or the
+selection expanded to a token mask for SDPA (the same result; CPU, padding, other block sizes), and the soft block gate."""
 from __future__ import annotations
 
 from dataclasses import replace

@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""flex_attention: a causal flex path with a score_mod (compiled code only) and the BlockMask of a block selection,
+built from the selected blocks' index lists (no T x T tensor)."""
 from __future__ import annotations
 
 import torch

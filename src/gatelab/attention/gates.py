@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""Gate families that read the layer input X: the bilinear token gate G = (X W_gq)(X W_gk)^T / sqrt(d_gate) per
+head, and the block gate over pooled blocks (mean, or max- and min-pooled keys; or pooled queries and keys, "qk")."""
 from __future__ import annotations
 
 import math

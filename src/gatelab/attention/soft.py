@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from gatelab.attention.backend import Backend
 from gatelab.attention.flex import causal_flex_attention, flex_ready
-from gatelab.attention.gates import BilinearGate
-from gatelab.attention.masks import causal_mask, causal_rows
+from gatelab.attention.masks import causal_rows
 from gatelab.config import Routing
 from gatelab.kernels.soft_gate import soft_gate_attention, soft_gate_fits
 from gatelab.kernels.topk import causal_kth_largest, factor_kth_largest, row_kth_largest
@@ -38,23 +37,6 @@ def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log:
     if log:
         return F.logsigmoid(z).masked_fill(~causal, float("-inf"))
     return torch.sigmoid(z).masked_fill(~causal, 0.0)
-
-
-@torch.no_grad()
-def soft_gate_statistics(gate: BilinearGate, x: torch.Tensor, routing: Routing) -> dict:
-    """How sharp a gate's soft mask is on input x (B, T, C): the weight norms, the spread of G over causal entries,
-    the soft mask's mean, its mean slope dm/dG = m (1 - m) / t, the share of saturated entries (m < 0.01 or > 0.99),
-    and the gate's current gradient norm. Observation only (TrainConfig.log_gate_stats)."""
-    G = gate(x).float()
-    causal = causal_mask(G.shape[-1], G.device)
-    m = soft_gate_mask(G, routing, causal)[..., causal]
-    g = G[..., causal]
-    grads = [p.grad for p in (gate.wq, gate.wk) if p.grad is not None]
-    return dict(wq_norm=float(gate.wq.float().norm()), wk_norm=float(gate.wk.float().norm()), g_std=float(g.std()),
-                g_absmax=float(g.abs().max()), mask_mean=float(m.mean()),
-                slope_mean=float((m * (1 - m)).mean() / routing.soft_temperature),
-                saturated=float(((m < 0.01) | (m > 0.99)).float().mean()),
-                gate_grad_norm=float(torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads))) if grads else None)
 
 
 def soft_gate_flex_attention(q, k, v, G: torch.Tensor, routing: Routing, tau: torch.Tensor | None):

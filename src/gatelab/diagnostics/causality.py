@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""Whether a routing lets a token's output depend on later tokens: the report's leak check for block routings."""
 from __future__ import annotations
 
 from dataclasses import replace

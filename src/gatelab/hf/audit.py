@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""The learned-vs-random audit on a Hugging Face model: a distilled gate against a frozen random gate of the same form."""
 from __future__ import annotations
 
 from pathlib import Path

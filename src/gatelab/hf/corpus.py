@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""Corpora tokenised by a Hugging Face tokenizer, cached per tokenizer, and long documents for long-context evaluation."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""Post-hoc gates on a frozen Hugging Face model: KL or BCE against each layer's own attention (token gates) or
+its pooled attention mass (block gates), optionally until a held-out objective stops improving."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""Perplexity of a Hugging Face model under a routing, over a token stream or over whole long documents."""
 from __future__ import annotations
 
 import math

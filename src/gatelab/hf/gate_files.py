@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""Gate files of Hugging Face models (gate.safetensors + gate.json with the model's fingerprint) and model loading
+(a folder, or a GGUF file dequantised)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""The pooled attention mass per (query block, key block) in one Triton kernel: block-gate distillation's teacher
+without a T x T tensor (attention/blocks.py's chunked torch path is its reference)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""random-topk's fixed subsets: a counter-based hash of (seed, layer, head, query position, key position) in exact
+int64 arithmetic, the same on every device (the selection kernel hashes the same way in registers)."""
 from __future__ import annotations
 
 import torch

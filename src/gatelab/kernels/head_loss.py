@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""The output head's cross-entropy without the full logits: chunked torch products (the default) or Triton kernels
+that form the logits tile by tile; both give the gradients during the forward pass."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""The soft gate as one flash-style Triton kernel each way: G = gq gk^T formed tile by tile beside S, so neither G nor
+the mask goes to memory (attention/soft.py's explicit form is its reference)."""
 from __future__ import annotations
 
 import functools

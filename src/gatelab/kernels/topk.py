@@ -1,4 +1,18 @@
-"""TODO-DOC"""
+"""Row top-k selection without sorting: a Triton kernel and the torch reference it must match.
+
+A hard routing keeps, in each causal row of a (B, H, T, S) score tensor, the k largest scores. The reference
+(`topk_keep_mask` below) sorts every row and scatters k indices into a boolean mask; on an H100 that sort alone is
+0.89 ms per layer at batch 16 x 512 (benchmarks/results/topk-*.md), most of what a gated step costs over dense.
+The kernel here instead finds each row's k-th largest score by bisection on its bits: a float maps to a 32-bit
+key with the same order, and 32 halvings of the key range, each one count over the row held in registers, give
+the k-th largest key exactly. The keep-mask is then "key above it, or equal to it and among the first of the
+ties", so it holds exactly k keys, like the reference; among tied scores the two may keep different keys.
+
+The random modes need no score tensor at all: a key's score is a counter-based hash of its row's hash and its
+position (kernels/hashing.py), computed inside the kernel. The kernel runs on CUDA when
+Triton is installed; everywhere else (and with Backend(kernels=False), GATELAB_KERNELS=0) the torch reference runs. Tests run the kernel
+on CPU under Triton's interpreter (TRITON_INTERPRET=1).
+"""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""What each kind of unit runs: training, distillation (token and block gates), evaluation, analysis."""
 from __future__ import annotations
 
 import json

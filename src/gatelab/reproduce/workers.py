@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""Worker processes for units run side by side: one per GPU (times jobs per GPU), or one on the CPU."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""Post-hoc block gates: KL or BCE against each block row's pooled attention mass, and F1 against the oracle blocks."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""TODO-DOC"""
+"""Gate files of gatelab's GPT (gate.safetensors + gate.json naming the base checkpoint and its sha256): export and
+attach token and block gates, and the frozen random control of the same form."""
 from __future__ import annotations
 
 import json

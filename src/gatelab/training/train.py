@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gatelab.attention.soft import soft_gate_statistics
+from gatelab.diagnostics.gate_sharpness import soft_gate_statistics
 from gatelab.config import GatelabError, TrainConfig, atomic_path, same_run, to_dict, write_json
 from gatelab.data import TokenData, check_same_data
 from gatelab.devices import autocast_for

@@ -1,4 +1,4 @@
-"""TODO-DOC"""
+"""The pretrained suite's report (Tables 6-9, Figure 3, the gate-variant study) from its unit results."""
 from __future__ import annotations
 
 import json
