@@ -30,6 +30,7 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -176,7 +177,7 @@ def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, check
             with torch.no_grad():
                 scores = previous_block_rows(gate(x, bs).float())
                 keep = select_blocks(scores, bk)
-                # what a routing builds (blocks.block_mask_from_scores: top-k indices, causal mask_mod, no
+                # what a routing builds (attention/flex.py's block_mask_from_scores: top-k indices, causal mask_mod, no
                 # query-side lists without a backward pass), and the keep-mask build before it (the first
                 # measurement: select_blocks, argsort, a mask_mod that reads the keep-mask)
                 bm = block_mask_from_scores(scores, bk, bs, T, backward=False)
@@ -266,14 +267,14 @@ def bench_e2e(args, model, ctl, device, budget: Budget, rows: list) -> None:
             ms, mib = timed(lambda: run(r), device, args.iters, args.warmup)
             row = dict(tokens=T, block_size=bs, block_k=bk, target_sparsity=target, sparsity=round(achieved, 4),
                        dense_ms=dense_ms, dense_mib=dense_mib, block_ms=ms, block_mib=mib, speedup=dense_ms / ms,
-                       compiled_selection=blocks.COMPILE_SELECTION)
+                       compiled_selection=ctl.backend.compile_blocks)
             if device.type == "cuda":  # the same with the gate's scores and block lists compiled / eager: the other
-                default = blocks.COMPILE_SELECTION
-                blocks.COMPILE_SELECTION = not default
+                default = ctl.backend
+                ctl.backend = replace(default, compile_blocks=not default.compile_blocks)
                 try:
                     row["block_other_selection_ms"] = timed(lambda: run(r), device, args.iters, args.warmup)[0]
                 finally:
-                    blocks.COMPILE_SELECTION = default
+                    ctl.backend = default
             rows.append(row)
             print(f"[e2e] {T} tokens s={achieved:.3f} (k={bk}): dense {dense_ms:.2f} ms, block-gate {ms:.2f} ms "
                   f"({dense_ms / ms:.2f}x; selection {'eager' if row['compiled_selection'] else 'compiled'}: "
@@ -346,7 +347,7 @@ def markdown(data: dict) -> str:
     lines += ["", "## End-to-end prefill (batch 1, whole model, gate + selection + BlockMask + flex in every layer)",
               "", "*block-gate ms*: the default path; *other selection ms*: the same run with the gate's scores and "
               "the block lists compiled if the default runs them eager, eager if it compiles them "
-              "(blocks.COMPILE_SELECTION, GATELAB_COMPILE_BLOCKS; *selection* says which the default is).",
+              "(Backend.compile_blocks, GATELAB_COMPILE_BLOCKS; *selection* says which the default is).",
               "", "| tokens | sparsity (k) | dense ms | block-gate ms | speed-up | selection | other selection ms | "
               "speed-up other | dense / block MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["e2e"]:

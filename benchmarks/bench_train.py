@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import replace
 import json
 import re
 import statistics
@@ -24,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab import kernels  # noqa: E402
-from gatelab import model as gatelab_model  # noqa: E402
+from gatelab.attention.backend import Backend, default_backend  # noqa: E402
+from gatelab.kernels import head_loss  # noqa: E402
 from gatelab.config import READINGS, ModelConfig, Routing, TrainConfig, soft_gate_routing# noqa: E402
 from gatelab.devices import autocast_for# noqa: E402
 from gatelab.model import GPT# noqa: E402
@@ -65,11 +66,11 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
     "eager-bf16": ("auto", False, False),  # gatelab's path before the fast path (bf16 autocast, eager)
     "compiled": ("auto", "default", True),  # torch.compile without CUDA graphs, fused output-head loss
     "fast": ("auto", "auto", True),  # the default on one GPU: bf16, torch.compile with CUDA graphs, fused loss
-    "fast-sort": ("auto", "auto", True),  # "fast" without kernels.py (row sort, scatter, explicit soft gate)
+    "fast-sort": ("auto", "auto", True),  # "fast" without the Triton kernels (row sort, scatter, explicit soft gate)
     "fast-flexhard": ("auto", "auto", True),  # "fast" with hard keep-masks applied by flex_attention, not SDPA
     "fast-chunk8k": ("auto", "auto", True),  # "fast" with the fused loss over 8,192 rows at once (default 2,048)
     "fast-explicit": ("auto", "auto", True),  # "fast" with the soft gate's explicit path (G, S, mask in memory)
-    "fast-fused": ("auto", "auto", True),  # "fast" with the soft gate's fused kernel (kernels.soft_gate_attention)
+    "fast-fused": ("auto", "auto", True),  # "fast" with the soft gate's fused kernel (kernels/soft_gate.py)
     "fast-threshold": ("auto", "auto", True),  # "fast" with topk-sigmoid's other threshold source (TOPK_THRESHOLD)
     "fast-padvocab": ("auto", "auto", True),  # "fast" with the fused loss's other vocabulary padding (1 or 64)
     "fast-headkernel": ("auto", "auto", True),  # "fast" with the fused loss on kernels.fused_head_loss (Triton)
@@ -77,31 +78,33 @@ VARIANTS = {  # name: (dtype, TrainConfig.compile, fused_loss)
 }
 
 
+def variant_backend(variant: str) -> Backend:
+    """The attention and loss Backend of a variant: the default (the environment's) with the variant's change."""
+    d = default_backend()
+    change = dict(kernels=variant not in ("fast-sort", "eager-bf16", "reference"),
+                  hard_attention="flex" if variant == "fast-flexhard" else "sdpa")
+    change["soft_attention"] = {"fast-explicit": "explicit", "fast-fused": "fused",
+                                "fast-threshold": "fused"}.get(variant, d.soft_attention)
+    if variant == "fast-threshold":  # topk-sigmoid's other threshold source than the default's
+        change["topk_threshold"] = "scores" if d.topk_threshold == "factors" else "factors"
+    if variant == "fast-padvocab":  # the other padding than the default's (64 since the H100 run; 1 before)
+        change["loss_vocab_multiple"] = 1 if d.loss_vocab_multiple != 1 else 64
+    if variant == "fast-headkernel":
+        change["loss_kernel"] = "triton"
+    return replace(d, **change)
+
+
 @contextlib.contextmanager
 def variant_switches(variant: str):
-    """The kernels.py / model.py switches of a variant; compiled graphs are dropped around it so none is reused
-    across."""
-    saved = {(mod, name): getattr(mod, name) for mod, name in (
-        (kernels, "ENABLED"), (kernels, "HARD_ATTENTION"), (kernels, "SOFT_ATTENTION"), (kernels, "TOPK_THRESHOLD"),
-        (gatelab_model, "LOSS_CHUNK_ROWS"), (gatelab_model, "LOSS_VOCAB_MULTIPLE"), (gatelab_model, "LOSS_KERNEL"))}
-    kernels.ENABLED = variant not in ("fast-sort", "eager-bf16", "reference")
-    kernels.HARD_ATTENTION = "flex" if variant == "fast-flexhard" else "sdpa"
-    kernels.SOFT_ATTENTION = {"fast-explicit": "explicit", "fast-fused": "fused", "fast-threshold": "fused"}.get(
-        variant, kernels.SOFT_ATTENTION)
-    if variant == "fast-threshold":  # topk-sigmoid's other threshold source than the default's
-        kernels.TOPK_THRESHOLD = "scores" if kernels.TOPK_THRESHOLD == "factors" else "factors"
+    """The fused loss's chunk size of a variant; compiled graphs are dropped around it so none is reused across."""
+    saved = head_loss.LOSS_CHUNK_ROWS
     if variant == "fast-chunk8k":
-        gatelab_model.LOSS_CHUNK_ROWS = 8192
-    if variant == "fast-padvocab":  # the other padding than the default's (64 since the H100 run; 1 before)
-        gatelab_model.LOSS_VOCAB_MULTIPLE = 1 if gatelab_model.LOSS_VOCAB_MULTIPLE != 1 else 64
-    if variant == "fast-headkernel":
-        gatelab_model.LOSS_KERNEL = "triton"
+        head_loss.LOSS_CHUNK_ROWS = 8192
     torch._dynamo.reset()
     try:
         yield
     finally:
-        for (mod, name), value in saved.items():
-            setattr(mod, name, value)
+        head_loss.LOSS_CHUNK_ROWS = saved
 
 
 def parse_mode(text: str, k: int) -> Routing:
@@ -122,6 +125,7 @@ def train_step(mcfg: dict, routing: Routing, batch: int, device, variant: str):
     gate = "learned" if routing.needs_gate else "none"
     torch.manual_seed(0)
     model = GPT(ModelConfig(**mcfg, gate=gate)).to(device)
+    model.backend = variant_backend(variant)
     cfg = TrainConfig(model=model.cfg, routing=routing, dtype=dtype, compile=compiled, fused_loss=fused)
     opt = make_optimizer(model, cfg, device)
     run_objective, mode = wrap_for_training(model, cfg, Context(device=device), device)
@@ -158,7 +162,7 @@ def train_step(mcfg: dict, routing: Routing, batch: int, device, variant: str):
 
 def gradient_check(mcfg: dict, routing: Routing, batch: int, device, fast_gradient) -> dict:
     """The fast variant's first loss and gradient (fast_gradient: its `gradient` function, called before any step)
-    against the eager bf16 path without kernels.py on the same weights and batch: relative error and cosine.
+    against the eager bf16 path without the Triton kernels on the same weights and batch: relative error and cosine.
     Stochastic routing draws its subsets differently on the two paths, so only its loss is compared."""
     t0 = time.perf_counter()
     loss_fast, g_fast = fast_gradient()
@@ -253,7 +257,7 @@ def main() -> None:
     ap.add_argument("--eager-modes", default="dense",
                     help="modes also timed on the eager bf16 path, to show what each fast-path part buys")
     ap.add_argument("--sort-modes", default="soft-gate:topk-sigmoid,gate-topk,oracle-topk,stochastic",
-                    help="modes also timed as fast-sort (without kernels.py: the row sort and explicit soft gate)")
+                    help="modes also timed as fast-sort (without the Triton kernels: the row sort and explicit soft gate)")
     ap.add_argument("--flexhard-modes", default="gate-topk",
                     help="modes also timed as fast-flexhard (the keep-mask applied by flex_attention, not SDPA)")
     ap.add_argument("--chunk-modes", default="dense",
@@ -267,7 +271,7 @@ def main() -> None:
                     help="modes also timed as fast-headkernel (the fused loss on the Triton head kernels)")
     ap.add_argument("--threshold-modes", default="soft-gate:topk-sigmoid",
                     help="modes also timed as fast-threshold (topk-sigmoid's row threshold from the other source: "
-                         "G in memory or the gate's factors in registers, kernels.TOPK_THRESHOLD)")
+                         "G in memory or the gate's factors in registers, default_backend().topk_threshold)")
     ap.add_argument("--no-check", action="store_true", help="skip the gradient check of each fast variant")
     ap.add_argument("--skip-extra", action="store_true", help="skip the distillation and evaluation rows")
     ap.add_argument("--tag", default="", help="suffix of the output files' names")
@@ -305,16 +309,16 @@ def main() -> None:
                  "*eager-bf16*: bf16 autocast, eager; *compiled*: bf16, torch.compile (default mode), fused "
                  "output-head loss; *fast*: the default on one GPU, as *compiled* plus CUDA graphs (mode "
                  "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
-                 f"({peak} TFLOP/s). *fast-sort*: *fast* without kernels.py (the row sort, the scattered mask, the "
+                 f"({peak} TFLOP/s). *fast-sort*: *fast* without the Triton kernels (the row sort, the scattered mask, the "
                  "explicit soft gate: the fast path before the selection kernel); *fast-flexhard*: *fast* with the keep-mask applied "
                  "by flex_attention instead of SDPA's boolean mask; *fast-chunk8k*: *fast* with the fused loss over "
                  "8,192 rows of logits at once (default 2,048); *fast-explicit* / *fast-fused*: *fast* with the soft gate's "
                  "explicit path (G, S and the mask in memory) / its fused flash-style kernel "
-                 "(kernels.soft_gate_attention); *fast-threshold*: *fast* with topk-sigmoid's other threshold "
-                 f"source than the default's ({kernels.TOPK_THRESHOLD}: factors = G in registers from the gate's "
+                 "(kernels/soft_gate.py); *fast-threshold*: *fast* with topk-sigmoid's other threshold "
+                 f"source than the default's ({default_backend().topk_threshold}: factors = G in registers from the gate's "
                  "projections, scores = G in memory); *fast-padvocab*: *fast* with the fused loss's other vocabulary "
-                 f"padding than the default's ({gatelab_model.LOSS_VOCAB_MULTIPLE}); *fast-headkernel*: *fast* with "
-                 "the output head on the Triton kernels (kernels.fused_head_loss). *step / dense*: the step time over "
+                 f"padding than the default's ({default_backend().loss_vocab_multiple}); *fast-headkernel*: *fast* with "
+                 "the output head on the Triton kernels (kernels/head_loss.py). *step / dense*: the step time over "
                  "*fast* dense's.",
                  "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
                  "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -329,7 +333,7 @@ def main() -> None:
                          f"{r['step_ms']:.2f} | {vs_dense} | {ratio} | {r.get('compile', '-')} | "
                          f"{fmt(r.get('first_step_s'), '.1f')} | {fmt(r.get('peak_mem_gib'), '.2f')} | "
                          f"{fmt(r.get('mfu'), '.1%')} |")
-        lines += ["", "Each fast variant against the plain path (eager bf16, no kernels.py) on the same weights and batch: "
+        lines += ["", "Each fast variant against the plain path (eager bf16, no Triton kernels) on the same weights and batch: "
                   "the first loss (within 2%) and the whole gradient (relative error < 0.1, cosine > 0.99; not for "
                   "stochastic, whose two paths draw different subsets). *compile s*: the variant's first call.", "",
                   "| variant | routing | batch | fast loss | plain loss | grad rel. err | grad cosine | compile s | ok |",
@@ -356,7 +360,7 @@ def main() -> None:
                 (["fast-threshold"] if text in args.threshold_modes.split(",") and cuda else []) + \
                 (["fast-padvocab"] if text in args.padvocab_modes.split(",") and cuda else []) + \
                 (["fast-headkernel"] if text in args.headkernel_modes.split(",") and cuda else []) + \
-                ([v for v in ("fast-explicit", "fast-fused") if v != f"fast-{kernels.SOFT_ATTENTION}"]
+                ([v for v in ("fast-explicit", "fast-fused") if v != f"fast-{default_backend().soft_attention}"]
                  if text in args.soft_modes.split(",") and cuda else [])  # the other soft-gate path(s) than fast's
             for variant in variants:
                 check = variant.startswith("fast") and not args.no_check

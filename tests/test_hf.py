@@ -58,6 +58,7 @@ def test_hard_topk_keeps_exactly_k_allowed_keys(family, mode):
     k = 5
     with torch.no_grad(), gated.routing(Routing(mode=mode, k=k)):
         out = model(ids, output_attentions=True)
+    assert len(out.attentions) == model.config.num_hidden_layers
     for A in out.attentions:
         kept = (A > 0).sum(-1)
         assert torch.equal(kept, torch.clamp(torch.arange(T) + 1, max=k).expand_as(kept))
@@ -72,6 +73,7 @@ def test_padding_keys_are_never_selected():
     mask[1, :6] = 0  # left padding of the second sequence
     with torch.no_grad(), gated.routing(Routing(mode="gate-topk", k=4)):
         out = model(ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == model.config.num_hidden_layers
     for A in out.attentions:
         assert torch.all(A[1, :, 6:, :6] == 0)
         kept = (A[1, :, 6:] > 0).sum(-1)

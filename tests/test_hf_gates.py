@@ -43,6 +43,7 @@ def test_variants_route_on_every_family(family, position):
     k = 5
     with torch.no_grad(), gated.routing(Routing(mode="gate-topk", k=k)):
         out = model(ids, output_attentions=True, use_cache=False)
+    assert len(out.attentions) == model.config.num_hidden_layers
     for A in out.attentions:
         kept = (A > 0).sum(-1)
         assert torch.equal(kept, torch.clamp(torch.arange(T) + 1, max=k).expand_as(kept))

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import gatelab.reproduce as reproduce_module
+import gatelab.reproduce.suite as reproduce_module
 from gatelab.reproduce.suite import PROTOCOLS, reproduce
 
 SMALLER = dict(steps=4, batch_size=2, eval_every=2, eval_tokens=256, distill_steps=3, task_steps=3,

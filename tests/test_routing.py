@@ -175,14 +175,14 @@ def test_renormalised_soft_gate_on_a_frozen_model_trains_only_the_gate(soft_mask
 def test_random_topk_subsets_do_not_depend_on_the_sequence_length():
     """The fixed subset of (layer, head, row) is the same whatever the chunk length: a prefix of a sequence
     keeps exactly the keys the full sequence keeps in those rows (in the GPT's cache and in the HF adapter's path)."""
-    from gatelab.attention.hard import hard_topk_keep
+    from gatelab.attention.hard import hard_keep
     for layer, seed, k in ((0, 0, 4), (3, 7, 9)):
         full = RandomMaskCache().get(layer, 3, 64, k, seed=seed, device="cpu")
         for T in (5, 24, 63):
             assert torch.equal(RandomMaskCache().get(layer, 3, T, k, seed=seed, device="cpu"), full[..., :T, :T])
-        hf_keep = lambda T, S: hard_topk_keep(  # noqa: E731 - queries at the last T of S positions (a KV cache)
-            Routing(mode="random-topk", k=k, seed=seed), causal_mask(S, "cpu")[S - T:], logits=None,
-            gate_scores=None, layer=layer, shape=(1, 3, T, S), device="cpu")
+        hf_keep = lambda T, S: hard_keep(  # noqa: E731 - queries at the last T of S positions (a KV cache)
+            torch.zeros(1, 3, T, 1), torch.zeros(1, 3, S, 1), Routing(mode="random-topk", k=k, seed=seed), None,
+            allowed=causal_mask(S, "cpu")[S - T:], layer=layer, fast=False, random_masks=RandomMaskCache())
         assert torch.equal(hf_keep(64, 64), full[None])
         assert torch.equal(hf_keep(24, 24), full[None, :, :24, :24])
         assert torch.equal(hf_keep(10, 40), full[None, :, 30:40, :40])

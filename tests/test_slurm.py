@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import gatelab.reproduce as reproduce_module
+import gatelab.reproduce.suite as reproduce_module
 from gatelab.cli.main import main
 from gatelab.reproduce.suite import PROTOCOLS, reproduce
 

@@ -33,7 +33,7 @@ case "${1:-}" in
   smollm2)
     mkdir -p "$OUT/block"
     python - <<'EOF' | tee "$OUT/block/model-context.txt"
-from gatelab.hf import load_pretrained
+from gatelab.hf.gate_files import load_pretrained
 m, _ = load_pretrained("/tmp/smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 print("max_position_embeddings", m.config.max_position_embeddings)
 EOF

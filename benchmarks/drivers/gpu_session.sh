@@ -71,7 +71,7 @@ case "${1:-}" in
     # the tokens are cached once (table9 is done already, so this only tokenises), then three variant processes
     daemon pos-none "$PT --only table9 && $PT --only pos-none && touch /tmp/logs/pos-none.ok \
       && while [ ! -e /tmp/logs/pos-rope.ok ] || [ ! -e /tmp/logs/pos-qk.ok ]; do sleep 5; done \
-      && V=\$(PYTHONPATH=$REPO/src python -c 'from gatelab.pretrained import choose_position; print(choose_position(\"results/pretrained\"))') \
+      && V=\$(PYTHONPATH=$REPO/src python -c 'from gatelab.reproduce.report.pretrained import choose_position; print(choose_position(\"results/pretrained\"))') \
       && echo chosen \$V && $PT --position \$V --only table6-\$V-bce"
     daemon pos-rope "while [ ! -e /tmp/runs-pretrained/tokens/validation.npy ]; do sleep 5; done; $PT --only pos-rope \
       && touch /tmp/logs/pos-rope.ok && $PT --only table7 && $PT --only table8"

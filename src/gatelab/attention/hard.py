@@ -20,7 +20,22 @@ class RandomMaskCache:
 
     def __init__(self):
         self._cache: dict = {}
-        self.by_allowed: dict = {}  # hard_topk_keep's cache for masks of allowed keys (padding, windows, a KV cache)
+        self.by_allowed: dict = {}  # keep_among's: masks among allowed keys (padding, windows, a KV cache)
+
+    def keep_among(self, allowed: torch.Tensor, layer: int, q, k, routing: Routing) -> torch.Tensor:
+        """random-topk's keep-mask among `allowed` keys (padding, windows, a KV cache), the last one per (layer,
+        size, k, seed, device) reused while the allowed keys are the same (its scores are a hash of the positions,
+        cheap on a GPU but not free on a CPU)."""
+        H, T, S = q.shape[1], q.shape[2], k.shape[2]
+        key = (layer, H, T, S, routing.k, routing.seed, str(q.device))
+        hit = self.by_allowed.get(key)
+        if hit is not None and hit[0].shape == allowed.shape and torch.equal(hit[0], allowed):
+            return hit[1]
+        keep = topk_keep_mask(random_scores(q, k, None, routing, layer), routing.k, allowed)
+        if len(self.by_allowed) >= 8:
+            self.by_allowed.clear()
+        self.by_allowed[key] = (allowed.clone(), keep)
+        return keep
 
     @torch.compiler.disable  # computed eagerly once: a cached tensor must not be a compiled graph's (CUDA-graph) output
     def get(self, layer: int, n_head: int, T: int, k: int, seed: int, device) -> torch.Tensor:
@@ -31,57 +46,54 @@ class RandomMaskCache:
         return self._cache[key]
 
 
-def hard_topk_keep(routing: Routing, allowed: torch.Tensor, *, logits, gate_scores, layer: int, shape,
-                   device, random_cache: dict | None = None) -> torch.Tensor:
-    """The keep-mask of a hard routing mode: the k largest of its scores among the allowed keys.
-    logits / gate_scores: callables returning S / G, called only by the mode that needs them;
-    shape: (B, H, T, S) of the attention scores. random_cache: a dict in which random-topk keeps its last
-    keep-mask per (layer, size, k, seed, device), reused while the allowed keys are the same (its scores are a
-    hash of the positions, cheap on a GPU but not free on a CPU)."""
-    B, H, T, S = shape
-    mode = routing.mode
-    if mode == "oracle-topk":
-        scores = logits()
-    elif mode == "gate-topk":
-        scores = gate_scores()
-    elif mode == "random-topk":
-        key = (layer, H, T, S, routing.k, routing.seed, str(device))
-        hit = random_cache.get(key) if random_cache is not None else None
-        if hit is not None and hit[0].shape == allowed.shape and torch.equal(hit[0], allowed):
-            return hit[1]
-        keep = topk_keep_mask(fixed_random_scores(layer, H, T, S, routing.seed, device=device)[None], routing.k,
-                              allowed)
-        if random_cache is not None:
-            if len(random_cache) >= 8:
-                random_cache.clear()
-            random_cache[key] = (allowed.clone(), keep)
-        return keep
-    elif mode == "stochastic":  # Gumbel top-k on equal logits = a uniformly random k-subset, fresh each call
-        scores = torch.rand(B, H, T, S, device=device)
-    else:
-        raise GatelabError(f"routing mode {mode!r} is not a hard top-k mode")
-    return topk_keep_mask(scores, routing.k, allowed)
+def oracle_scores(q, k, gate, routing: Routing, layer: int) -> torch.Tensor:
+    """oracle-topk: the attention logits themselves (unscaled: the same order)."""
+    return q @ k.transpose(-1, -2)
+
+
+def gate_scores(q, k, gate, routing: Routing, layer: int) -> torch.Tensor:
+    """gate-topk: the gate's scores G."""
+    return gate.scores()
+
+
+def random_scores(q, k, gate, routing: Routing, layer: int) -> torch.Tensor:
+    """random-topk: a fixed hash of (seed, layer, head, query position, key position), queries at the last T of
+    the S positions: the same subset for a row whatever the sequence length."""
+    return fixed_random_scores(layer, q.shape[1], q.shape[2], k.shape[2], routing.seed, device=q.device)[None]
+
+
+def stochastic_scores(q, k, gate, routing: Routing, layer: int) -> torch.Tensor:
+    """stochastic: Gumbel top-k on equal logits, i.e. a uniformly random k-subset, fresh each call."""
+    return torch.rand(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device)
+
+
+# Each hard mode is the top-k of its scores (B|1, H, T, S): a new hard mode is a scores function added here (and its
+# name in config.ROUTING_MODES). random-topk and stochastic are hashed inside the selection kernel where it serves.
+HARD_SCORES = {"oracle-topk": oracle_scores, "gate-topk": gate_scores, "random-topk": random_scores,
+               "stochastic": stochastic_scores}
 
 
 def hard_keep(q, k, routing: Routing, gate, *, allowed: torch.Tensor | None, layer: int, fast: bool,
               random_masks: RandomMaskCache | None) -> torch.Tensor:
-    """The keep-mask (B|1, H, T, S) of a hard mode (attention.attend's hard branch); q (B, H, T, D), k (B, H, S, D);
-    allowed: None (plain causal, T == S) or the keys each query may see; fast: the Triton selection may serve."""
+    """The keep-mask (B|1, H, T, S) of a hard mode (attention.attend's hard branch): the k largest of its scores
+    among the allowed keys. q (B, H, T, D), k (B, H, S, D); allowed: None (plain causal, T == S) or the keys each
+    query may see; fast: the Triton selection may serve; random_masks: caches random-topk's fixed subsets."""
     B, H, T, _ = q.shape
     S = k.shape[-2]
     mode = routing.mode
+    if mode not in HARD_SCORES:
+        raise GatelabError(f"routing mode {mode!r} is not a hard top-k mode")
     if fast and mode == "random-topk":  # the fixed subsets hashed in-kernel: no cache, no graph break
         rows = random_row_hashes(layer, H, T, routing.seed, 0, q.device)[None]
         return hashed_topk_keep(rows, routing.k, T).expand(B, H, T, T)
     if fast and mode == "stochastic":  # a fresh uniformly random k-subset per row: hashes of fresh row seeds
         return hashed_topk_keep(torch.randint(0, 1 << 32, (B, H, T), device=q.device), routing.k, T)
     if fast:
-        scores = q @ k.transpose(-1, -2) if mode == "oracle-topk" else gate.scores()
-        return causal_topk_keep(scores, routing.k)
+        return causal_topk_keep(HARD_SCORES[mode](q, k, gate, routing, layer), routing.k)
     if mode == "random-topk" and allowed is None and T == S:  # fixed subsets: cached per layer and size
         cache = random_masks if random_masks is not None else RandomMaskCache()
         return cache.get(layer, H, T, routing.k, routing.seed, q.device)
     ok = causal_mask(T, q.device) if allowed is None else allowed
-    return hard_topk_keep(routing, ok, logits=lambda: q @ k.transpose(-1, -2),
-                          gate_scores=(gate.scores if gate is not None else None), layer=layer, shape=(B, H, T, S),
-                          device=q.device, random_cache=None if random_masks is None else random_masks.by_allowed)
+    if mode == "random-topk" and random_masks is not None:
+        return random_masks.keep_among(ok, layer, q, k, routing)
+    return topk_keep_mask(HARD_SCORES[mode](q, k, gate, routing, layer), routing.k, ok)

@@ -74,10 +74,25 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
         return out.transpose(1, 2).contiguous(), None
     if ctl.capture is not None:  # token-gate distillation: keep what the gate learns from
         capture_token_layer(ctl, state, query, key, allowed, scaling)
-    out = attend(query, key, value, routing, gate=layer_gate(ctl, state, routing, query, key, allowed),
-                 allowed=allowed, scale=scaling, layer=state["layer"], backend=ctl.backend,
-                 random_masks=ctl.random_masks, dropout=drop)
+    gate = layer_gate(ctl, state, routing, query, key, allowed)
+    if kwargs.get("output_attentions") and routing.mode != "dense":  # the weights: attend over identity values
+        weights = attention_weights(query, key, routing, gate, allowed, scaling, state["layer"], ctl)
+        out = weights.to(value.dtype) @ repeat_kv(value, H)
+        return out.transpose(1, 2).contiguous(), weights
+    out = attend(query, key, value, routing, gate=gate, allowed=allowed, scale=scaling, layer=state["layer"],
+                 backend=ctl.backend, random_masks=ctl.random_masks, dropout=drop)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attention_weights(query, key, routing: Routing, gate, allowed, scaling, layer: int, ctl) -> torch.Tensor:
+    """The attention weights (B, H, T, S) under the routing (output_attentions): attend over identity values, so
+    that each output row is its row of weights; the torch references, the same selection as the kernels."""
+    B, H, T, _ = query.shape
+    S = key.shape[2]
+    eye = torch.eye(S, dtype=query.dtype, device=query.device).expand(B, H, S, S)
+    return attend(query, key, eye, routing, gate=gate, allowed=allowed, scale=scaling, layer=layer,
+                  backend=replace(ctl.backend, kernels=False, block_attention="masked"),
+                  random_masks=ctl.random_masks)
 
 
 def layer_gate(ctl, state: dict, routing: Routing, query, key, allowed) -> GateScores | None:
