@@ -37,12 +37,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab.attention.gates import BlockGate
-from gatelab.attention.flex import block_mask_from_scores, build_block_mask
-from gatelab.attention.block_attention import block_sparse_attention
-from gatelab.attention.blocks import # noqa: E402                             compiled_flex, previous_block_rows, select_blocks
-from gatelab import blocks  # noqa: E402
-from gatelab.config import Routing# noqa: E402
+from gatelab.attention.block_attention import block_sparse_attention  # noqa: E402
+from gatelab.attention.blocks import previous_block_rows, select_blocks  # noqa: E402
+from gatelab.attention.flex import block_mask_from_scores, build_block_mask, compiled_flex  # noqa: E402
+from gatelab.attention.gates import BlockGate  # noqa: E402
+from gatelab.config import Routing  # noqa: E402
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
 TINY = dict(layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=101)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Block-gate distillation's teacher on the GPU: the pooled attention mass of every (query block, key block) pair,
-blocks.block_attention_mass's chunked torch path (softmax over T x T logits in chunks of 2^27 weights) against
-kernels.block_attention_mass_fused (one Triton kernel, two passes over the keys, nothing T x T in memory), bf16, at
+attention/blocks.py's block_attention_mass, the chunked torch path (softmax over T x T logits in chunks of 2^27 weights) against
+kernels/block_mass.py (one Triton kernel, two passes over the keys, nothing T x T in memory), bf16, at
 SmolLM2-135M's attention shape (9 query heads, 3 key/value heads, head dim 64, block 128) and the 31M GPT's (4
 heads, head dim 64, batch 16 x 512, block 64). Each row also compares both against the torch path on fp32 inputs.
 
@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab import blocks, kernels  # noqa: E402
 from bench_topk import ms  # noqa: E402
+
+from gatelab.attention import blocks  # noqa: E402
+from gatelab.kernels import block_mass  # noqa: E402
 
 SHAPES = [(1, 9, 3, 2048, 128), (1, 9, 3, 8192, 128), (4, 9, 3, 8192, 128), (16, 4, 4, 512, 64)]
 
@@ -36,7 +38,7 @@ def main():
         torch.manual_seed(0)
         q = torch.randn(B, H, T, 64, device="cuda", dtype=torch.bfloat16) * 2
         k = torch.randn(B, Hk, T, 64, device="cuda", dtype=torch.bfloat16) * 2
-        assert kernels.block_mass_fits(q, k, bs), "the kernel does not serve this shape"
+        assert block_mass.block_mass_fits(q, k, bs), "the kernel does not serve this shape"
         fused = lambda: blocks.block_attention_mass(q, k, bs)  # noqa: E731
         # causal but for the last query's own key: not plain causal, so the torch path serves it (same work)
         not_plain = torch.ones(1, 1, T, T, dtype=torch.bool, device="cuda").tril()

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""topk-sigmoid's row threshold on the GPU (kernels.factor_kth_largest: each row's k-th largest causal gate score,
+"""topk-sigmoid's row threshold on the GPU (kernels/topk.py's factor_kth_largest: each row's k-th largest causal gate score,
 G = gq gk^T formed in registers) under each kernel setting, at the 31M model's training shape (16 x 4 heads x 512
 rows, d_gate 32, k = 64), beside the threshold from G formed in memory (the path before the factor kernel). Every
 setting's threshold is checked bitwise against the kernel as first built, and against the fp32 reference.
 
-Settings (kernels.FACTOR_TAU_*): rows per program; causal row segments (0: one launch over all rows; S: rows
+Settings (Backend.factor_tau, GATELAB_FACTOR_TAU): rows per program; causal row segments (0: one launch over all rows; S: rows
 [0, S), [S, 2S), ... each with only the keys its rows can see); coarse bits found one at a time before the exact
 refinement inside the bucket (32: all 32 bits one at a time, the kernel as first built).
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab import kernels  # noqa: E402
 from gatelab.attention.masks import causal_rows
-from gatelab.kernels.topk import row_kth_largest# noqa: E402
+from gatelab.kernels import topk as kernels  # noqa: E402
+from gatelab.kernels.topk import row_kth_largest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_topk import ms  # noqa: E402
@@ -56,20 +56,18 @@ def main():
         return kernels.causal_kth_largest((gq @ gk.transpose(-1, -2)).float(), k)
 
     gpu = torch.cuda.get_device_name(0)
-    default = (kernels.FACTOR_TAU_ROWS, kernels.FACTOR_TAU_SEGMENT, kernels.FACTOR_TAU_COARSE_BITS)
+    default = kernels.FACTOR_TAU
     rows = [dict(setting="G in memory (gq gk^T, then the selection kernel)", ms=ms(in_memory), exact=None,
                  rel_err=rel_err(in_memory()))]
-    kernels.FACTOR_TAU_ROWS, kernels.FACTOR_TAU_SEGMENT, kernels.FACTOR_TAU_COARSE_BITS = 16, 0, 32
-    first_build = kernels.factor_kth_largest(gq, gk, k)  # the kernel as first built: every bit one at a time
+    first_build = kernels.factor_kth_largest(gq, gk, k, (16, 0, 32))  # the kernel as first built: every bit one at a time
     for r, seg, coarse in itertools.product(*(map(int, a.split(",")) for a in (args.rows, args.segments, args.coarse))):
-        kernels.FACTOR_TAU_ROWS, kernels.FACTOR_TAU_SEGMENT, kernels.FACTOR_TAU_COARSE_BITS = r, seg, coarse
         try:
-            tau = kernels.factor_kth_largest(gq, gk, k)
+            tau = kernels.factor_kth_largest(gq, gk, k, (r, seg, coarse))
             # the kernel's G (tensor-core products, fp32 accumulation) is not bitwise torch's fp32 matmul, so
             # "exact" means the first build's threshold on the same in-register scores; err is against fp32 torch
             exact = bool(torch.equal(tau, first_build))
             err = rel_err(tau)
-            t = ms(lambda: kernels.factor_kth_largest(gq, gk, k))
+            t = ms(lambda: kernels.factor_kth_largest(gq, gk, k, (r, seg, coarse)))
         except Exception as e:  # a setting that does not compile is a row, not the end of the run
             rows.append(dict(rows=r, segment=seg, coarse=coarse, ms=None, exact=False, error=str(e)[:200]))
             print(f"rows {r} segment {seg} coarse {coarse}: FAILED {str(e)[:200]}", flush=True)
@@ -78,7 +76,6 @@ def main():
                          default=(r, seg, coarse) == default))
         print(f"rows {r:2d} segment {seg:3d} coarse {coarse:2d}: {t:.4f} ms exact {exact} rel. err {err:.1e}",
               flush=True)
-    kernels.FACTOR_TAU_ROWS, kernels.FACTOR_TAU_SEGMENT, kernels.FACTOR_TAU_COARSE_BITS = default
     timed = [x for x in rows[1:] if x["ms"] is not None and x["exact"]]
     best = min(timed, key=lambda x: x["ms"]) if timed else None
     cmd = "python benchmarks/bench_threshold.py " + " ".join(sys.argv[1:])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A hard routing's keep-mask on the GPU, from attention-shaped scores (batch x 4 heads x 512 x 512, the paper's
 model), fp32 and bf16, k = 64 / 128 / 256, three ways: torch.topk + scatter, a full row sort + scatter (the
-reference, routing.topk_keep_mask), and kernels.causal_topk_keep (the sort-free Triton kernel), plus the kernel's
+reference, kernels/topk.py's topk_keep_mask), and its causal_topk_keep (the sort-free Triton kernel), plus the kernel's
 stochastic mask (hashed in-kernel, no score tensor) against torch.rand + the reference. Each kernel mask is checked
 against the reference's on the same scores (ties aside: `same` counts rows whose keep-sets differ).
 
@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab import kernels  # noqa: E402
 from gatelab.attention.masks import causal_mask
-from gatelab.kernels.topk import row_topk, topk_keep_mask# noqa: E402
+from gatelab.kernels import topk as kernels  # noqa: E402
+from gatelab.kernels.topk import row_topk, topk_keep_mask  # noqa: E402
+from gatelab.kernels.triton_support import available  # noqa: E402
 
 
 def ms(fn, reps=20):
@@ -43,7 +44,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
-    assert kernels.kernels_enabled(torch.zeros(1, device="cuda")), "Triton kernels are off (install triton)"
+    assert available(torch.zeros(1, device="cuda")), "Triton kernels are off (install triton)"
     lines = [f"# Keep-mask of a hard routing on {name} (torch {torch.__version__})", "",
              "`PYTHONPATH=src python benchmarks/bench_topk.py`; ms per call, CUDA events, 20 calls after 3; the "
              "kernel's keep-set against the sort reference's on the same scores (rows that differ, of all rows).", "",

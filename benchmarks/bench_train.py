@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import replace
 import json
 import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gatelab.attention.backend import Backend, default_backend  # noqa: E402
+from gatelab.config import READINGS, ModelConfig, Routing, TrainConfig, soft_gate_routing  # noqa: E402
+from gatelab.devices import autocast_for  # noqa: E402
 from gatelab.kernels import head_loss  # noqa: E402
-from gatelab.config import READINGS, ModelConfig, Routing, TrainConfig, soft_gate_routing# noqa: E402
-from gatelab.devices import autocast_for# noqa: E402
-from gatelab.model import GPT# noqa: E402
-from gatelab.training.distributed import Context# noqa: E402
-from gatelab.training.train import make_optimizer, wrap_for_training# noqa: E402
+from gatelab.model import GPT  # noqa: E402
+from gatelab.training.distributed import Context  # noqa: E402
+from gatelab.training.train import make_optimizer, wrap_for_training  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM datasheet
 MODELS = {"paper": {}, "tiny": dict(n_layer=2, d_model=64, n_head=4, d_mlp=128, context=64, d_gate=8)}

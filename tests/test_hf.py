@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 from gatelab.config import GatelabError, Routing  # noqa: E402
 from gatelab.hf.adapter import attach_gates, set_trainable
 from gatelab.hf.gate_files import load_gates, save_gates  # noqa: E402
+from tests.test_routing import HARD_MODES  # noqa: E402
 
 T = 24
 
@@ -50,7 +51,7 @@ def test_dense_routing_reproduces_the_unpatched_model(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["oracle-topk", "gate-topk", "random-topk", "stochastic"])
+@pytest.mark.parametrize("mode", HARD_MODES)
 def test_hard_topk_keeps_exactly_k_allowed_keys(family, mode):
     model = tiny(family)
     gated = attach_gates(model, d_gate=8)

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
+from gatelab.attention.attend import GateScores, attend
 from gatelab.attention.hard import RandomMaskCache
 from gatelab.attention.masks import causal_mask
 from gatelab.attention.soft import soft_gate_mask
-from gatelab.attention.attend import GateScores, attend
 from gatelab.config import GatelabError, Routing
 from gatelab.kernels.topk import topk_keep_mask
 from gatelab.model import GPT

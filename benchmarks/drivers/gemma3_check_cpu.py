@@ -3,13 +3,17 @@ adapter with the rope and qk gates: dense routing gives the unpatched perplexity
 validation tokens; an untrained gate and the oracle at k = 64 run. Output in
 results/pretrained/position-probes-cpu.md. Usage: PYTHONPATH=/tmp/site:src python benchmarks/drivers/gemma3_check_cpu.py
 """
-import time, torch
+import time
+
+import torch
+
 torch.set_num_threads(2)
-from gatelab.hf.gate_files import load_pretrained
+from gatelab.config import Routing
 from gatelab.hf.adapter import attach_gates
 from gatelab.hf.corpus import encode_corpus
 from gatelab.hf.evaluate import hf_perplexity
-from gatelab.config import Routing
+from gatelab.hf.gate_files import load_pretrained
+
 t0 = time.time()
 model, tok = load_pretrained("/tmp/gemma3", "gemma-3-270m-q4_k_m.gguf")
 cfg = model.config

@@ -5,14 +5,20 @@ results/pretrained/position-probes-cpu.md. Usage (the GGUF unpacked from llm-smo
 `pip install --target /tmp/site gguf accelerate psutil`):
     PYTHONPATH=/tmp/site:src python benchmarks/drivers/position_probe_cpu.py 40 256 32 none,rope,qk
 """
-import sys, time, json, torch
+import json
+import sys
+import time
+
 import numpy as np
+import torch
+
 torch.set_num_threads(2)
-from gatelab.hf.gate_files import load_pretrained
-from gatelab.hf.adapter import attach_gates, set_trainable
-from gatelab.hf.distill import train_gates, _heldout_windows, heldout_objective
-from gatelab.hf.corpus import encode_corpus
 from gatelab.config import Routing
+from gatelab.hf.adapter import attach_gates, set_trainable
+from gatelab.hf.corpus import encode_corpus
+from gatelab.hf.distill import _heldout_windows, heldout_objective, train_gates
+from gatelab.hf.gate_files import load_pretrained
+
 model, tok = load_pretrained("/tmp/smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 ids = encode_corpus(tok, "bundled", "validation")  # small split, used here only as a probe's token source
 print("tokens", len(ids), "layers", model.config.num_hidden_layers, "head_dim", model.model.layers[0].self_attn.head_dim, flush=True)
