@@ -80,6 +80,18 @@ def soft_block_attention(q, k, v, G: torch.Tensor, routing: Routing, allowed: to
     return (A * bias.exp()).to(v.dtype) @ v
 
 
+def selection_scores(q, k, routing: Routing, gate_scores, layer: int, allowed: torch.Tensor | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """The scores (B|1, H, nb, nb) a hard block routing selects by, causal (row i ranks query block i's earlier
+    blocks): block-oracle's pooled attention mass and block-gate's scores by the previous block's row,
+    block-random's fixed hash."""
+    if routing.mode == "block-oracle":
+        return previous_block_rows(block_attention_mass(q.detach(), k.detach(), routing.block_size, allowed, scale))
+    if routing.mode == "block-gate":
+        return previous_block_rows(gate_scores())
+    return block_random_scores(layer, q.shape[1], n_blocks(q.shape[2], routing.block_size), routing.seed, q.device)
+
+
 def block_routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int = 0,
                            allowed: torch.Tensor | None = None, scale: float | None = None,
                            backend: str = "auto", compiled: bool = False) -> torch.Tensor:
@@ -97,12 +109,7 @@ def block_routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer
                            f"with model.block_gate=learned|random, or load one with --gate)")
     if routing.mode == "block-soft":
         return soft_block_attention(q, k, v, gate_scores(), routing, allowed, scale)
-    if routing.mode == "block-oracle":
-        scores = previous_block_rows(block_attention_mass(q.detach(), k.detach(), routing.block_size, allowed, scale))
-    elif routing.mode == "block-gate":
-        scores = previous_block_rows(gate_scores())
-    else:
-        scores = block_random_scores(layer, q.shape[1], n_blocks(T, routing.block_size), routing.seed, q.device)
+    scores = selection_scores(q, k, routing, gate_scores, layer, allowed, scale)
     if resolve_backend(backend, q, routing.block_size, allowed) == "flex":  # no keep-mask on the way
         return _flex_block_attention(q, k, v, lambda backward: block_mask_from_scores(
             scores, routing.block_k, routing.block_size, T, backward=backward, compiled=compiled), scale)

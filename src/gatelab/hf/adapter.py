@@ -29,10 +29,11 @@ import torch.nn as nn
 
 from gatelab.attention.attend import GateScores, attend, dense_attention
 from gatelab.attention.backend import Backend, default_backend
+from gatelab.attention.block_decode import BlockDecodeCache, block_decode_attention
 from gatelab.attention.blocks import block_attention_mass
 from gatelab.attention.gates import BlockGate
 from gatelab.attention.hard import RandomMaskCache
-from gatelab.attention.masks import allowed_keys, repeat_kv, token_validity
+from gatelab.attention.masks import allowed_keys, causal_rows, repeat_kv, token_validity
 from gatelab.attention.position_gates import (
     DEFAULT_POSITION, check_position, gate_factors, gate_inputs, gate_scores, make_gate
 )
@@ -74,6 +75,11 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
         return out.transpose(1, 2).contiguous(), None
     if ctl.capture is not None:  # token-gate distillation: keep what the gate learns from
         capture_token_layer(ctl, state, query, key, allowed, scaling)
+    if routing.is_block and T != S:  # generating with a KV cache: the new queries read their kept blocks only
+        out = decode_block_layer(ctl, state, routing, query, key, value, allowed, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    if routing.is_block and kwargs.get("use_cache"):  # a prompt before generation: remember its queries
+        state.setdefault("decode", BlockDecodeCache()).extend(query, state["x"], 0)
     gate = layer_gate(ctl, state, routing, query, key, allowed)
     if kwargs.get("output_attentions") and routing.mode != "dense":  # the weights: attend over identity values
         weights = attention_weights(query, key, routing, gate, allowed, scaling, state["layer"], ctl)
@@ -93,6 +99,28 @@ def attention_weights(query, key, routing: Routing, gate, allowed, scaling, laye
     return attend(query, key, eye, routing, gate=gate, allowed=allowed, scale=scaling, layer=layer,
                   backend=replace(ctl.backend, kernels=False, block_attention="masked"),
                   random_masks=ctl.random_masks)
+
+
+def decode_block_layer(ctl, state: dict, routing: Routing, query, key, value, allowed, scaling) -> torch.Tensor:
+    """A block routing while generating: the layer's queries and inputs appended to its decode cache, then
+    attention over the key blocks its query block keeps (attention/block_decode.py)."""
+    B, H, T, D = query.shape
+    S = key.shape[2]
+    if allowed is not None and not bool((allowed | ~causal_rows(T, S, query.device)).all()):
+        raise GatelabError("block routings decode unpadded sequences only (generate one prompt at a time, or "
+                           "prompts of one length)")
+    cache = state.setdefault("decode", BlockDecodeCache())
+    cache.extend(query, state["x"], S - T)
+    scores = None
+    if routing.needs_block_gate:
+        gate = state.get("gate")
+        if gate is None or not getattr(gate, "is_block_gate", False):
+            raise GatelabError(f"routing {routing.mode} needs block gates: attach_block_gates(model, ...), or "
+                               f"--gate GATES saved by `gatelab hf-distill --block-size ...`")
+        scores = lambda: gate(cache.x, routing.block_size, None, q=cache.q, k=key,  # noqa: E731
+                              compiled=ctl.backend.compile_blocks).float()
+    return block_decode_attention(query, key, value, routing, cache, gate_scores=scores, layer=state["layer"],
+                                  scale=scaling)
 
 
 def layer_gate(ctl, state: dict, routing: Routing, query, key, allowed) -> GateScores | None:
