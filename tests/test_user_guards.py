@@ -197,7 +197,7 @@ def test_audit_gap_share_only_when_the_oracle_beats_random():
     from argparse import Namespace
 
     from gatelab.diagnostics.analyze import audit_summary
-    from gatelab.cli.main import _print_audit
+    from gatelab.cli.commands.evaluate import _print_audit
     s = audit_summary(64, learned=40.0, rand=40.02, oracle=40.019)
     assert s["random_to_oracle_gap_closed"] is None and s["gap_too_small"]
     assert audit_summary(64, learned=90.0, rand=100.0, oracle=80.0)["random_to_oracle_gap_closed"] == \
