@@ -151,9 +151,9 @@ def test_gate_with_damaged_values_is_refused(tmp_path):
 
 
 def test_non_finite_perplexity_is_an_error(trained, tmp_path, capsys, monkeypatch):
-    import gatelab.evaluate
+    import gatelab.diagnostics.evaluate
     from gatelab.cli.main import main
-    monkeypatch.setattr(gatelab.evaluate, "perplexity",
+    monkeypatch.setattr(gatelab.diagnostics.evaluate, "perplexity",
                         lambda *a, **k: dict(routing="dense", nll=float("nan"), ppl=float("nan"), tokens=10))
     assert main(["eval", str(trained), "--quiet", "--json", str(tmp_path / "e.json")]) == 2
     assert "non-finite" in _err(capsys)
@@ -196,7 +196,7 @@ def test_missing_data_error_names_the_absolute_path(tmp_path, monkeypatch, capsy
 def test_audit_gap_share_only_when_the_oracle_beats_random():
     from argparse import Namespace
 
-    from gatelab.cli.main import _print_audit
+    from gatelab.cli.commands.evaluate import _print_audit
     from gatelab.diagnostics.analyze import audit_summary
     s = audit_summary(64, learned=40.0, rand=40.02, oracle=40.019)
     assert s["random_to_oracle_gap_closed"] is None and s["gap_too_small"]
@@ -299,10 +299,10 @@ def test_hf_eval_on_a_folder_that_is_no_model_says_so(tmp_path, capsys):
 
 
 def test_json_that_cannot_be_written_is_refused_before_the_work(trained, tmp_path, capsys, monkeypatch):
-    import gatelab.evaluate
+    import gatelab.diagnostics.evaluate
     from gatelab.cli.main import main
     called = []
-    monkeypatch.setattr(gatelab.evaluate, "perplexity", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(gatelab.diagnostics.evaluate, "perplexity", lambda *a, **k: called.append(1))
     (tmp_path / "afile").write_text("")
     assert main(["eval", str(trained), "--quiet", "--json", str(tmp_path / "afile" / "e.json")]) == 2
     assert "cannot write there" in _err(capsys) and not called

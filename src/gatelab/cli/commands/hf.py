@@ -1,0 +1,98 @@
+"""The commands on a local Hugging Face causal LM: hf-eval (perplexity under gatelab routings) and hf-distill
+(gates trained on the frozen, or partly unfrozen, model)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from gatelab.cli.commands.common import finite_result, gate_block_size, print_summary, routings_from_args
+from gatelab.config import DEFAULT_POSITION, GatelabError, soft_gate_routing, write_json
+from gatelab.devices import resolve_device
+from gatelab.hf import corpus as hf_corpus, gate_files as hf_gate_files
+from gatelab.hf.adapter import DEFAULT_BLOCK_POSITION, attach_block_gates, attach_gates, set_trainable
+from gatelab.hf.distill import train_gates
+from gatelab.hf.evaluate import hf_perplexity, hf_perplexity_docs
+from gatelab.tables import format_table
+
+# load_pretrained and encode_corpus are called through their modules, so that a replacement put there
+# (monkeypatch) reaches these commands
+
+
+def run_hf_eval(args) -> None:
+    model, tok = hf_gate_files.load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
+    if args.long_docs:
+        tokens = hf_corpus.encode_long_documents(tok, args.context, args.corpus, args.split, args.source)
+    else:
+        tokens = hf_corpus.encode_corpus(tok, args.corpus, args.split, args.source, context=args.context,
+                                       progress=not args.quiet)
+    routings = routings_from_args(args, args.context, gate_block_size(args.gate))
+    if args.gate:
+        hf_gate_files.load_gates(model, args.gate, allow_other_base=args.allow_other_base, position=args.position)
+    elif args.position:
+        raise GatelabError("--position checks the variant of --gate GATES; there is no --gate")
+    elif any(r.mode != "dense" for r in routings):
+        attach_gates(model, gate="none")
+    rows = []
+    for r in routings:
+        res = finite_result(_perplexity(model, tokens, r, args), f"{args.model} under {r.label()}")
+        block = r.is_block
+        rows.append(dict(routing=r.mode, k=None if r.mode == "dense" else r.block_k if block else r.k,
+                         block_size=r.block_size if block else None, label=r.label(), ppl=res["ppl"], nll=res["nll"],
+                         tokens=res["tokens"]))
+        if not args.quiet:
+            print(f"{r.label():40s} ppl {res['ppl']:.3f}", file=sys.stderr)
+    print(format_table(rows, ["routing", "k", "block_size", "ppl", "nll", "tokens"]))
+    if args.json:
+        _write_eval_json(model, rows, args)
+
+
+def _perplexity(model, tokens, routing, args) -> dict:
+    """hf-eval under one routing: of whole documents (--long-docs), else of the corpus's token stream."""
+    if args.long_docs:
+        return hf_perplexity_docs(model, tokens, routing, args.context, batch_size=args.batch_size,
+                                  max_tokens=args.max_tokens, progress=not args.quiet)
+    return hf_perplexity(model, tokens, routing, context=args.context, batch_size=args.batch_size,
+                         max_tokens=args.max_tokens, progress=not args.quiet)
+
+
+def _write_eval_json(model, rows: list[dict], args) -> None:
+    dev = next(model.parameters()).device
+    write_json(args.json, dict(model=str(args.model), gguf=args.gguf, gate=args.gate, corpus=args.corpus,
+                               split=args.split, context=args.context, long_docs=args.long_docs, device=str(dev),
+                               device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                               command="gatelab " + " ".join(sys.argv[1:]), results=rows))
+
+
+def run_hf_distill(args) -> None:
+    model, tok = hf_gate_files.load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
+    if args.long_docs:  # the train split's documents longer than the context, concatenated
+        ids = [t for doc in hf_corpus.encode_long_documents(tok, args.context, args.corpus, "train", args.source)
+               for t in doc]
+    else:
+        ids = hf_corpus.encode_corpus(tok, args.corpus, "train", args.source, context=args.context,
+                                      progress=not args.quiet)
+    k, position = _attach_distill_gates(model, args)
+    unfrozen = set_trainable(model, layers=args.unfreeze_layers or [])
+    print(f"training: {', '.join(unfrozen)} ({position} gates)", file=sys.stderr)
+    soft = soft_gate_routing(args.reading, args.k)
+    summary = train_gates(model, ids, args.out, loss=args.loss, k=k, steps=args.steps, batch_size=args.batch_size,
+                          context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet,
+                          soft_routing=soft, eval_every=args.eval_every, patience=args.patience,
+                          min_delta=args.min_delta, eval_batches=args.eval_batches, step_f1=not args.no_step_f1)
+    print_summary(summary, args.out)
+
+
+def _attach_distill_gates(model, args) -> tuple[int, str]:
+    """Fresh learned gates for hf-distill: block gates (--block-size), distilled against each layer's pooled
+    attention mass, else token gates. Returns the k the objective keeps and the gate variant."""
+    if args.block_size:
+        if args.loss == "task":
+            raise GatelabError("block gates distil with --loss kl or bce")
+        position = args.position or DEFAULT_BLOCK_POSITION
+        attach_block_gates(model, d_gate=args.d_gate, gate="learned", pool=args.block_pool,
+                           block_size=args.block_size, seed=args.seed, position=position)
+        return args.block_k, position
+    position = args.position or DEFAULT_POSITION
+    attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed, position=position)
+    return args.k, position
