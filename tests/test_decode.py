@@ -78,3 +78,39 @@ def test_decoding_reads_only_the_kept_blocks():
                 masked[0, h, 0, j * BS:min((j + 1) * BS, S)] = True
     ref = torch.nn.functional.scaled_dot_product_attention(q_all[:, :, -1:], k, v, attn_mask=masked)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+class CharTokenizer:
+    """One token per character code modulo the tiny vocabulary: enough for the command's plumbing."""
+
+    def __call__(self, text, return_tensors=None):
+        ids = torch.tensor([[1 + ord(c) % 100 for c in text]])
+        return type("Encoding", (), {"input_ids": ids})()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(96 + i % 26) for i in ids)
+
+
+def test_generate_command_decodes_and_compares_with_dense(tmp_path, monkeypatch, capsys):
+    import json
+
+    import gatelab.hf.gate_files as hf_gate_files
+    from gatelab.cli.main import main
+    from gatelab.hf.gate_files import save_gates
+    model = tiny("llama")
+    attach_block_gates(model, d_gate=8, gate="random", block_size=BS, position="qk")
+    save_gates(model, tmp_path / "gates")
+    monkeypatch.setattr(hf_gate_files, "load_pretrained", lambda *a, **kw: (tiny("llama"), CharTokenizer()))
+    (tmp_path / "prompt.txt").write_text("the quick brown fox")
+    base = ["generate", "--model", str(tmp_path), "--gate", str(tmp_path / "gates"), "--prompt-file",
+            str(tmp_path / "prompt.txt"), "--max-new-tokens", "9", "--device", "cpu", "--allow-other-base"]
+    main(base + ["--block-k", "64", "--compare", "--json", str(tmp_path / "full.json")])
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert full["agreement"] == 1.0 and full["first_difference"] == 9 and len(full["tokens"][0]) == 9
+    assert abs(full["ppl_routed"] - full["ppl_dense"]) < 1e-6 * full["ppl_dense"]
+    main(base + ["--block-k", "1", "--compare", "--json", str(tmp_path / "sparse.json")])
+    sparse = json.loads((tmp_path / "sparse.json").read_text())
+    assert sparse["dense_tokens"] == full["dense_tokens"] and 0.0 <= sparse["agreement"] <= 1.0
+    assert "agreement with dense greedy" in capsys.readouterr().err
+    assert main(base[:6] + [str(tmp_path / "missing.txt"), "--device", "cpu"]) == 2
+    assert "gatelab: error: --prompt-file" in capsys.readouterr().err

@@ -333,7 +333,8 @@ def test_train_gates_until_convergence_resumes_exactly(tmp_path):
 def test_cli_hf_distill_eval_and_audit_with_a_variant(tmp_path, monkeypatch, capsys):
     """`hf-distill --position rope --eval-every --patience` records the variant and the steps taken; hf-eval and
     audit --model read it back and refuse another variant with a one-line error."""
-    import gatelab.hf as hf
+    import gatelab.hf.corpus as hf_corpus
+    import gatelab.hf.gate_files as hf_gate_files
     from gatelab.cli.main import main
     model_box = {}
 
@@ -344,8 +345,8 @@ def test_cli_hf_distill_eval_and_audit_with_a_variant(tmp_path, monkeypatch, cap
         model_box["m"] = tiny("llama")
         return model_box["m"], Tok()
     ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
-    monkeypatch.setattr(hf, "load_pretrained", load)
-    monkeypatch.setattr(hf, "encode_corpus", lambda *a, **kw: ids)
+    monkeypatch.setattr(hf_gate_files, "load_pretrained", load)
+    monkeypatch.setattr(hf_corpus, "encode_corpus", lambda *a, **kw: ids)
     out = tmp_path / "gates"
     assert main(["hf-distill", "--model", str(tmp_path), "--position", "rope", "--k", "4", "--d-gate", "8",
                  "--steps", "40", "--eval-every", "5", "--patience", "2", "--min-delta", "0.05", "--batch-size",

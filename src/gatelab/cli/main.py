@@ -17,7 +17,8 @@ from gatelab.progress import keep_freed_memory
 
 # in the order `gatelab --help` lists them
 SUBCOMMANDS = (reproduce.add_demo, train.add_info, train.add_prepare, train.add_train, evaluate.add_eval,
-               evaluate.add_audit, hf.add_hf_eval, hf.add_hf_distill, reproduce.add_reproduce, reproduce.add_report,
+               evaluate.add_audit, hf.add_hf_eval, hf.add_hf_distill, hf.add_generate, reproduce.add_reproduce,
+               reproduce.add_report,
                train.add_distill, evaluate.add_analyze)
 
 

@@ -7,12 +7,13 @@ import sys
 import torch
 
 from gatelab.cli.commands.common import finite_result, gate_block_size, print_summary, routings_from_args
-from gatelab.config import DEFAULT_POSITION, GatelabError, soft_gate_routing, write_json
+from gatelab.config import DEFAULT_POSITION, GatelabError, Routing, soft_gate_routing, write_json
 from gatelab.devices import resolve_device
 from gatelab.hf import corpus as hf_corpus, gate_files as hf_gate_files
 from gatelab.hf.adapter import DEFAULT_BLOCK_POSITION, attach_block_gates, attach_gates, set_trainable
 from gatelab.hf.distill import train_gates
 from gatelab.hf.evaluate import hf_perplexity, hf_perplexity_docs
+from gatelab.hf.generate import compare_with_dense, greedy
 from gatelab.tables import format_table
 
 # load_pretrained and encode_corpus are called through their modules, so that a replacement put there
@@ -96,3 +97,34 @@ def _attach_distill_gates(model, args) -> tuple[int, str]:
     position = args.position or DEFAULT_POSITION
     attach_gates(model, d_gate=args.d_gate, gate="learned", seed=args.seed, position=position)
     return args.k, position
+
+
+def run_generate(args) -> None:
+    """Greedy generation under one routing (and with --compare, beside dense generation)."""
+    block_size = args.block_size or gate_block_size(args.gate) or Routing.block_size
+    routing = Routing(mode=args.routing, k=args.k, block_size=block_size, block_k=args.block_k).validate()
+    try:
+        prompt = open(args.prompt_file, encoding="utf-8").read()
+    except OSError as e:
+        raise GatelabError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+    model, tok = hf_gate_files.load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
+    if args.gate:
+        hf_gate_files.load_gates(model, args.gate, allow_other_base=args.allow_other_base)
+    else:
+        attach_gates(model, gate="none")
+    ids = tok(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    if ids.shape[1] == 0:
+        raise GatelabError(f"--prompt-file {args.prompt_file} holds no tokens")
+    if args.compare:
+        result = compare_with_dense(model, ids, routing, args.max_new_tokens)
+        tokens = result["tokens"][0]
+        print(f"{routing.label()}: agreement with dense greedy {result['agreement']:.3f} (first difference at token "
+              f"{result['first_difference']}), perplexity under the dense model {result['ppl_routed']:.3f} "
+              f"(dense's own continuation {result['ppl_dense']:.3f})", file=sys.stderr)
+    else:
+        tokens = greedy(model, ids, routing, args.max_new_tokens)[0].tolist()
+        result = dict(routing=routing.label(), new_tokens=args.max_new_tokens, tokens=[tokens])
+    text = tok.decode(tokens, skip_special_tokens=True)
+    print(text)
+    if args.json:
+        write_json(args.json, dict(result, prompt=prompt, text=text))

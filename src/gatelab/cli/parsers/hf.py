@@ -1,4 +1,4 @@
-"""Arguments of the commands on a Hugging Face causal LM: hf-eval and hf-distill."""
+"""Arguments of the commands on a Hugging Face causal LM: hf-eval, hf-distill and generate."""
 from __future__ import annotations
 
 from gatelab.cli.arguments import (
@@ -79,3 +79,26 @@ def add_hf_distill(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=f"{COMMANDS}:run_hf_distill")
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="greedy generation from a Hugging Face causal LM under a routing",
+                       description="Greedy generation with the KV cache under a routing. Block routings (with "
+                       "block gates from `gatelab hf-distill --block-size`, or block-oracle / block-random) read "
+                       "only each query block's kept key blocks. --compare also generates densely and reports the "
+                       "agreement and both continuations' perplexity under the dense model.")
+    p.add_argument("--model", required=True, help="a local model folder (or the folder holding --gguf)")
+    p.add_argument("--gguf", help="a GGUF file inside --model")
+    p.add_argument("--gate", help="gates saved by `gatelab hf-distill` (block gates for block-gate)")
+    p.add_argument("--prompt-file", required=True, help="a UTF-8 text file holding the prompt")
+    p.add_argument("--max-new-tokens", type=POS_INT, default=64)
+    p.add_argument("--routing", default="block-gate", help="dense, oracle-topk, random-topk, block-gate, "
+                   "block-oracle or block-random (default block-gate)")
+    p.add_argument("--k", type=POS_INT, default=64, help="k of a token routing")
+    p.add_argument("--block-size", type=POS_INT, default=None, help="block size (default: the gate's)")
+    p.add_argument("--block-k", type=POS_INT, default=4, help="earlier key blocks kept per query block")
+    p.add_argument("--compare", action="store_true", help="also generate densely: agreement and perplexities")
+    p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the result here")
+    p.set_defaults(run=f"{COMMANDS}:run_generate")

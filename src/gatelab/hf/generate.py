@@ -1,0 +1,52 @@
+"""Greedy generation under a routing, and how far it departs from dense generation.
+
+Block routings decode with the KV cache reading only each query block's kept key blocks (attention/block_decode.py);
+dense, oracle and random routings decode as usual; gate routings other than block need the whole sequence and are
+refused by the adapter.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gatelab.config import GatelabError, Routing
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int) -> torch.Tensor:
+    """The greedy continuation (max_new_tokens token ids, (B, N)) of ids (B, T) under routing, through the model's
+    own generate() and KV cache."""
+    ctl = getattr(model, "gatelab", None)
+    if ctl is None:
+        raise GatelabError("attach_gates or attach_block_gates (or load_gates) first")
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(model.generation_config, "eos_token_id", None) or 0
+    with ctl.routing(routing):
+        out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad if isinstance(pad, int) else pad[0], use_cache=True)
+    return out[:, ids.shape[1]:]
+
+
+@torch.no_grad()
+def continuation_nll(model, ids: torch.Tensor, continuation: torch.Tensor) -> float:
+    """Mean negative log-likelihood of `continuation` after `ids` under the model's dense attention."""
+    ctl = model.gatelab
+    full = torch.cat([ids, continuation], dim=1)
+    with ctl.routing(Routing()):
+        logits = model(full, use_cache=False).logits[:, ids.shape[1] - 1:-1].float()
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), continuation.flatten()))
+
+
+def compare_with_dense(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int) -> dict:
+    """Greedy continuations under routing and dense: the routed text's agreement with dense (share of positions with
+    the same token, and the first position where they differ), and both continuations' perplexity under the dense
+    model."""
+    dense = greedy(model, ids, Routing(), max_new_tokens)
+    routed = greedy(model, ids, routing, max_new_tokens)
+    same = (routed == dense)
+    first = int(same.all(0).logical_not().nonzero()[0]) if not bool(same.all()) else max_new_tokens
+    return dict(routing=routing.label(), new_tokens=max_new_tokens, agreement=float(same.float().mean()),
+                first_difference=first, ppl_routed=math.exp(continuation_nll(model, ids, routed)),
+                ppl_dense=math.exp(continuation_nll(model, ids, dense)), tokens=routed.tolist(),
+                dense_tokens=dense.tolist())
