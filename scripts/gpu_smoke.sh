@@ -67,6 +67,7 @@ reproduce_lane() {
 
 hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own tokenizer (scripts/make_tiny_hf.py)
   check make-tiny-hf python scripts/make_tiny_hf.py "$R/tiny-llama"
+  printf 'It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness' >"$R/prompt.txt"
   HF=(--model "$R/tiny-llama" --context 128)
   {
     echo "hf-eval ${GL[*]} hf-eval ${HF[*]} --routing dense,oracle-topk,random-topk,stochastic --k 16 --max-tokens 4096 --quiet"
@@ -94,9 +95,14 @@ hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own token
     echo "hf-eval-block ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block --routing dense,block-gate,block-oracle,block-random,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
     echo "hf-eval-block-qk ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
     echo "hf-eval-block-qk-compiled env GATELAB_COMPILE_BLOCKS=1 ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate --block-k 1,2 --max-tokens 4096 --quiet"
+    for bk in 1 64; do  # generation with the KV cache reading each query block's kept blocks; 64: every block
+      echo "hf-generate-block-k$bk ${GL[*]} generate --model $R/tiny-llama --gate $R/hf-block-qk --prompt-file $R/prompt.txt --max-new-tokens 40 --block-k $bk --compare --json $R/hf-generate-k$bk.json"
+    done
+    echo "hf-generate-dense ${GL[*]} generate --model $R/tiny-llama --routing dense --prompt-file $R/prompt.txt --max-new-tokens 40"
     echo "hf-audit-rope ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl-rope --k 16 --max-tokens 4096"
     echo "hf-audit ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl --k 16 --max-tokens 4096"
   } | pool
+  check hf-generate-every-block-is-dense python -c "import json, sys; d = json.load(open(sys.argv[1])); assert d['agreement'] == 1.0, d" "$R/hf-generate-k64.json"
   check hf-reproduce-smoke "${GL[@]}" reproduce --suite pretrained --protocol smoke --model "$R/tiny-llama" --out "$R/hf-suite" --runs "$R/hf-suite-runs" --quiet
 }
 reproduce_lane &
