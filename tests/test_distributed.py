@@ -56,7 +56,7 @@ def test_resume_on_another_number_of_ranks(token_corpus, tmp_path):
     # two ranks stop after their first checkpoint (killed, in effect): emulate with stop_after through the API
     env_run = tmp_path / "split"
     code = ("import json,sys; from gatelab.config import train_config_from_dict; from gatelab.training.train import train; "
-            "from gatelab import distributed; "
+            "from gatelab.training import distributed; "
             f"cfg=train_config_from_dict(json.load(open('cfg.json'))); train(cfg, '{env_run}', progress=False, "
             "stop_after=4); distributed.cleanup()")
     (tmp_path / "stop4.py").write_text(code)

@@ -116,13 +116,13 @@ SPILL_FREE_BACKWARD = """
         import triton
         key = ["T", "D", "DG", "RENORM"]
         from gatelab.kernels import soft_gate as sg
-        fwd = sg._soft_autotuners(False)[0]
+        fwd = sg._TUNERS[False][0]
         tuned = {}
         for name, tiles in sg.SOFT_SPILL_FREE_TILES.items():
             (m, n, w), = tiles
             tuner = triton.autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w)], key=key)
             tuned[name] = tuner(getattr(sg, f"_soft_bwd_{name}_kernel"))
-        sg._soft_autotuners = lambda spill_free: (fwd, tuned["kv"], tuned["q"])
+        sg._TUNERS[False] = (fwd, tuned["kv"], tuned["q"])
 """
 
 

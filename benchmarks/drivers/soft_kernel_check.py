@@ -17,7 +17,7 @@ import torch
 from gatelab.attention.attend import GateScores, attend
 from gatelab.attention.backend import Backend
 from gatelab.config import Routing
-from gatelab.kernels.soft_gate import _soft_autotuners
+from gatelab.kernels.soft_gate import _TUNERS
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -64,7 +64,7 @@ def compare_tiles():
             got = [run("fused", r, leaves, dout, spill_free).float()] + [t.grad.float() for t in leaves]
             err = max(float((a - b).norm() / a.norm()) for a, b in zip(ref, got))
             ms = timed(lambda: run("fused", r, leaves, dout, spill_free), n=50)
-            tuners = dict(zip(("fwd", "bwd_kv", "bwd_q"), _soft_autotuners(spill_free)))
+            tuners = dict(zip(("fwd", "bwd_kv", "bwd_q"), _TUNERS[spill_free]))
             chosen = {name: str(getattr(tuners[name], "best_config", "?")) for name in ("bwd_kv", "bwd_q")}
             print(f"{reading} {'spill-free tiles added' if spill_free else 'default tiles':22s}: fused fwd+bwd "
                   f"{ms:.3f} ms, largest rel. err vs explicit {err:.4f}, chosen {chosen}", flush=True)

@@ -2,7 +2,6 @@
 the mask goes to memory (attention/soft.py's explicit form is its reference)."""
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -164,7 +163,6 @@ def _soft_configs(extra=()):
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=2) for m, n, w in SOFT_TILES + extra]
 
 
-@functools.cache
 def _soft_autotuners(add_spill_free: bool):
     """The three soft-gate kernels under triton.autotune (the backward lists with the spill-free tiles if asked)."""
     key = ["T", "D", "DG", "RENORM"]
@@ -175,6 +173,11 @@ def _soft_autotuners(add_spill_free: bool):
             triton.autotune(_soft_configs(extra["q"]), key=key)(_soft_bwd_q_kernel))
 
 
+# built once at import, for either backward tile list: an autotuner made while torch.compile traces would be made
+# (and tune) again at every call
+_TUNERS = {flag: _soft_autotuners(flag) for flag in (False, True)} if triton is not None else {}
+
+
 class _SoftGateAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gq, gk, tau, inv_t: float, renorm: bool, spill_free: bool):
@@ -183,7 +186,7 @@ class _SoftGateAttention(torch.autograd.Function):
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         has_tau = tau is not None
         tau_arg = tau if has_tau else lse
-        _soft_fwd = _soft_autotuners(spill_free)[0]
+        _soft_fwd = _TUNERS[spill_free][0]
         _soft_fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
             q, k, v, gq, gk, tau_arg, out, lse, T, D ** -0.5, inv_t, RENORM=renorm, HAS_TAU=has_tau, D=D,
             DG=gq.shape[-1])
@@ -200,7 +203,7 @@ class _SoftGateAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dgq, dgk = torch.empty_like(gq), torch.empty_like(gk)
         common = dict(RENORM=ctx.renorm, HAS_TAU=ctx.has_tau, D=D, DG=gq.shape[-1])
-        _, _soft_bwd_kv, _soft_bwd_q = _soft_autotuners(ctx.spill_free)
+        _, _soft_bwd_kv, _soft_bwd_q = _TUNERS[ctx.spill_free]
         _soft_bwd_kv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
             q, k, v, gq, gk, tau, dout, lse, delta, dk, dv, dgk, T, D ** -0.5, ctx.inv_t, **common)
         _soft_bwd_q[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
