@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from gatelab.attention.soft import soft_gate_statistics
 from gatelab.config import GatelabError, TrainConfig, atomic_path, same_run, to_dict, write_json
@@ -94,13 +95,11 @@ def wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
     """The objective module, in DistributedDataParallel under torchrun, compiled where that applies."""
     objective = TrainingObjective(model, cfg)
     if ctx.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # trainable gates that the routing never reads (hard top-k under the LM loss) get no gradient
         unused = cfg.objective == "lm" and cfg.routing.mode not in ("soft-gate", "block-soft") and any(
             p.requires_grad for p in model.gate_parameters())
-        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=unused)
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=unused)
     mode = compile_mode(cfg, device, ctx.world) if cfg.objective == "lm" else None
     if mode is not None:
         objective = torch.compile(objective, mode=None if mode == "default" else mode)
