@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +102,177 @@ def heldout_objective(model, windows: torch.Tensor, loss: str, k: int, batch_siz
     return sum(values) / len(values), (sum(f1s) / len(f1s) if f1s else None)
 
 
+def _checked_soft_routing(model, loss: str, k: int, context: int, soft_routing: Routing | None, eval_every: int,
+                          patience: int, min_delta: float, eval_batches: int) -> Routing:
+    """Check train_gates' arguments against the model; the soft-gate routing the task loss trains through."""
+    ctl = getattr(model, "gatelab", None)
+    if loss not in ("kl", "bce", "task"):
+        raise GatelabError(f"loss must be kl, bce or task, got {loss!r}")
+    if ctl is None or (loss != "task" and (ctl.gates is None or ctl.kind != "learned")):
+        raise GatelabError("train_gates needs learned gates: attach_gates(model, gate='learned') first")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise GatelabError("nothing to train: set_trainable(model, ...) unfroze no parameter")
+    if eval_every < 0 or patience < 0 or min_delta < 0 or (eval_every and eval_batches < 1):
+        raise GatelabError("eval_every, patience and min_delta must be >= 0 (and eval_batches >= 1)")
+    if patience and not eval_every:
+        raise GatelabError("patience (stopping when the held-out objective stops improving) needs eval_every > 0")
+    Routing(mode="gate-topk", k=k).validate(context)
+    soft = soft_routing if soft_routing is not None else Routing(mode="soft-gate", k=k)
+    if soft.mode != "soft-gate":
+        raise GatelabError(f"soft_routing must be a soft-gate routing, got {soft.mode}")
+    soft.validate(context)
+    return soft
+
+
+def _restore_finished(model, out: Path) -> dict:
+    """A finished run: restore what it trained (gates and unfrozen layers) into model; its summary, marked skipped."""
+    if (out / "checkpoint.pt").is_file():
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["trainable"], strict=False)
+    return dict(json.loads((out / "done.json").read_text()), skipped=True)
+
+
+def _split_tokens(ids: list[int], context: int, n_heldout: int | None) -> tuple[np.ndarray, torch.Tensor | None]:
+    """The tokens to train on and the n_heldout windows cut off their end (None: nothing held out)."""
+    tokens = np.asarray(ids, dtype=np.int64)
+    if len(tokens) < context + 2:
+        raise GatelabError(f"{len(tokens)} tokens are fewer than one {context}-token window")
+    heldout = None
+    if n_heldout is not None:
+        heldout, n_train = _heldout_windows(tokens, n_heldout, context)
+        tokens = tokens[:n_train]
+    return tokens, heldout
+
+
+def _gate_optimizer(model, lr: float, model_lr: float | None) -> tuple[list, torch.optim.AdamW]:
+    """The trainable parameters and their AdamW: the gates at lr, the unfrozen model weights at model_lr."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    gate_ids = {id(p) for p in model.gatelab.gate_parameters()}
+    groups = [dict(params=[p for p in params if id(p) in gate_ids], lr=lr),
+              dict(params=[p for p in params if id(p) not in gate_ids], lr=model_lr if model_lr is not None else lr)]
+    return params, torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable weights."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class _GateRun:
+    """A train_gates run: its settings, what the loop reads, and the state it carries (and checkpoints)."""
+    model: object
+    out: Path
+    loss: str
+    k: int
+    steps: int
+    batch_size: int
+    context: int
+    lr: float
+    seed: int
+    soft: Routing
+    step_f1: bool
+    tokens: np.ndarray  # training tokens, the held-out windows cut off
+    heldout: torch.Tensor | None
+    params: list  # the trainable parameters
+    opt: torch.optim.AdamW
+    base_lrs: list[float]  # each parameter group's peak learning rate
+    sched: TrainConfig  # the learning-rate schedule (lr_at) over steps
+    device: torch.device
+    metrics: MetricsLog | None = None
+    bar: object = None  # progress_bar's
+    step: int = 0
+    # stopping state: the best evaluation so far (value, step, weights), the value of the last improvement by more
+    # than min_delta and the evaluations since it, whether it stopped
+    best: dict | None = None
+    ref: float | None = None
+    bad: int = 0
+    finished: bool = False
+    train_s: float = 0.0  # training time up to the last checkpoint
+    last_loss: float | None = None
+    t0: float = 0.0  # when train_s was last brought up to date
+
+    @property
+    def ckpt(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+
+def _resume_gates(run: _GateRun) -> None:
+    """Continue from run.out/checkpoint.pt, where there is one: weights, optimizer, step and stopping state."""
+    if run.ckpt.is_file():
+        state = torch.load(run.ckpt, map_location="cpu", weights_only=True)
+        run.model.load_state_dict(state["trainable"], strict=False)
+        run.opt.load_state_dict(state["optimizer"])
+        run.step = state["step"]
+        run.best, run.ref, run.bad = state.get("best"), state.get("ref"), state.get("bad", 0)
+        run.finished = state.get("finished", False)
+        run.train_s, run.last_loss = state.get("train_s", 0.0), state.get("last_loss")
+
+
+def _gate_step(run: _GateRun) -> None:
+    """One optimizer step on the objective, logged to metrics.jsonl."""
+    model, ctl, device = run.model, run.model.gatelab, run.device
+    for g, base in zip(run.opt.param_groups, run.base_lrs):  # warm-up and cosine decay, each group from its own lr
+        g["lr"] = base * lr_at(run.step, run.sched) / run.lr
+    x, y = (t.to(device) for t in sample_windows(run.tokens, run.step, run.batch_size, run.context, run.seed))
+    f1 = None
+    with autocast_for(device):
+        if run.loss == "task":  # the LM loss through the soft gate (dense where there is no gate)
+            with ctl.routing(run.soft if ctl.gates is not None else Routing()):
+                value = model(x, labels=None, use_cache=False).logits.float()
+            value = torch.nn.functional.cross_entropy(value.reshape(-1, value.shape[-1]), y.reshape(-1))
+        else:
+            value, f1 = captured_gate_objective(model, x, run.loss, run.k, f1=run.step_f1)
+    run.opt.zero_grad(set_to_none=True)
+    value.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.opt.step()
+    run.step += 1
+    run.last_loss = float(value.detach())
+    run.metrics.write(dict(step=run.step, loss=run.last_loss, lr=run.opt.param_groups[0]["lr"],
+                           **({"f1": f1} if f1 is not None else {})))
+    run.bar.update(1)
+
+
+def _evaluate_heldout(run: _GateRun, patience: int, min_delta: float) -> None:
+    """The objective on the held-out windows, logged; it updates the best weights and the stopping rule."""
+    v, vf1 = heldout_objective(run.model, run.heldout, run.loss, run.k, run.batch_size, run.soft)
+    if run.best is None or v < run.best["value"]:  # the weights kept: the lowest held-out value
+        run.best = dict(value=v, step=run.step, trainable=_trainable(run.model))
+    if run.ref is None or v < run.ref * (1 - min_delta):  # an improvement: by more than min_delta on the last one
+        run.ref, run.bad = v, 0
+    else:
+        run.bad += 1
+    run.finished = bool(patience) and run.bad >= patience
+    run.metrics.write(dict(step=run.step, val_loss=v, **({"val_f1": vf1} if vf1 is not None else {}),
+                           best_step=run.best["step"]))
+
+
+def _save_gate_checkpoint(run: _GateRun) -> None:
+    """checkpoint.pt: the trainable weights, optimizer and stopping state, with the training time so far."""
+    run.train_s += time.time() - run.t0
+    run.t0 = time.time()
+    with atomic_path(run.ckpt) as tmp:
+        torch.save(dict(step=run.step, trainable=_trainable(run.model), optimizer=run.opt.state_dict(), best=run.best,
+                        ref=run.ref, bad=run.bad, finished=run.finished, train_s=run.train_s,
+                        last_loss=run.last_loss), tmp)
+
+
+def _finish_gates(run: _GateRun) -> dict:
+    """Save the gates (with the steps taken) and done.json; the summary."""
+    best, step, steps = run.best, run.step, run.steps
+    summary = dict(loss=run.loss, k=run.k, steps=step, max_steps=steps,
+                   best_step=None if best is None else best["step"],
+                   best_val_loss=None if best is None else best["value"], stopped_early=step < steps,
+                   train_s=round(run.train_s, 2), final_loss=run.last_loss)
+    if run.model.gatelab.gates is not None:
+        save_gates(run.model, run.out, extra=dict(loss=run.loss, k=run.k, steps=step, max_steps=steps,
+                                                  best_step=summary["best_step"], seed=run.seed, context=run.context,
+                                                  **({"routing": asdict(run.soft)} if run.loss == "task" else {})))
+    write_json(run.out / "done.json", summary)
+    return summary
+
+
 def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k: int = 64, steps: int = 1000,
                 batch_size: int = 8, context: int = 512, lr: float = 1e-3, seed: int = 0,
                 checkpoint_every: int = 100, progress: bool = True, model_lr: float | None = None,
@@ -124,114 +295,32 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
     Resumes exactly from out_dir/checkpoint.pt (the stopping state included); writes out_dir/metrics.jsonl and, at
     the end, the gates (save_gates, with the steps taken) and done.json (steps taken, best step, training time).
     """
-
-
-    ctl = getattr(model, "gatelab", None)
-    if loss not in ("kl", "bce", "task"):
-        raise GatelabError(f"loss must be kl, bce or task, got {loss!r}")
-    if ctl is None or (loss != "task" and (ctl.gates is None or ctl.kind != "learned")):
-        raise GatelabError("train_gates needs learned gates: attach_gates(model, gate='learned') first")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise GatelabError("nothing to train: set_trainable(model, ...) unfroze no parameter")
-    if eval_every < 0 or patience < 0 or min_delta < 0 or (eval_every and eval_batches < 1):
-        raise GatelabError("eval_every, patience and min_delta must be >= 0 (and eval_batches >= 1)")
-    if patience and not eval_every:
-        raise GatelabError("patience (stopping when the held-out objective stops improving) needs eval_every > 0")
-    Routing(mode="gate-topk", k=k).validate(context)
-    soft = soft_routing if soft_routing is not None else Routing(mode="soft-gate", k=k)
-    if soft.mode != "soft-gate":
-        raise GatelabError(f"soft_routing must be a soft-gate routing, got {soft.mode}")
-    soft.validate(context)
+    soft = _checked_soft_routing(model, loss, k, context, soft_routing, eval_every, patience, min_delta, eval_batches)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "done.json").is_file():  # finished: restore what it trained (gates and unfrozen layers)
-        if (out / "checkpoint.pt").is_file():
-            state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-            model.load_state_dict(state["trainable"], strict=False)
-        return dict(json.loads((out / "done.json").read_text()), skipped=True)
-    tokens = np.asarray(ids, dtype=np.int64)
-    if len(tokens) < context + 2:
-        raise GatelabError(f"{len(tokens)} tokens are fewer than one {context}-token window")
-    heldout = None
-    if eval_every:
-        heldout, n_train = _heldout_windows(tokens, eval_batches * batch_size, context)
-        tokens = tokens[:n_train]
-    params = [p for p in model.parameters() if p.requires_grad]
-    gate_ids = {id(p) for p in ctl.gate_parameters()}
-    groups = [dict(params=[p for p in params if id(p) in gate_ids], lr=lr),
-              dict(params=[p for p in params if id(p) not in gate_ids], lr=model_lr if model_lr is not None else lr)]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    sched = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10)))
-    trainable = lambda: {n: p.detach().cpu().clone() for n, p in model.named_parameters()  # noqa: E731
-                         if p.requires_grad}
-    step, ckpt = 0, out / "checkpoint.pt"
-    # stopping state: the best evaluation so far (value, step, weights), the value of the last improvement by more
-    # than min_delta and the evaluations since it, whether it stopped
-    best, ref, bad, finished, train_s, last_loss = None, None, 0, False, 0.0, None
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["trainable"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        best, ref, bad = state.get("best"), state.get("ref"), state.get("bad", 0)
-        finished = state.get("finished", False)
-        train_s, last_loss = state.get("train_s", 0.0), state.get("last_loss")
-    device = next(model.parameters()).device
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step if ckpt.is_file() else None)
-    bar = progress_bar(total=steps, initial=step, desc=f"gates ({loss})", disable=not progress)
-    t0 = time.time()
-    while step < steps and not finished:
-        for g, base in zip(opt.param_groups, base_lrs):  # warm-up and cosine decay, each group from its own lr
-            g["lr"] = base * lr_at(step, sched) / lr
-        x, y = (t.to(device) for t in sample_windows(tokens, step, batch_size, context, seed))
-        f1 = None
-        with autocast_for(device):
-            if loss == "task":  # the LM loss through the soft gate (dense where there is no gate)
-                with ctl.routing(soft if ctl.gates is not None else Routing()):
-                    value = model(x, labels=None, use_cache=False).logits.float()
-                value = torch.nn.functional.cross_entropy(value.reshape(-1, value.shape[-1]), y.reshape(-1))
-            else:
-                value, f1 = captured_gate_objective(model, x, loss, k, f1=step_f1)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        last_loss = float(value.detach())
-        metrics.write(dict(step=step, loss=last_loss, lr=opt.param_groups[0]["lr"],
-                           **({"f1": f1} if f1 is not None else {})))
-        bar.update(1)
-        if eval_every and (step % eval_every == 0 or step == steps):
-            v, vf1 = heldout_objective(model, heldout, loss, k, batch_size, soft)
-            if best is None or v < best["value"]:  # the weights kept: the lowest held-out value
-                best = dict(value=v, step=step, trainable=trainable())
-            if ref is None or v < ref * (1 - min_delta):  # an improvement: by more than min_delta on the last one
-                ref, bad = v, 0
-            else:
-                bad += 1
-            finished = bool(patience) and bad >= patience
-            metrics.write(dict(step=step, val_loss=v, **({"val_f1": vf1} if vf1 is not None else {}),
-                               best_step=best["step"]))
-        done = finished or step == steps
-        if done and best is not None:  # keep the best evaluation's weights
-            model.load_state_dict(best["trainable"], strict=False)
-            finished = True
-        if step % checkpoint_every == 0 or done:
-            train_s += time.time() - t0
-            t0 = time.time()
-            with atomic_path(ckpt) as tmp:
-                torch.save(dict(step=step, trainable=trainable(), optimizer=opt.state_dict(), best=best, ref=ref,
-                                bad=bad, finished=finished, train_s=train_s, last_loss=last_loss), tmp)
-    bar.close()
-    metrics.close()
-    stopped_early = step < steps
-    summary = dict(loss=loss, k=k, steps=step, max_steps=steps, best_step=None if best is None else best["step"],
-                   best_val_loss=None if best is None else best["value"], stopped_early=stopped_early,
-                   train_s=round(train_s, 2), final_loss=last_loss)
-    if ctl.gates is not None:
-        save_gates(model, out, extra=dict(loss=loss, k=k, steps=step, max_steps=steps, best_step=summary["best_step"],
-                                          seed=seed, context=context,
-                                          **({"routing": asdict(soft)} if loss == "task" else {})))
-    write_json(out / "done.json", summary)
-    return summary
+    if (out / "done.json").is_file():
+        return _restore_finished(model, out)
+    tokens, heldout = _split_tokens(ids, context, eval_batches * batch_size if eval_every else None)
+    params, opt = _gate_optimizer(model, lr, model_lr)
+    run = _GateRun(model=model, out=out, loss=loss, k=k, steps=steps, batch_size=batch_size, context=context, lr=lr,
+                   seed=seed, soft=soft, step_f1=step_f1, tokens=tokens, heldout=heldout, params=params, opt=opt,
+                   base_lrs=[g["lr"] for g in opt.param_groups],
+                   sched=TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(50, max(1, steps // 10))),
+                   device=next(model.parameters()).device)
+    _resume_gates(run)
+    run.metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=run.step if run.ckpt.is_file() else None)
+    run.bar = progress_bar(total=steps, initial=run.step, desc=f"gates ({loss})", disable=not progress)
+    run.t0 = time.time()
+    while run.step < steps and not run.finished:
+        _gate_step(run)
+        if eval_every and (run.step % eval_every == 0 or run.step == steps):
+            _evaluate_heldout(run, patience, min_delta)
+        done = run.finished or run.step == steps
+        if done and run.best is not None:  # keep the best evaluation's weights
+            model.load_state_dict(run.best["trainable"], strict=False)
+            run.finished = True
+        if run.step % checkpoint_every == 0 or done:
+            _save_gate_checkpoint(run)
+    run.bar.close()
+    run.metrics.close()
+    return _finish_gates(run)
