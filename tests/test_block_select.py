@@ -155,3 +155,70 @@ def test_fits_and_the_fallback_without_triton_running():
             assert torch.equal(a, b)
         print("ok")
     """, interpret=False)
+
+
+def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
+    """The BlockMask built from the kernel's lists (flex.block_mask_from_factors) is block_mask_from_scores' on the
+    same scores and covers exactly select_blocks' blocks; the wired block-gate path (factors + Backend.kernels, no
+    grad, flex) calls the kernel once per layer and gives the masked path's attention, on a bare attention call and
+    on gatelab's GPT with a block gate."""
+    out = run_python("""
+        import dataclasses
+        import torch
+        from gatelab.attention import flex
+        from gatelab.attention.backend import Backend
+        from gatelab.attention.block_attention import block_routed_attention
+        from gatelab.attention.blocks import previous_block_rows, select_blocks
+        from gatelab.config import ModelConfig, Routing
+        from gatelab.model import GPT
+
+        calls = []
+        kernel = flex.block_select
+        flex.block_select = lambda *a, **kw: (calls.append(a[0].shape), kernel(*a, **kw))[1]
+
+        B, H, HK, T, D, BS, DG = 2, 4, 2, 64, 16, 16, 8
+        nb = T // BS
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, HK, HK))
+        gq = torch.randint(-2, 3, (B, H, nb, DG), generator=g).float() / 4  # ties, exact products
+        gk = torch.randint(-2, 3, (B, H, nb, DG), generator=g).float()
+        G = gq @ gk.transpose(-1, -2)
+        for block_k in (1, 2, 3):
+            bm = flex.block_mask_from_factors(gq, gk, block_k, BS, T)
+            want = flex.block_mask_from_scores(previous_block_rows(G), block_k, BS, T)
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                         "q_indices", "full_q_num_blocks", "full_q_indices"):
+                assert torch.equal(getattr(bm, name), getattr(want, name)), (name, block_k)
+            assert torch.equal(bm.to_dense().bool(), select_blocks(previous_block_rows(G), block_k))
+            assert flex.block_mask_from_factors(gq, gk, block_k, BS, T, backward=False).q_indices is None
+            r = Routing(mode="block-gate", block_size=BS, block_k=block_k)
+            with torch.no_grad():
+                n = len(calls)
+                fused = block_routed_attention(q, k, v, r, gate_scores=lambda: G, gate_factors=lambda: (gq, gk),
+                                               kernels=True, backend="flex")
+                assert len(calls) == n + 1
+                masked = block_routed_attention(q, k, v, r, gate_scores=lambda: G, backend="masked")
+                unfused = block_routed_attention(q, k, v, r, gate_scores=lambda: G, gate_factors=lambda: (gq, gk),
+                                                 kernels=False, backend="flex")
+                assert len(calls) == n + 1  # kernels off: the scores path
+            torch.testing.assert_close(fused, masked, rtol=0, atol=1e-5)
+            torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-5)
+
+        # gatelab's GPT with a learned block gate: kernels on (one selection kernel per layer) and off agree
+        cfg = ModelConfig(n_layer=2, d_model=32, n_head=4, d_mlp=64, context=64, vocab_size=97, d_gate=8,
+                          block_gate="learned")
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        idx = torch.randint(0, 97, (2, 64), generator=g)
+        r = Routing(mode="block-gate", block_size=BS, block_k=1)
+        outs = {}
+        for kernels in (True, False):
+            model.backend = dataclasses.replace(Backend(), block_attention="flex", kernels=kernels)
+            n = len(calls)
+            with torch.no_grad():
+                outs[kernels] = model(idx, routing=r)[0]
+            assert len(calls) - n == (cfg.n_layer if kernels else 0), (kernels, len(calls) - n)
+        torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-4)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
