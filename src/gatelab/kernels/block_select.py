@@ -25,6 +25,10 @@ rounds G to a 16-bit dtype first can differ where that rounding ties or reorders
 
 The kernel runs on CUDA when Triton is installed (block_select_fits); everywhere else block_select falls back to the
 torch reference. Tests run the kernel on CPU under Triton's interpreter (TRITON_INTERPRET=1).
+
+Timed once on an H200 (torch 2.11, Triton 3.6; bf16 factors, d_gate 64, B 1, H 32, block_k 4-32), per call: 70-85 us
+for nb 16 to 256 (the launch: the host is the bound) against 520-580 us for G, previous_block_rows and block_lists in
+torch; nb 1024 (GPU-bound, every program scores a whole row of 1024 blocks): 0.62 ms against 1.58 ms.
 """
 from __future__ import annotations
 
@@ -150,5 +154,5 @@ def block_select(gq: torch.Tensor, gk: torch.Tensor, block_k: int, tile: tuple[i
     _block_select_kernel[(triton.cdiv(nb, rows), B * H)](
         gq, gk, kv_num, kv_idx, full_num, full_idx, H, nb, max(0, min(block_k, nb - 1)), DG, *gq.stride(),
         *gk.stride(), UPCAST=upcast, DC=dc, BLOCK_M=rows, BLOCK_N=block_n, COARSE=coarse,
-        num_warps=4 if block_n <= 256 else 8)
+        num_warps=4 if block_n <= 256 else 8, num_stages=1)  # pipelining the d loop: over the H200's shared memory
     return kv_num, kv_idx, full_num, full_idx
