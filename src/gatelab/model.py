@@ -42,7 +42,8 @@ class Attention(nn.Module):
         """This layer's gate on input x, for attend: the block gate under block routings, else the token gate."""
         if routing.is_block:
             g = self.block_gate
-            return None if g is None else GateScores(lambda: g(x, routing.block_size))
+            return None if g is None else GateScores(lambda: g(x, routing.block_size),
+                                                     lambda: g.factors(x, routing.block_size))
         g = self.gate
         return None if g is None else GateScores(lambda: g(x), lambda: g.factors(x, scaled=True))
 

@@ -37,7 +37,7 @@ class GateScores:
 
     scores: returns G, (B, H, T, S) for a token gate or (B, H, nb, nb) for a block gate, not yet masked.
     factors: optionally returns (gq, gk) with G = gq gk^T (gq already scaled), which lets the fused soft-gate
-    kernel and the threshold kernel run without forming G."""
+    kernel and the threshold kernel (for a block gate, the block selection kernel) run without forming G."""
 
     scores: Callable[[], torch.Tensor]
     factors: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -61,7 +61,8 @@ def attend(q, k, v, routing: Routing, *, gate: GateScores | None = None, allowed
     if routing.is_block:
         return block_routed_attention(q, k, v, routing, gate_scores=gate.scores if gate is not None else None,
                                       layer=layer, allowed=allowed, scale=scale, backend=backend.block_attention,
-                                      compiled=backend.compile_blocks)
+                                      compiled=backend.compile_blocks, kernels=backend.kernels,
+                                      gate_factors=gate.factors if gate is not None else None)
     if routing.mode == "dense":
         return dense_attention(q, k, v, allowed, scale, dropout)
     H, T, S = q.shape[1], q.shape[2], k.shape[2]

@@ -11,11 +11,15 @@ from gatelab.attention.backend import BLOCK_ATTENTION
 from gatelab.attention.blocks import (
     block_attention_mass, block_random_scores, earlier_blocks, previous_block_rows, select_blocks
 )
-from gatelab.attention.flex import _flex_block_attention, block_mask_from_scores, build_block_mask, has_flex
+from gatelab.attention.compiled import wants_grad
+from gatelab.attention.flex import (
+    _flex_block_attention, block_mask_from_factors, block_mask_from_scores, build_block_mask, has_flex
+)
 from gatelab.attention.gates import n_blocks
 from gatelab.attention.masks import causal_rows, repeat_kv
 from gatelab.attention.soft import soft_gate_mask
 from gatelab.config import GatelabError, Routing
+from gatelab.kernels.triton_support import available
 
 BACKENDS = BLOCK_ATTENTION
 
@@ -94,11 +98,14 @@ def selection_scores(q, k, routing: Routing, gate_scores, layer: int, allowed: t
 
 def block_routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer: int = 0,
                            allowed: torch.Tensor | None = None, scale: float | None = None,
-                           backend: str = "auto", compiled: bool = False) -> torch.Tensor:
+                           backend: str = "auto", compiled: bool = False, gate_factors=None,
+                           kernels: bool = False) -> torch.Tensor:
     """Causal attention under a block routing (attention.attend's block branch). q (B, H, T, D); k, v (B, Hk, T, D), Hk dividing H; gate_scores: a
     callable returning the block gate's scores (B, H, nb, nb) (block-gate, block-soft); allowed: None (causal) or
     the model's own bool mask (B|1, 1|H, T, T) (padding, sliding windows); scale: None = 1/sqrt(D); backend:
-    auto | flex | masked (Backend.block_attention); compiled: the block lists from one compiled graph on CUDA."""
+    auto | flex | masked (Backend.block_attention); compiled: the block lists from one compiled graph on CUDA;
+    gate_factors: a callable returning the block gate's factors (gq scaled, gk) (BlockGate.factors), which with
+    kernels (Backend.kernels) lets block-gate inference on the flex path select blocks in one Triton kernel."""
     if not routing.is_block:
         raise GatelabError(f"routing mode {routing.mode!r} is not a block routing")
     T = q.shape[2]
@@ -109,6 +116,11 @@ def block_routed_attention(q, k, v, routing: Routing, *, gate_scores=None, layer
                            f"with model.block_gate=learned|random, or load one with --gate)")
     if routing.mode == "block-soft":
         return soft_block_attention(q, k, v, gate_scores(), routing, allowed, scale)
+    if (routing.mode == "block-gate" and kernels and gate_factors is not None and available(q)
+            and not wants_grad(q, k, v) and resolve_backend(backend, q, routing.block_size, allowed) == "flex"):
+        gq, gk = gate_factors()  # no scores formed: the fused selection kernel writes the block lists
+        return _flex_block_attention(q, k, v, lambda backward: block_mask_from_factors(
+            gq, gk, routing.block_k, routing.block_size, T, backward=backward), scale)
     scores = selection_scores(q, k, routing, gate_scores, layer, allowed, scale)
     if resolve_backend(backend, q, routing.block_size, allowed) == "flex":  # no keep-mask on the way
         return _flex_block_attention(q, k, v, lambda backward: block_mask_from_scores(

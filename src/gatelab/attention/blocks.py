@@ -56,13 +56,16 @@ def previous_block_rows(scores: torch.Tensor) -> torch.Tensor:
 
 def earlier_topk_indices(scores: torch.Tensor, block_k: int) -> torch.Tensor:
     """(..., nb, kk) int32, kk = min(block_k, nb - 1): the kk highest-scoring earlier blocks of each query block, in
-    ascending block order; a row i < kk lists its i earlier blocks first (the rest are later blocks, to be ignored).
-    The one selection both block paths use (select_blocks' keep-mask, block_mask_from_scores' block lists), so they
-    pick the same blocks among tied scores too (bf16 gate scores tie often)."""
+    ascending block order; a row i < kk lists its i earlier blocks first, then the later blocks i..kk-1 (to be
+    ignored). The one selection both block paths use (select_blocks' keep-mask, block_mask_from_scores' block lists),
+    so they pick the same blocks among tied scores too (bf16 gate scores tie often). Ties go to the lower block: a
+    stable sort, where torch.topk leaves the choice among ties to the device (on CPU not the lower index), so that
+    the fused kernel (kernels.block_select) picks exactly these blocks."""
     nb = scores.shape[-1]
     kk = min(block_k, nb - 1)
     masked = scores.detach().float().masked_fill(~earlier_blocks(nb, scores.device), float("-inf"))
-    return masked.topk(kk, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    ranked = masked.sort(dim=-1, descending=True, stable=True).indices
+    return ranked[..., :kk].sort(dim=-1).values.to(torch.int32)
 
 
 def select_blocks(scores: torch.Tensor, block_k: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import inspect
 from gatelab.attention.blocks import _diagonal_blocks, block_lists
 from gatelab.attention.compiled import compile_once, compiled_if, wants_grad
 from gatelab.config import GatelabError
+from gatelab.kernels.block_select import block_select
 
 
 def flex_ready() -> bool:
@@ -116,6 +117,15 @@ def block_mask_from_scores(scores: torch.Tensor, block_k: int, block_size: int, 
     on the diagonal blocks alone."""
     fn = compiled_if(compiled and scores.is_cuda, "block_lists", block_lists)
     return _block_mask(*fn(scores.detach(), block_k), block_size, T, None, backward)
+
+
+def block_mask_from_factors(gq: torch.Tensor, gk: torch.Tensor, block_k: int, block_size: int, T: int,
+                            backward: bool = True):
+    """block_mask_from_scores(previous_block_rows(gq @ gk^T), ...) from a block gate's factors (BlockGate.factors:
+    gq (Bs, H, nb, d_gate) scaled, gk), the four block lists written by one Triton kernel (kernels.block_select;
+    its torch reference where the kernel does not serve): no nb x nb score tensor, no chain of small launches.
+    The scores are float32 products of the factors (the eager path rounds G to the gate's dtype first)."""
+    return _block_mask(*block_select(gq, gk, block_k), block_size, T, None, backward)
 
 
 def _flex_block_attention(q, k, v, block_mask_for, scale: float | None) -> torch.Tensor:

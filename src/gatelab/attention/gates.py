@@ -109,16 +109,35 @@ class BlockGate(nn.Module):
         after RoPE, which a gate that reads "qk" pools instead of x (others ignore them). compiled: a qk gate's
         inference scores from one compiled graph on CUDA (Backend.compile_blocks)."""
         if self.reads == "qk":
-            if q is None or k is None:
-                raise GatelabError("this block gate reads the attention's queries and keys (qk); none were given")
-            inference = q.is_cuda and not wants_grad(q, k, self.wq, self.wk)
-            fn = compiled_if(compiled and inference, "qk_block_scores", qk_block_scores)
+            fn = compiled_if(self._qk_inference(q, k) and compiled, "qk_block_scores", qk_block_scores)
             return fn(q, k, self.wq, self.wk, block_size, self.pool, valid)
+        gq, gk = self._x_factors(x, block_size, valid)
+        return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)
+
+    def factors(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None,
+                q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's arguments -> its pooled, projected factors (gq, gk), each (B, H, nb, d_gate), gq divided by
+        sqrt(d_gate): G = gq gk^T without forming it (what the fused block selection, kernels.block_select, takes)."""
+        if self.reads == "qk":
+            fn = compiled_if(self._qk_inference(q, k) and compiled, "qk_block_factors", qk_block_factors)
+            return fn(q, k, self.wq, self.wk, block_size, self.pool, valid)
+        gq, gk = self._x_factors(x, block_size, valid)
+        return gq / math.sqrt(self.d_gate), gk
+
+    def _qk_inference(self, q, k) -> bool:
+        """Whether a qk gate's call is CUDA inference (its graph may then be compiled); an error without q, k."""
+        if q is None or k is None:
+            raise GatelabError("this block gate reads the attention's queries and keys (qk); none were given")
+        return q.is_cuda and not wants_grad(q, k, self.wq, self.wk)
+
+    def _x_factors(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None):
+        """(pool_q(X) W_gq, pool_k(X) W_gk), each (B, H, nb, d_gate), unscaled."""
         xq = pool_blocks(x, block_size, "mean", valid)
         xk = xq if self.pool == "mean" else pool_keys(x, block_size, self.pool, valid)
         gq = torch.einsum("bnc,hcd->bhnd", xq, self.wq.to(x.dtype))
         gk = torch.einsum("bnc,hcd->bhnd", xk, self.wk.to(x.dtype))
-        return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)
+        return gq, gk
 
 
 def pool_keys(x: torch.Tensor, block_size: int, pool: str, valid: torch.Tensor | None) -> torch.Tensor:
@@ -133,6 +152,17 @@ def qk_block_scores(q, k, wq, wk, block_size: int, pool: str, valid: torch.Tenso
     keys k (B, Hk, T, D) pooled by `pool`, each mapped to d_gate per head (wq (H, D, d_gate), wk (H, D or 2D,
     d_gate)), then G = gq gk^T / sqrt(d_gate). A plain function of tensors, so that inference compiles it once for
     every layer (the layers' weights are inputs, not constants)."""
+    gq, gk = _qk_projections(q, k, wq, wk, block_size, pool, valid)
+    return gq @ gk.transpose(-1, -2) / math.sqrt(wq.shape[-1])
+
+
+def qk_block_factors(q, k, wq, wk, block_size: int, pool: str, valid: torch.Tensor | None = None):
+    """qk_block_scores' factors (gq, gk), each (B, H, nb, d_gate), gq divided by sqrt(d_gate) (G = gq gk^T)."""
+    gq, gk = _qk_projections(q, k, wq, wk, block_size, pool, valid)
+    return gq / math.sqrt(wq.shape[-1]), gk
+
+
+def _qk_projections(q, k, wq, wk, block_size: int, pool: str, valid: torch.Tensor | None):
     B, H, T, D = q.shape
     per_head = None if valid is None else valid.expand(B, T).repeat_interleave(H, dim=0)
     xq = pool_blocks(q.reshape(B * H, T, D), block_size, "mean", per_head)
@@ -140,4 +170,4 @@ def qk_block_scores(q, k, wq, wk, block_size: int, pool: str, valid: torch.Tenso
     nb = xq.shape[1]
     gq = torch.einsum("bhnc,hcd->bhnd", xq.view(B, H, nb, -1), wq.to(q.dtype))
     gk = torch.einsum("bhnc,hcd->bhnd", xk.view(B, H, nb, -1), wk.to(q.dtype))
-    return gq @ gk.transpose(-1, -2) / math.sqrt(wq.shape[-1])
+    return gq, gk

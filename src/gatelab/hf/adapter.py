@@ -134,7 +134,9 @@ def layer_gate(ctl, state: dict, routing: Routing, query, key, allowed) -> GateS
                                f"--gate GATES saved by `gatelab hf-distill --block-size ...`")
         valid = token_validity(allowed, query.shape[0], query.shape[2])
         return GateScores(lambda: gate(state["x"], routing.block_size, valid, q=query, k=key,
-                                       compiled=ctl.backend.compile_blocks).float())
+                                       compiled=ctl.backend.compile_blocks).float(),
+                          lambda: gate.factors(state["x"], routing.block_size, valid, q=query, k=key,
+                                               compiled=ctl.backend.compile_blocks))
     if not routing.needs_gate:
         return None
     if gate is None:
