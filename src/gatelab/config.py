@@ -27,7 +27,7 @@ class GatelabError(Exception):
 ROUTING_MODES = ("dense", "oracle-topk", "gate-topk", "soft-gate", "random-topk", "stochastic")
 
 
-# Block routing (blocks.py): key blocks of `block_size` tokens chosen per query block, the diagonal block always kept.
+# Block routing (attention/blocks.py): key blocks of `block_size` tokens chosen per query block, the diagonal block always kept.
 BLOCK_MODES = ("block-oracle", "block-gate", "block-random", "block-soft")
 
 
@@ -55,7 +55,7 @@ READINGS = {
 DEFAULT_READING = "sigmoid"
 
 
-# Gate variants of the Hugging Face adapter (hf_gates.py; here so that the command line needs no torch to list them).
+# Gate variants of the Hugging Face adapter (attention/position_gates.py; here so that the command line needs no torch to list them).
 POSITIONS = ("none", "rope", "qk")
 
 
@@ -206,7 +206,7 @@ class Routing:
     soft_temperature: float = 1.0
     soft_renormalize: bool = READINGS[DEFAULT_READING]["soft_renormalize"]
     seed: int = 0  # random-topk: which fixed random subsets
-    # block routings (blocks.py): blocks of block_size tokens; each query block keeps its diagonal block plus the
+    # block routings (attention/blocks.py): blocks of block_size tokens; each query block keeps its diagonal block plus the
     # block_k best earlier key blocks (all of them when it has block_k or fewer). block-soft reads soft_* above.
     block_size: int = 64
     block_k: int = 4

@@ -14,7 +14,7 @@ Scores per routing mode:
                 (a longer sequence keeps the same choices for the blocks it shares with a shorter one)
   block-soft    the soft block gate for end-to-end training: attention reweighted by a sigmoid mask of the block
                 gate's scores, the reading given by Routing.soft_* exactly as for the token soft gate
-                (routing.soft_gate_mask over the earlier blocks with k = block_k), the diagonal block weight 1
+                (soft.soft_gate_mask over the earlier blocks with k = block_k), the diagonal block weight 1
 
 Selection (earlier_topk_indices: the top-k of each query block's strictly earlier blocks, shared by both paths below)
 decides which blocks are kept. Attention over the kept blocks runs through one of two paths with the same result:
@@ -81,7 +81,7 @@ def select_blocks(scores: torch.Tensor, block_k: int) -> torch.Tensor:
 
 @torch.compiler.disable  # integer hashing with 32-bit constants: eager, outside compiled graphs (and CUDA graphs)
 def block_random_scores(layer: int, n_head: int, nb: int, seed: int, device) -> torch.Tensor:
-    """(1, H, nb, nb) uniform scores in [0, 1): random-topk's counter hash (routing.fixed_random_scores) of (seed,
+    """(1, H, nb, nb) uniform scores in [0, 1): random-topk's counter hash (hashing.fixed_random_scores) of (seed,
     layer, head, query block, key block), the same on every device and for every sequence length, so block-random's
     choice for a query block never depends on T."""
     return fixed_random_scores(layer, n_head, nb, nb, seed, row_offset=0, device=device).float()[None]

@@ -5,7 +5,7 @@ a gate reading the layer's input X *before* the rotary embedding cannot see posi
 (`position`) is a field of the gate (attach_gates(..., position=...), recorded in gate.json, checked on load):
 
   none  G = (X W_q)(X W_k)^T / sqrt(d_gate): X is the normed input of q/k/v_proj, before RoPE (gatelab's GPT gate,
-        routing.BilinearGate; its state dict is unchanged, so gates saved before variants existed load as `none`).
+        gates.BilinearGate; its state dict is unchanged, so gates saved before variants existed load as `none`).
   rope  G = R_t(X W_q + b_q) . R_s(X W_k + b_k) / sqrt(d_gate): the host model's own rotary embedding on the gate's
         query and key, d_gate split into d_gate/2 rotary pairs. The biases b_q, b_k (per head, zero at
         initialisation) are a content-independent part which, rotated, scores pure relative position

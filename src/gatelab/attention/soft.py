@@ -26,7 +26,7 @@ def soft_gate_mask(G: torch.Tensor, routing: Routing, causal: torch.Tensor, log:
                    tau: torch.Tensor | None = None) -> torch.Tensor:
     """The soft gate's multiplicative mask m (or log m when `log`) over the allowed keys (`causal`: any bool
     mask broadcastable to G, e.g. causal & not padding); other entries get 0 / -inf. tau: topk-sigmoid's row
-    thresholds when the caller has them already (kernels.causal_kth_largest)."""
+    thresholds when the caller has them already (kernels.topk.causal_kth_largest)."""
     t = routing.soft_temperature
     if routing.soft_mask == "topk-sigmoid":
         if tau is None:

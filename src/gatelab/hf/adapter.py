@@ -200,7 +200,7 @@ class RoutingController:
 def attach_gates(model, d_gate: int = 32, gate: str = "learned", seed: int = 0,
                  init_std: float | None = None, position: str = DEFAULT_POSITION) -> RoutingController:
     """Patch `model` (in place) to route attention through gatelab; gate: learned | random | none;
-    position: the gate variant, none | rope | qk (hf_gates.py)."""
+    position: the gate variant, none | rope | qk (attention/position_gates.py)."""
     from transformers import AttentionInterface
     if gate not in ("learned", "random", "none"):
         raise GatelabError(f"gate must be learned, random or none, got {gate!r}")

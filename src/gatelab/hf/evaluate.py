@@ -13,7 +13,7 @@ from gatelab.progress import progress_bar
 
 def hf_perplexity_docs(model, docs: list[list[int]], routing: Routing, context: int, batch_size: int = 1,
                        max_tokens: int = 0, progress: bool = False) -> dict:
-    """Token-weighted perplexity over whole `context`-token windows of each document (hf.hf_perplexity per
+    """Token-weighted perplexity over whole `context`-token windows of each document (hf_perplexity per
     document). max_tokens: stop after the document that reaches about this many tokens (0 = all)."""
     nll, count, used = 0.0, 0, 0
     for doc in docs:

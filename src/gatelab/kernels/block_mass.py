@@ -63,7 +63,7 @@ def block_mass_fits(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
 @torch.no_grad()
 @torch.compiler.disable  # a plain kernel launch; distillation calls it eagerly
 def block_attention_mass_fused(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """blocks.block_attention_mass for causal attention (no other mask), as one Triton kernel: (B, H, nb, nb) float32
+    """attention.blocks.block_attention_mass for causal attention (no other mask), as one Triton kernel: (B, H, nb, nb) float32
     block sums of the softmax weights, before the division by each query block's size. q (B, H, T, D), k (B, Hk, T,
     D). Logits are accumulated in float32 (the torch path rounds them to q's dtype first)."""
     B, H, T, D = q.shape

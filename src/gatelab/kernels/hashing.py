@@ -34,7 +34,7 @@ def _absorb(h, value):
 
 def random_row_hashes(layer: int, n_head: int, T: int, seed: int, row_offset: int = 0, device=None) -> torch.Tensor:
     """(n_head, T) int64: the hash of (seed, layer, head, query position) from which fixed_random_scores hashes each
-    key position (kernels.hashed_topk_keep takes these directly)."""
+    key position (kernels.topk.hashed_topk_keep takes these directly)."""
     if row_offset < 0 or row_offset + T > MAX_RANDOM_KEYS:
         raise GatelabError(f"random-topk: positions must lie in [0, {MAX_RANDOM_KEYS}), got rows {row_offset}.."
                            f"{row_offset + T - 1}")

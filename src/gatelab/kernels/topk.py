@@ -64,7 +64,7 @@ def topk_keep_mask(scores: torch.Tensor, k: int, causal: torch.Tensor) -> torch.
 
 def row_kth_largest(scores: torch.Tensor, k: int, allowed: torch.Tensor) -> torch.Tensor:
     """(..., 1): the k-th largest allowed score of each row, -inf for rows with k or fewer allowed keys (they keep
-    them all): the topk-sigmoid threshold. allowed broadcasts to scores (kernels.causal_kth_largest is the fast
+    them all): the topk-sigmoid threshold. allowed broadcasts to scores (kernels.topk.causal_kth_largest is the fast
     causal form)."""
     if k >= scores.shape[-1]:
         return torch.full_like(scores[..., :1], float("-inf"))
@@ -78,7 +78,7 @@ MAX_KERNEL_KEYS = 8192  # a row is held in registers: longer rows use the torch 
 if triton is not None:
     @triton.jit
     def _mix32(x):
-        """routing._mix32 (lowbias32) on uint32 values: products wrap modulo 2^32, which is the reference's
+        """hashing._mix32 (lowbias32) on uint32 values: products wrap modulo 2^32, which is the reference's
         `& 0xFFFFFFFF`."""
         x = x ^ (x >> 16)
         x = x * 0x21F0AAAD
@@ -123,7 +123,7 @@ if triton is not None:
         row_ok = rows < n_rows
         pos = rows % T + offset
         allowed = (cols[None, :] <= pos[:, None]) & (cols[None, :] < S) & row_ok[:, None]
-        if HASHED:  # routing._absorb(row hash, j): distinct within a row, so no ties
+        if HASHED:  # hashing._absorb(row hash, j): distinct within a row, so no ties
             h = tl.load(row_hash_ptr + rows, mask=row_ok, other=0).to(tl.uint32)
             key = _mix32((h[:, None] ^ cols[None, :].to(tl.uint32)) + 0x9E3779B9)
         else:
@@ -218,7 +218,7 @@ def _fits(scores: torch.Tensor) -> bool:
 
 def causal_topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool (B, H, T, S) mask keeping the k largest causal scores of each row; queries are the last T of the S
-    keys; rows with <= k causal keys keep them all. The kernel on CUDA, else routing.topk_keep_mask."""
+    keys; rows with <= k causal keys keep them all. The kernel on CUDA, else topk_keep_mask."""
     B, H, T, S = scores.shape
     if k >= S or not _fits(scores):
         return topk_keep_mask(scores, k, causal_rows(T, S, scores.device))
@@ -280,7 +280,7 @@ def factor_kth_largest(gq: torch.Tensor, gk: torch.Tensor, k: int,
 
 def hashed_topk_keep(row_hash: torch.Tensor, k: int, S: int) -> torch.Tensor:
     """Bool (B, H, T, S) mask keeping, in each causal row, the k keys with the largest hash of (row_hash, key):
-    row_hash (B, H, T) int64 values below 2^32. With routing.fixed_random_scores' row hashes this is random-topk's
+    row_hash (B, H, T) int64 values below 2^32. With hashing.fixed_random_scores' row hashes this is random-topk's
     subset; with fresh random row hashes, a uniformly random k-subset (stochastic)."""
     B, H, T = row_hash.shape
     if k >= S or S > MAX_KERNEL_KEYS or not available(row_hash):

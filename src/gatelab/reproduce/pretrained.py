@@ -2,7 +2,7 @@
 pretrained Hugging Face causal LM (SmolLM2-135M here, in place of the paper's Qwen3-1.7B).
 
 Units, each with its own directory and result.json (finished units are skipped; a killed training resumes from its
-checkpoint.pt, see hf.train_gates):
+checkpoint.pt, see hf.distill.train_gates):
   table9                      dense, oracle top-k and random top-k perplexity at k = 64, 128, 256
   table6-kl-d{32,64,128}      post-hoc KL gates, deployed as hard top-k at each k (KL does not depend on k)
   table6-bce-d32-k{64,128,256}, table6-bce-d{64,128}-k64   post-hoc BCE gates (the target depends on k)

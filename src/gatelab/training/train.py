@@ -109,7 +109,7 @@ def wrap_for_training(model: GPT, cfg: TrainConfig, ctx, device: torch.device):
 
 
 def gate_stats(model: GPT, x: torch.Tensor, routing, device, dtype) -> list[dict]:
-    """routing.soft_gate_statistics of every layer's gate on batch x (TrainConfig.log_gate_stats)."""
+    """soft_gate_statistics of every layer's gate on batch x (TrainConfig.log_gate_stats)."""
     with autocast_for(device, dtype):
         inputs = layer_inputs(model, x, routing)
     return [dict(layer=i, **soft_gate_statistics(b.attn.gate, xn.float(), routing))

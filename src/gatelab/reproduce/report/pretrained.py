@@ -196,7 +196,7 @@ def _position_tables(res: dict, p: PretrainedProtocol, t9: dict | None, out: Pat
     if not study:
         return lines + ["not run", ""]
     pr = next(iter(study.values()))["protocol"]
-    lines += [f"Variants (hf_gates.py): none = the layer input before RoPE; rope = the model's rotary embedding on "
+    lines += [f"Variants (attention/position_gates.py): none = the layer input before RoPE; rope = the model's rotary embedding on "
               f"the gate's query and key; qk = low-rank maps of the model's post-RoPE q/k. Each gate trained with KL "
               f"at batch {pr['batch_size']} x {pr['context']}, held-out KL every {pr.get('eval_every')} steps on "
               f"{pr.get('eval_batches')} x {pr['batch_size']} training windows never trained on, stopped after "

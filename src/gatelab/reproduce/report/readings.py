@@ -76,7 +76,7 @@ def reading_study_section(study: dict) -> list[str]:
     lines = ["## The soft-gate reading study (seed 0 each)", "",
              "The paper says only \"element-wise multiplication with sigmoid gate scores (no hard top-k)\"; gatelab "
              "reads that four ways (`routing.soft_mask` sigmoid / topk-sigmoid, `routing.soft_renormalize` false / "
-             "true; docs/method.md). **The rule** (`report_readings.READING_FACTS`): each reading is scored against the "
+             "true; docs/method.md). **The rule** (`reproduce/report/readings.py`, `READING_FACTS`): each reading is scored against the "
              "facts the paper states about soft gating below; the default is the reading that satisfies the most "
              "(a fact not measured counts as not satisfied); ties go to the reading closest to the paper's words "
              "(this order: " + ", ".join(names) + "). **When it was written:** commit 30a55e4 (2026-11-25), after the "

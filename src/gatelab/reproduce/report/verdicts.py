@@ -99,7 +99,7 @@ def _when(rule: criteria.Rule) -> str:
 def criteria_section(verdicts: list[Verdict], R: dict) -> list[str]:
     """Every rule each verdict has had, in the order written, with what it says of today's results."""
     lines = ["## Criteria and their history", "",
-             "Each verdict's rules live in `src/gatelab/criteria.py`, in the order they were written; the last is in "
+             "Each verdict's rules live in `src/gatelab/reproduce/report/criteria.py`, in the order they were written; the last is in "
              "force, a rule is never edited in place. \"Seen\" is what had been measured of that experiment when the "
              "rule was written. A rule written after results is marked; the verdict under the first-written rule is "
              "shown beside the current one.", "",
