@@ -10,7 +10,7 @@ __all__ = ["allowed_keys", "causal_mask", "causal_rows", "repeat_kv", "token_val
 
 def causal_mask(T: int, device) -> torch.Tensor:
     """(T, T) bool, True where key j <= query i."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return causal_rows(T, T, device)
 
 
 def repeat_kv(t: torch.Tensor, n_head: int) -> torch.Tensor:
