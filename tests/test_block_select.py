@@ -127,6 +127,7 @@ def test_kernel_lists_equal_the_reference_and_the_attention_package_exactly():
     assert out.split()[:2] == ["ok", str(len(CASES) + 9)]
 
 
+@pytest.mark.slow
 def test_fits_and_the_fallback_without_triton_running():
     """The predicate under the interpreter (dtypes, shapes, the block limit), and on plain CPU: not served, and
     block_select returns the reference's tensors."""
@@ -157,6 +158,7 @@ def test_fits_and_the_fallback_without_triton_running():
     """, interpret=False)
 
 
+@pytest.mark.slow
 def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
     """The BlockMask built from the kernel's lists (flex.block_mask_from_factors) is block_mask_from_scores' on the
     same scores and covers exactly select_blocks' blocks; the wired block-gate path (factors + Backend.kernels, no
