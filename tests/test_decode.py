@@ -114,3 +114,19 @@ def test_generate_command_decodes_and_compares_with_dense(tmp_path, monkeypatch,
     assert "agreement with dense greedy" in capsys.readouterr().err
     assert main(base[:6] + [str(tmp_path / "missing.txt"), "--device", "cpu"]) == 2
     assert "gatelab: error: --prompt-file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["oracle-topk", "random-topk"])
+def test_token_routings_decode_with_the_cache_as_a_whole_pass_does(mode):
+    """Oracle and random top-k need no gate: generating with the KV cache (queries at the last T of S positions)
+    keeps, per new token, the keys a whole-sequence pass keeps in that row."""
+    from gatelab.hf.adapter import attach_gates
+    model = tiny("llama", seed=2)
+    ctl = attach_gates(model, gate="none")
+    r = Routing(mode=mode, k=5)
+    ids = torch.randint(1, 101, (1, PROMPT), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), ctl.routing(r):
+        out = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        whole = model(out.sequences[:, :-1], use_cache=False).logits
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], whole[0, PROMPT - 1:], rtol=1e-4, atol=1e-4)

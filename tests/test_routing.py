@@ -259,3 +259,19 @@ def test_flex_hard_mask_matches_sdpa_with_the_mask(mode):
     fast = causal_flex_attention(q, k, v, lambda s, b, h, i, j: torch.where(keep4[b, h, i, j], s, float("-inf")))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["oracle-topk", "random-topk", "stochastic", "dense"])
+def test_queries_at_the_end_of_a_longer_key_sequence_see_their_causal_keys(mode):
+    """attend with T queries at the last T of S keys (a KV cache) and no mask is attend with the explicit causal
+    rows as the allowed keys (gate routings refuse a partial query sequence)."""
+    from gatelab.kernels.topk import causal_rows
+    g = torch.Generator().manual_seed(7)
+    q, kk, v = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 11, 8, generator=g), torch.randn(2, 3, 11, 8)
+    G = torch.randn(2, 3, 4, 11, generator=g)
+    r = Routing(mode=mode, k=3)
+    torch.manual_seed(0)
+    plain = attend(q, kk, v, r, gate=GateScores(lambda: G))
+    torch.manual_seed(0)
+    explicit = attend(q, kk, v, r, gate=GateScores(lambda: G), allowed=causal_rows(4, 11, "cpu")[None, None])
+    torch.testing.assert_close(plain, explicit)

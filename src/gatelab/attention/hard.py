@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.attention.masks import causal_mask
+from gatelab.attention.masks import causal_rows
 from gatelab.config import GatelabError, Routing
 from gatelab.kernels.hashing import fixed_random_scores, random_row_hashes
 from gatelab.kernels.topk import causal_topk_keep, hashed_topk_keep, topk_keep_mask
@@ -42,7 +42,7 @@ class RandomMaskCache:
         key = (layer, n_head, T, k, seed, str(device))
         if key not in self._cache:
             scores = fixed_random_scores(layer, n_head, T, T, seed, device=device)
-            self._cache[key] = topk_keep_mask(scores, k, causal_mask(T, device))
+            self._cache[key] = topk_keep_mask(scores, k, causal_rows(T, T, device))
         return self._cache[key]
 
 
@@ -93,7 +93,7 @@ def hard_keep(q, k, routing: Routing, gate, *, allowed: torch.Tensor | None, lay
     if mode == "random-topk" and allowed is None and T == S:  # fixed subsets: cached per layer and size
         cache = random_masks if random_masks is not None else RandomMaskCache()
         return cache.get(layer, H, T, routing.k, routing.seed, q.device)
-    ok = causal_mask(T, q.device) if allowed is None else allowed
+    ok = causal_rows(T, S, q.device) if allowed is None else allowed
     if mode == "random-topk" and random_masks is not None:
         return random_masks.keep_among(ok, layer, q, k, routing)
     return topk_keep_mask(HARD_SCORES[mode](q, k, gate, routing, layer), routing.k, ok)
