@@ -1,5 +1,6 @@
 """The benchmark harness runs end to end (tiny model, CPU) and writes its JSON and markdown."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,28 @@ def test_bench_block_smoke(tmp_path):
                                                        "block-gate@b=16,k=1"]
     md = (tmp_path / "block-cpu.md").read_text()
     assert "## Targets" in md and "8x8192 at 87.5% block sparsity: not measured" in md
+
+
+def test_bench_inference_tiny_runs_on_cpu(tmp_path):
+    """bench_inference.py --tiny on CPU: prefill and decode rows for dense and block-gate with finite times, and the
+    block routing that keeps every block decodes dense's greedy tokens."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_inference.py"), "--tiny", "--out",
+                        str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    data = json.loads((tmp_path / "inference-cpu.json").read_text())
+    assert data["device"] == "cpu" and data["finished"] and data["block_size"] == 16
+    assert not any(row.get("errors") or row.get("skipped") for row in data["prefill"] + data["decode"])
+    for kind, key in (("prefill", "eager_ms"), ("decode", "tokens_per_s")):
+        rows = data[kind]
+        assert {row["routing"].split("@")[0] for row in rows} == {"dense", "block-gate"}, kind
+        assert all(math.isfinite(row[key]) and row[key] > 0 for row in rows), kind
+        assert all(row["peak_mib"] is None for row in rows), kind  # CUDA only
+    assert all(math.isfinite(row["attention_ms"]) for row in data["prefill"])
+    assert all(row["selection_ms"] > 0 for row in data["prefill"] if row["block_k"] is not None)
+    assert all(row.get("compiled_ms") is None and row.get("attention_tflops") is None for row in data["prefill"])
+    full = [row for row in data["decode"] if row["sparsity"] == 0.0 and row["block_k"] is not None]
+    assert full and all(row["same_tokens_as_dense"] for row in full)
+    assert all(len(row["tokens"][0]) == data["new_tokens"] + 1 for row in data["decode"])
+    assert {row["sparsity"] for row in data["decode"] if row["block_k"] is not None} > {0.0}
+    md = (tmp_path / "inference-cpu.md").read_text()
+    assert "## Prefill" in md and "## Decode" in md and "bench_inference.py --tiny" in md
