@@ -68,6 +68,7 @@ def test_the_reference_ranks_by_score_then_lower_block_and_is_the_attention_pack
         assert torch.equal(keep.sum(-1), 1 + ref[2])  # the diagonal plus min(i, kk) earlier blocks
 
 
+@pytest.mark.slow
 def test_kernel_lists_equal_the_reference_and_the_attention_package_exactly():
     out = run_python(f"""
         import torch

@@ -87,29 +87,29 @@ def test_kernel_ties_keep_exactly_k_and_only_top_scores():
     assert out.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("mode", ["oracle-topk", "gate-topk", "random-topk", "soft-gate-topk-sigmoid"])
-def test_routed_attention_with_kernel_equals_reference(mode):
-    out = run_interpreted(f"""
+def test_attend_with_kernels_equals_attend_on_the_references():
+    """Every hard mode and topk-sigmoid through attend: the Triton kernels against Backend(kernels=False), in one
+    interpreted process."""
+    out = run_interpreted("""
         import torch
-        from gatelab.kernels import block_mass, hashing, head_loss, soft_gate, topk, triton_support
-        from gatelab.attention import blocks, masks, soft
         from gatelab.attention.attend import GateScores, attend
         from gatelab.attention.backend import Backend
         from gatelab.config import Routing
-        torch.manual_seed(1)
-        B, H, T, D = 2, 2, 24, 8
-        q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
-        G = torch.randn(B, H, T, T)
-        mode = {mode!r}
-        r = (Routing(mode="soft-gate", k=5, soft_mask="topk-sigmoid") if mode.startswith("soft")
-             else Routing(mode=mode, k=5))
-        fast = attend(q, k, v, r, gate=GateScores(lambda: G))
-        ref = attend(q, k, v, r, gate=GateScores(lambda: G), backend=Backend(kernels=False))
-        # the same keep-sets; SDPA may take another CPU kernel for a batch-expanded mask (1e-7 apart)
-        torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
-        print("ok")
+        for mode in ("oracle-topk", "gate-topk", "random-topk", "soft-gate-topk-sigmoid"):
+            torch.manual_seed(1)
+            B, H, T, D = 2, 2, 24, 8
+            q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+            G = torch.randn(B, H, T, T)
+            r = (Routing(mode="soft-gate", k=5, soft_mask="topk-sigmoid") if mode.startswith("soft")
+                 else Routing(mode=mode, k=5))
+            fast = attend(q, k, v, r, gate=GateScores(lambda: G))
+            ref = attend(q, k, v, r, gate=GateScores(lambda: G), backend=Backend(kernels=False))
+            # the same keep-sets; SDPA may take another CPU kernel for a batch-expanded mask (1e-7 apart)
+            torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6, msg=mode)
+            print("ok", mode)
     """)
-    assert out.strip().endswith("ok")
+    assert [line.split()[1] for line in out.strip().splitlines() if line.startswith("ok")] == [
+        "oracle-topk", "gate-topk", "random-topk", "soft-gate-topk-sigmoid"]
 
 
 SPILL_FREE_BACKWARD = """
