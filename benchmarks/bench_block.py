@@ -53,14 +53,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, iters: int, warmup: int) -> tuple[float, float]:
-    """(median ms, peak MiB allocated during the timed calls)."""
+def timed(fn, device, iters: int, warmup: int, absolute_peak: bool = False) -> tuple[float, float]:
+    """(median ms, peak MiB allocated during the timed calls: above what was allocated before them, or with
+    absolute_peak everything, weights and caches included; None off CUDA)."""
     for _ in range(warmup):
         fn()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = 0 if absolute_peak else torch.cuda.memory_allocated()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()

@@ -219,23 +219,6 @@ def causal_skip_while_compiling(*args, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------------------
-def measure(fn, device, iters: int, warmup: int) -> tuple[float, float | None]:
-    """(median ms, peak MiB allocated during the timed calls: absolute, weights and cache included; None off CUDA)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1000 * (time.perf_counter() - t0))
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return statistics.median(times), peak
-
-
 def attempt(row: dict, key: str, thunk):
     """thunk(), or None with the error recorded in the row (the run goes on)."""
     try:
@@ -427,13 +410,13 @@ def prefill_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | Non
     row = dict(kind="prefill", context=T, batch=B, routing=r.label(), block_k=bk, target_sparsity=target,
                sparsity=achieved if r.is_block else 0.0)
     release(model)
-    eager = attempt(row, "eager", lambda: measure(lambda: prefill_forward(model, ctl, r, ids), b.device,
-                                                  args.iters, args.warmup))
+    eager = attempt(row, "eager", lambda: timed(lambda: prefill_forward(model, ctl, r, ids), b.device,
+                                                  args.iters, args.warmup, absolute_peak=True))
     row["eager_ms"], row["peak_mib"] = eager if eager else (None, None)
     if b.compiled is not None:
         release(model)
-        comp = attempt(row, "compiled", lambda: measure(lambda: prefill_forward(b.compiled, ctl, r, ids), b.device,
-                                                        args.iters, max(args.warmup, 3)))
+        comp = attempt(row, "compiled", lambda: timed(lambda: prefill_forward(b.compiled, ctl, r, ids), b.device,
+                                                        args.iters, max(args.warmup, 3), absolute_peak=True))
         row["compiled_ms"], row["compiled_peak_mib"] = comp if comp else (None, None)
     release(model)
     cap = attempt(row, "capture", lambda: capture_first_layer(b, ids))
