@@ -130,3 +130,90 @@ def test_token_routings_decode_with_the_cache_as_a_whole_pass_does(mode):
                              output_logits=True, return_dict_in_generate=True)
         whole = model(out.sequences[:, :-1], use_cache=False).logits
     torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], whole[0, PROMPT - 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_gathered_decoding_reads_each_query_heads_own_key_value_head():
+    """Grouped-query heads: the kept positions are gathered from key/value head h // G without copying the cache to
+    the query heads, and give SDPA over the repeated cache masked to the kept blocks."""
+    from gatelab.attention.block_decode import BlockDecodeCache, block_decode_attention
+    from gatelab.attention.masks import repeat_kv
+    torch.manual_seed(1)
+    B, H, Hk, D, S = 2, 4, 2, 8, 23  # the new query at position 22, block 5 of 4-token blocks
+    q_all = torch.randn(B, H, S, D)
+    k, v = torch.randn(B, Hk, S, D), torch.randn(B, Hk, S, D)
+    cache = BlockDecodeCache()
+    cache.extend(q_all, None, 0)
+    r = Routing(mode="block-oracle", block_size=BS, block_k=2)
+    out = block_decode_attention(q_all[:, :, -1:], k, v, r, cache)
+    kept = cache.kept[5].expand(B, H, 6)
+    assert bool((kept.sum(-1) == 3).all()) and not bool(kept[0].eq(kept[0, :1]).all()), "heads choose differently"
+    mask = kept.repeat_interleave(BS, dim=-1)[..., :S, None].transpose(-1, -2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q_all[:, :, -1:], repeat_kv(k, H), repeat_kv(v, H),
+                                                           attn_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_decoding_step_reads_grouped_heads_without_a_mask():
+    from gatelab.attention.attend import dense_attention
+    from gatelab.attention.masks import repeat_kv
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 17, 8), torch.randn(2, 2, 17, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 6), repeat_kv(v, 6))
+    torch.testing.assert_close(dense_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_append_in_place_copies_the_history_a_logarithmic_number_of_times():
+    from gatelab.attention.block_decode import append_in_place
+    buf, grown, ref = None, 0, []
+    for i in range(1000):
+        new = torch.full((1, 2, 1, 3), float(i))
+        before = None if buf is None else buf.data_ptr()
+        buf = append_in_place(buf, new, 2, i)
+        grown += buf.data_ptr() != before
+        ref.append(new)
+    assert torch.equal(buf[:, :, :1000], torch.cat(ref, 2))
+    assert grown <= 32, grown  # 1.25 ** 31 > 1000
+    assert append_in_place(None, new, 2, 0, capacity=50).shape[2] == 50
+
+
+def test_in_place_cache_matches_the_dynamic_cache_and_keeps_its_buffer():
+    from gatelab.hf.cache import InPlaceLayer, cache_keyword, kv_cache
+    from gatelab.hf.generate import greedy as routed_greedy
+    model = tiny("llama")
+    ctl = attach_block_gates(model, d_gate=8, gate="random", block_size=BS)
+    ids = torch.randint(1, 101, (2, PROMPT), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert torch.equal(routed_greedy(model, ids, Routing(), NEW), plain[:, PROMPT:])
+    cache = kv_cache(model, PROMPT + NEW)
+    assert all(isinstance(layer, InPlaceLayer) for layer in cache.layers)
+    with torch.no_grad(), ctl.routing(Routing()):
+        out = model(ids, use_cache=True, **{cache_keyword(model): cache})
+        ptrs = [layer.keys.data_ptr() for layer in cache.layers]
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(NEW - 1):
+            tok = model(tok, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1:].argmax(-1)
+    assert [layer.keys.data_ptr() for layer in cache.layers] == ptrs
+    assert cache.get_seq_length() == PROMPT + NEW - 1
+
+
+def test_in_place_layer_follows_crops_and_reorders():
+    from gatelab.hf.cache import InPlaceLayer
+    torch.manual_seed(3)
+    layer, ref_k = InPlaceLayer(), torch.randn(3, 2, 5, 4)
+    layer.update(ref_k, ref_k + 1)
+    for _ in range(4):
+        step = torch.randn(3, 2, 1, 4)
+        k, v = layer.update(step, step + 1)
+        ref_k = torch.cat([ref_k, step], 2)
+    assert torch.equal(k, ref_k) and torch.equal(v, ref_k + 1)
+    layer.crop(-3)
+    step = torch.randn(3, 2, 1, 4)
+    k, _ = layer.update(step, step + 1)
+    ref_k = torch.cat([ref_k[:, :, :-3], step], 2)
+    assert torch.equal(k, ref_k)
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    step = torch.randn(2, 2, 1, 4)
+    k, v = layer.update(step, step + 1)
+    ref_k = torch.cat([ref_k[[2, 0]], step], 2)
+    assert torch.equal(k, ref_k) and torch.equal(v, ref_k + 1)

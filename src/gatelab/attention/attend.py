@@ -86,6 +86,8 @@ def dense_attention(q, k, v, allowed: torch.Tensor | None = None, scale: float |
                     dropout: float = 0.0) -> torch.Tensor:
     """SDPA over the allowed keys (flash when plainly causal); a query with no allowed key gets 0."""
     H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    if allowed is None and T == 1:  # one new query per sequence (decoding): every key, read once per key/value head
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout, enable_gqa=k.shape[1] != H)
     k, v = repeat_kv(k, H), repeat_kv(v, H)
     if allowed is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)

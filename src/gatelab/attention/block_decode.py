@@ -4,8 +4,9 @@ A query block's earlier key blocks are chosen by the previous query block's row 
 `previous_block_rows`), which reads only complete blocks. So the selection of block i is fixed once block i-1 is
 complete: it is computed once, when block i's first query arrives, from the queries and keys seen so far (the same
 scores the whole-sequence path computes, so decoding keeps exactly the blocks a prefill of the same tokens keeps),
-and reused for every query of block i. A new query then attends to the selected blocks' keys and values, gathered,
-plus its own block up to itself: (block_k + 1) x block_size keys instead of the whole cache.
+and reused for every query of block i. A new query then attends to the selected blocks' keys and values, gathered
+from the cache's key/value heads (grouped-query heads are not copied), plus its own block up to itself:
+(block_k + 1) x block_size keys instead of the whole cache.
 """
 from __future__ import annotations
 
@@ -22,31 +23,61 @@ from gatelab.config import GatelabError, Routing
 
 @dataclass
 class BlockDecodeCache:
-    """One layer's decoding state: the queries (and the layer inputs a block gate may pool) seen so far, and the
-    kept key blocks of each query block, (B|1, H, nb) bool, by query block index."""
+    """One layer's decoding state: the queries (B, H, S, D) and layer inputs (B, S, C) seen so far, in buffers that
+    grow by a quarter when full (a step appends in place instead of copying the whole history), and, per query
+    block, its kept key blocks and the cache positions they cover."""
 
-    q: torch.Tensor | None = None
-    x: torch.Tensor | None = None
+    length: int = 0
+    q_buf: torch.Tensor | None = None
+    x_buf: torch.Tensor | None = None
     kept: dict = field(default_factory=dict)
+    positions: dict = field(default_factory=dict)
+
+    @property
+    def q(self) -> torch.Tensor | None:
+        return None if self.q_buf is None else self.q_buf[:, :, :self.length]
+
+    @property
+    def x(self) -> torch.Tensor | None:
+        return None if self.x_buf is None else self.x_buf[:, :self.length]
 
     def extend(self, q: torch.Tensor, x: torch.Tensor | None, start: int) -> None:
         """Append the queries (B, H, T, D) and inputs (B, T, C) of positions start .. start + T - 1; a call at
         position 0 (a new prompt) starts over."""
-        if start == 0 or self.q is None or self.q.shape[2] != start:
-            if start != 0:
-                raise GatelabError("block decoding lost track of the sequence: its cache holds "
-                                   f"{0 if self.q is None else self.q.shape[2]} positions, the model is at {start}")
-            self.q, self.x, self.kept = None, None, {}
-        self.q = q if self.q is None else torch.cat([self.q, q], dim=2)
+        if start == 0:
+            self.length, self.q_buf, self.x_buf, self.kept, self.positions = 0, None, None, {}, {}
+        elif start != self.length:
+            raise GatelabError("block decoding lost track of the sequence: its cache holds "
+                               f"{self.length} positions, the model is at {start}")
+        end = start + q.shape[2]
+        self.q_buf = append_in_place(self.q_buf, q, 2, start)
         if x is not None:
-            self.x = x if self.x is None else torch.cat([self.x, x], dim=1)
+            self.x_buf = append_in_place(self.x_buf, x, 1, start)
+        self.length = end
+
+
+def append_in_place(buf: torch.Tensor | None, new: torch.Tensor, dim: int, start: int,
+                    capacity: int = 0) -> torch.Tensor:
+    """buf with `new` written at start .. start + n along dim (buf's first `start` entries kept): in place while buf
+    has room, else in a new buffer of at least `capacity` and a quarter more than needed (so appending one step at a
+    time copies the history a logarithmic number of times, not at every step)."""
+    end = start + new.shape[dim]
+    if buf is None or buf.shape[dim] < end or buf.shape[:dim] != new.shape[:dim]:
+        shape = list(new.shape)
+        shape[dim] = max(end, capacity, start + start // 4 if start else end)
+        grown = new.new_empty(shape)
+        if start:
+            grown.narrow(dim, 0, start).copy_(buf.narrow(dim, 0, start))
+        buf = grown
+    buf.narrow(dim, start, end - start).copy_(new)
+    return buf
 
 
 def kept_blocks(cache: BlockDecodeCache, k, routing: Routing, gate_scores, layer: int, block: int,
                 scale: float | None) -> torch.Tensor:
     """(B|1, H, block + 1) bool: the key blocks query block `block` keeps (its own included), computed once."""
     if block not in cache.kept:
-        S = cache.q.shape[2]
+        S = cache.length
         scores = selection_scores(cache.q, k[:, :, :S], routing, gate_scores, layer, None, scale)
         cache.kept[block] = select_blocks(scores, routing.block_k)[..., block, :block + 1]
     return cache.kept[block]
@@ -61,16 +92,19 @@ def block_decode_attention(q, k, v, routing: Routing, cache: BlockDecodeCache, *
                            "block-random")
     B, H, T, D = q.shape
     S, bs = k.shape[2], routing.block_size
-    k, v = repeat_kv(k, H), repeat_kv(v, H)
     first = S - T
     if T == 1:
-        keep = kept_blocks(cache, k, routing, gate_scores, layer, first // bs, scale)
-        return _gathered_attention(q, k, v, keep, bs, first, scale)
+        block = first // bs
+        if block not in cache.positions:
+            keep = kept_blocks(cache, k, routing, gate_scores, layer, block, scale)
+            cache.positions[block] = _kept_positions(keep, B, H, min(routing.block_k, block) + 1, bs)
+        return _gathered_attention(q, k, v, *cache.positions[block], first, scale)
     allowed = torch.zeros(B, H, T, S, dtype=torch.bool, device=q.device)
     for t in range(T):  # several new queries (a chunk of a prompt): each one's blocks as a token mask
         keep = kept_blocks(cache, k, routing, gate_scores, layer, (first + t) // bs, scale)
         allowed[:, :, t] = _pad_blocks(keep, S, bs).expand(B, H, S)
     allowed &= causal_rows(T, S, q.device)
+    k, v = repeat_kv(k, H), repeat_kv(v, H)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
@@ -81,17 +115,27 @@ def _pad_blocks(keep: torch.Tensor, S: int, bs: int) -> torch.Tensor:
     return wide[..., torch.arange(S, device=keep.device) // bs]
 
 
-def _gathered_attention(q, k, v, keep: torch.Tensor, bs: int, position: int, scale: float | None) -> torch.Tensor:
-    """One query per (batch, head) at `position` over the kept blocks' keys only: their positions gathered from
-    the cache, the query's own block cut at the query, missing blocks (fewer earlier blocks than block_k) masked."""
-    B, H, _, D = q.shape
+def _kept_positions(keep: torch.Tensor, B: int, H: int, n_kept: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache positions (B, H, n_kept * bs) of a query block's kept blocks (n_kept: the most any row keeps,
+    block_k earlier blocks and its own, known without reading the mask back), and which of them a row keeps
+    (False for the padding of rows that keep fewer blocks)."""
     keep = keep.expand(B, H, keep.shape[-1])
-    n_kept = int(keep.sum(-1).max())
     order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_kept]
-    valid = torch.gather(keep, -1, order)  # (B, H, n_kept): False where a row keeps fewer blocks
-    pos = (order[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)  # (B, H, n_kept * bs)
-    ok = valid.repeat_interleave(bs, dim=-1) & (pos <= position)
-    pos = pos.clamp(max=k.shape[2] - 1)
-    idx = pos[..., None].expand(B, H, pos.shape[-1], D)
-    kg, vg = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+    valid = torch.gather(keep, -1, order)
+    pos = (order[..., None] * bs + torch.arange(bs, device=keep.device)).flatten(-2)
+    return pos, valid.repeat_interleave(bs, dim=-1)
+
+
+def _gathered_attention(q, k, v, pos: torch.Tensor, valid: torch.Tensor, position: int,
+                        scale: float | None) -> torch.Tensor:
+    """One query per (batch, query head) at `position` over the kept positions pos (B, H, L) of the cache's k, v
+    (B, Hk, S, D): gathered from each query head's key/value head (no copy of the cache to the query heads), the
+    query's own block cut at the query, the padding masked."""
+    B, H, _, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    ok = valid & (pos <= position)
+    idx = pos.clamp(max=S - 1).view(B, Hk, -1)  # query heads h = j * G + g read key/value head j
+    idx = idx[..., None].expand(B, Hk, idx.shape[-1], D)
+    kg = torch.gather(k, 2, idx).view(B, H, -1, D)
+    vg = torch.gather(v, 2, idx).view(B, H, -1, D)
     return F.scaled_dot_product_attention(q, kg, vg, attn_mask=ok[:, :, None, :], scale=scale)

@@ -11,20 +11,23 @@ import math
 import torch
 
 from gatelab.config import GatelabError, Routing
+from gatelab.hf.cache import cache_keyword, kv_cache
 
 
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int) -> torch.Tensor:
     """The greedy continuation (max_new_tokens token ids, (B, N)) of ids (B, T) under routing, through the model's
-    own generate() and KV cache."""
+    own generate(), with a key/value cache that appends in place (hf/cache.py)."""
     ctl = getattr(model, "gatelab", None)
     if ctl is None:
         raise GatelabError("attach_gates or attach_block_gates (or load_gates) first")
     pad = getattr(model.generation_config, "pad_token_id", None)
     pad = pad if pad is not None else getattr(model.generation_config, "eos_token_id", None) or 0
+    cache = kv_cache(model, ids.shape[1] + max_new_tokens)
     with ctl.routing(routing):
         out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad if isinstance(pad, int) else pad[0], use_cache=True)
+                             pad_token_id=pad if isinstance(pad, int) else pad[0], use_cache=True,
+                             **{cache_keyword(model): cache})
     return out[:, ids.shape[1]:]
 
 

@@ -11,6 +11,7 @@ from gatelab.config import DEFAULT_POSITION, GatelabError, Routing, soft_gate_ro
 from gatelab.devices import resolve_device
 from gatelab.hf import corpus as hf_corpus, gate_files as hf_gate_files
 from gatelab.hf.adapter import DEFAULT_BLOCK_POSITION, attach_block_gates, attach_gates, set_trainable
+from gatelab.hf.compile import compile_prefill
 from gatelab.hf.distill import train_gates
 from gatelab.hf.evaluate import hf_perplexity, hf_perplexity_docs
 from gatelab.hf.generate import compare_with_dense, greedy
@@ -32,8 +33,10 @@ def run_hf_eval(args) -> None:
         hf_gate_files.load_gates(model, args.gate, allow_other_base=args.allow_other_base, position=args.position)
     elif args.position:
         raise GatelabError("--position checks the variant of --gate GATES; there is no --gate")
-    elif any(r.mode != "dense" for r in routings):
+    elif any(r.mode != "dense" for r in routings) or args.compile:
         attach_gates(model, gate="none")
+    if args.compile:
+        compile_prefill(model, mode=args.compile_mode)
     rows = []
     for r in routings:
         res = finite_result(_perplexity(model, tokens, r, args), f"{args.model} under {r.label()}")
