@@ -28,7 +28,6 @@ goes on; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 import shlex
@@ -42,10 +41,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import inference_targets  # noqa: E402
 from bench_block import SMOLLM2, TINY, Budget, distinct_block_ks, fmt, kept_tiles, load_model, sync, timed  # noqa: E402
 from gatelab.attention.attend import dense_attention  # noqa: E402
 from gatelab.attention.block_attention import block_sparse_attention, resolve_backend, selection_scores  # noqa: E402
@@ -55,6 +54,8 @@ from gatelab.attention.flex import block_mask_from_factors, block_mask_from_scor
 from gatelab.attention.masks import allowed_keys  # noqa: E402
 from gatelab.config import GatelabError, Routing, atomic_path  # noqa: E402
 from gatelab.hf.adapter import ATTN_NAME, attach_block_gates, gatelab_attention, layer_gate  # noqa: E402
+from gatelab.hf.cache import cache_keyword, kv_cache  # noqa: E402
+from gatelab.hf.compile import compile_prefill  # noqa: E402
 from gatelab.hf.corpus import encode_long_documents  # noqa: E402
 from gatelab.hf.evaluate import hf_perplexity_docs  # noqa: E402
 from gatelab.kernels.triton_support import available  # noqa: E402
@@ -94,7 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the block path's attention (Backend.block_attention)")
     ap.add_argument("--compile-blocks", action="store_true", help="Backend.compile_blocks: the gate's scores and "
                     "block lists from compiled graphs in the eager forward")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: prefill, decode, ppl")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: prefill, decode, ppl, "
+                    "dynamic-cache (the dense decode row with transformers' DynamicCache)")
+    ap.add_argument("--profile", action="store_true", help="also profile each row once (torch.profiler): the GPU's "
+                    "busy share of the wall time and the top kernels (one prefill call; --profile-steps decode steps)")
+    ap.add_argument("--profile-steps", type=int, default=4, help="decode steps profiled with --profile (default 4)")
     ap.add_argument("--ppl-split", default="test", choices=("validation", "test"))
     ap.add_argument("--ppl-tokens", type=int, default=0, help="stop each perplexity after about this many tokens")
     ap.add_argument("--device", default="auto")
@@ -125,7 +130,8 @@ class Bench:
     dtype: torch.dtype
     budget: Budget
     data: dict
-    compiled: object = None  # torch.compile(model.forward), one for dense and sparse
+    eager: object = None  # the model's eager forward
+    compiled: object = None  # the compiled cache-free forward (hf.compile.compile_prefill), one for dense and sparse
     cache_kw: str = "past_key_values"
     ppl: dict = field(default_factory=dict)
     docs: dict = field(default_factory=dict)
@@ -182,40 +188,24 @@ def build(args) -> Bench:
                 block_size=args.block_size, iters=args.iters, warmup=args.warmup, new_tokens=args.new_tokens,
                 compile=compile_on, compile_mode=args.compile_mode if compile_on else None,
                 compile_note=None if compile_on or not args.compile else "torch.compile is timed on CUDA only",
-                compile_mask=None,
-                backend=ctl.backend.describe(), peak_bf16_tflops=peak_tflops(name), prompts={},
+                compile_mask=None, layers=cfg.num_hidden_layers, real_model=bool(args.model),
+                profiled=args.profile, backend=ctl.backend.describe(), peak_bf16_tflops=peak_tflops(name), prompts={},
                 prefill=[], decode=[], finished=False)
-    kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    b = Bench(args, model, tok, ctl, device, dtype, Budget(args.budget_minutes), data, cache_kw=kw)
+    b = Bench(args, model, tok, ctl, device, dtype, Budget(args.budget_minutes), data, eager=model.forward,
+              cache_kw=cache_keyword(model))
     if compile_on:
         start_compile(b)
     return b
 
 
 def start_compile(b: Bench) -> None:
-    """One torch.compile of the model's forward for every compiled row; the causal mask skipped while tracing
-    unless --traced-mask."""
-    if not b.args.traced_mask:
-        AttentionMaskInterface.register(ATTN_NAME, causal_skip_while_compiling)
-    b.compiled = torch.compile(b.model.forward, mode=b.args.compile_mode, dynamic=False)
+    """One torch.compile of the model's cache-free forward for every compiled row (gatelab.hf.compile); the causal
+    mask left out while tracing unless --traced-mask."""
+    compile_prefill(b.model, mode=b.args.compile_mode, mask_while_tracing=b.args.traced_mask)
+    b.eager, b.compiled = b.model.gatelab_eager_forward, b.model.forward
     b.data.update(compile=True, compile_mode=b.args.compile_mode,
                   compile_mask="transformers' traced T x T mask" if b.args.traced_mask else
                   "none for unpadded causal prefill (skipped while tracing, as transformers does eagerly)")
-
-
-def causal_skip_while_compiling(*args, **kwargs):
-    """transformers' SDPA mask, except None (plain causal) for a prefill without padding while torch.compile traces.
-    Eagerly transformers returns None itself for such input; tracing, it cannot read the position ids to rule out
-    packed sequences, nor (torch before 2.14) skip the mask at all, so it builds the T x T boolean mask, which takes
-    gatelab's dense path off flash attention and its block path off flex_attention (the masked path: no work
-    skipped). The benchmark's prompts are single unpadded sequences, so the mask is plain causal; sliding-window
-    masks (local_size) and any other call are transformers' own."""
-    offsets = [kwargs.get(name, 0) for name in ("q_offset", "kv_offset")]
-    if (torch.compiler.is_compiling() and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
-            and "q_length" in kwargs and kwargs["q_length"] == kwargs.get("kv_length")
-            and all(isinstance(o, int) and o == 0 for o in offsets)):
-        return None
-    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -309,7 +299,7 @@ def capture_first_layer(b: Bench, ids: torch.Tensor) -> dict:
     AttentionInterface.register(ATTN_NAME, grab)
     try:
         with torch.no_grad(), b.ctl.routing(Routing()):
-            b.model(ids, use_cache=False, logits_to_keep=1)
+            b.eager(ids, use_cache=False, logits_to_keep=1)
     except _Captured:
         pass
     finally:
@@ -410,7 +400,7 @@ def prefill_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | Non
     row = dict(kind="prefill", context=T, batch=B, routing=r.label(), block_k=bk, target_sparsity=target,
                sparsity=achieved if r.is_block else 0.0)
     release(model)
-    eager = attempt(row, "eager", lambda: timed(lambda: prefill_forward(model, ctl, r, ids), b.device,
+    eager = attempt(row, "eager", lambda: timed(lambda: prefill_forward(b.eager, ctl, r, ids), b.device,
                                                   args.iters, args.warmup, absolute_peak=True))
     row["eager_ms"], row["peak_mib"] = eager if eager else (None, None)
     if b.compiled is not None:
@@ -418,6 +408,10 @@ def prefill_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | Non
         comp = attempt(row, "compiled", lambda: timed(lambda: prefill_forward(b.compiled, ctl, r, ids), b.device,
                                                         args.iters, max(args.warmup, 3), absolute_peak=True))
         row["compiled_ms"], row["compiled_peak_mib"] = comp if comp else (None, None)
+    if args.profile:
+        release(model)
+        fn = b.compiled if row.get("compiled_ms") else b.eager
+        row["profile"] = attempt(row, "profile", lambda: profile(lambda: prefill_forward(fn, ctl, r, ids), b.device, 1))
     release(model)
     cap = attempt(row, "capture", lambda: capture_first_layer(b, ids))
     if cap is not None:
@@ -434,33 +428,71 @@ def prefill_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | Non
     return row
 
 
-def decode_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int) -> dict:
-    """Greedy decoding with the KV cache: the prefill of ids (the first new token from its last logits), then
-    `steps` forwards of one token per sequence. Times of each phase, the steps+1 new tokens, peak memory."""
-    model, dev = b.model, b.device
+def new_cache(b: Bench, capacity: int, dynamic: bool):
+    """The decode rows' KV cache: gatelab's in-place cache (hf.cache.kv_cache), or transformers' DynamicCache."""
+    if not dynamic:
+        return kv_cache(b.model, capacity)
     try:
-        cache = DynamicCache(config=model.config)
+        return DynamicCache(config=b.model.config)
     except TypeError:  # transformers before caches took the config
-        cache = DynamicCache()
+        return DynamicCache()
+
+
+def decode_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int, dynamic: bool = False,
+                profile_steps: int = 0) -> dict:
+    """Greedy decoding with the KV cache: the prefill of ids (the first new token from its last logits), then
+    `steps` forwards of one token per sequence. Times of each phase, the steps+1 new tokens, peak memory; with
+    profile_steps, a profile of that many further steps."""
+    model, dev = b.model, b.device
+    cache = new_cache(b, ids.shape[1] + steps + profile_steps + 1, dynamic)
     if b.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     with torch.no_grad(), b.ctl.routing(routing):
         sync(dev)
         t0 = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1, **{b.cache_kw: cache})
+        out = b.eager(ids, use_cache=True, logits_to_keep=1, **{b.cache_kw: cache})
         tok = out.logits[:, -1:].argmax(-1)
         sync(dev)
         t1 = time.perf_counter()
         new = [tok]
+        step = lambda t: b.eager(t, use_cache=True, **{b.cache_kw: cache}).logits[:, -1:].argmax(-1)  # noqa: E731
         for _ in range(steps):
-            out = model(tok, use_cache=True, **{b.cache_kw: cache})
-            tok = out.logits[:, -1:].argmax(-1)
+            tok = step(tok)
             new.append(tok)
         sync(dev)
         t2 = time.perf_counter()
-    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if b.cuda else None
+        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if b.cuda else None
+        box = [tok]
+        prof = profile(lambda: box.append(step(box[-1])), dev, profile_steps) if profile_steps else None
     return dict(prefill_ms=1000 * (t1 - t0), decode_ms=1000 * (t2 - t1), tokens=torch.cat(new, 1).cpu(),
-                peak_mib=peak)
+                peak_mib=peak, profile=prof)
+
+
+def profile(fn, dev, calls: int, top: int = 10) -> dict:
+    """fn run `calls` times under torch.profiler: wall ms per call and, on CUDA, the GPU kernel ms per call (their
+    sum: the GPU's busy time when kernels do not overlap), launches per call and the kernels with the most GPU time;
+    on CPU the operators with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = dev.type == "cuda"
+    sync(dev)
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(dev)
+        wall = (time.perf_counter() - t0) * 1000 / calls
+    if cuda:
+        kernels = [(e.name, e.time_range.elapsed_us() / 1000) for e in prof.events() if e.device_type.name == "CUDA"]
+    else:
+        kernels = [(a.key, a.self_cpu_time_total / 1000 / a.count) for a in prof.key_averages() for _ in range(a.count)]
+    by_name: dict = {}
+    for name, ms in kernels:
+        total, n = by_name.get(name, (0.0, 0))
+        by_name[name] = (total + ms / calls, n + 1)
+    tops = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(calls=calls, wall_ms=wall, gpu_kernel_ms=sum(ms for _, ms in kernels) / calls if cuda else None,
+                kernels_per_call=len(kernels) / calls if cuda else None,
+                top=[dict(name=n[:90], ms=ms, launches=c // calls) for n, (ms, c) in tops])
 
 
 def decode_attention(b: Bench, routing: Routing, B: int, T: int) -> dict:
@@ -477,9 +509,7 @@ def decode_attention(b: Bench, routing: Routing, B: int, T: int) -> dict:
     q = q_all[:, :, -1:]
     with torch.no_grad():
         if not routing.is_block:
-            return dict(attention_step_ms=timed(lambda: dense_attention(q, k, v), dev, args.iters, args.warmup)[0],
-                        attention_sdpa_gqa_ms=timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-                                                    dev, args.iters, args.warmup)[0])
+            return dict(attention_step_ms=timed(lambda: dense_attention(q, k, v), dev, args.iters, args.warmup)[0])
         cache = BlockDecodeCache()
         cache.extend(q_all, None, 0)
         r = replace(routing, mode="block-random")
@@ -487,30 +517,35 @@ def decode_attention(b: Bench, routing: Routing, B: int, T: int) -> dict:
                                             args.warmup)[0])
 
 
-def decode_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None) -> dict:
+def decode_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None, dynamic: bool = False) -> dict:
+    """One decode row; dynamic: dense decoding with transformers' DynamicCache (which copies the whole cache at every
+    step), beside the dense row with the in-place cache."""
     target, bk, achieved, r = setting
     N = b.args.new_tokens
     row = dict(kind="decode", context=T, batch=B, routing=r.label(), block_k=bk, target_sparsity=target,
-               sparsity=achieved if r.is_block else 0.0, new_tokens=N)
+               sparsity=achieved if r.is_block else 0.0, new_tokens=N,
+               kv_cache="transformers DynamicCache" if dynamic else "in-place")
     bs = r.block_size
     row["keys_read_share"] = (min(bk, T // bs) * bs + 1) / (T + 1) if r.is_block else 1.0
     release(b.model)
-    attempt(row, "warm-up", lambda: decode_once(b, r, ids, min(2, N)))
+    attempt(row, "warm-up", lambda: decode_once(b, r, ids, min(2, N), dynamic))
     release(b.model)
-    res = attempt(row, "decode", lambda: decode_once(b, r, ids, N))
+    steps = b.args.profile_steps if b.args.profile else 0
+    res = attempt(row, "decode", lambda: decode_once(b, r, ids, N, dynamic, steps))
     release(b.model)
     if res:
         tokens = res.pop("tokens")
         row.update(res, ms_per_step=res["decode_ms"] / N if N else None,
                    tokens_per_s=B * N / (res["decode_ms"] / 1000) if N else None, tokens=tokens.tolist())
-        ref = row if not r.is_block else dense or {}  # no comparison when the dense row is missing
+        ref = row if not (r.is_block or dynamic) else dense or {}  # no comparison when the dense row is missing
         if ref.get("tokens"):
             same = tokens == torch.tensor(ref["tokens"])
             row.update(same_tokens_as_dense=bool(same.all()), token_agreement=float(same.float().mean()),
                        first_difference=None if bool(same.all()) else int(same.all(0).logical_not().nonzero()[0]))
         theirs = ref.get("tokens_per_s")
         row["speedup"] = row["tokens_per_s"] / theirs if theirs and row["tokens_per_s"] else None
-    row.update(attempt(row, "attention", lambda: decode_attention(b, r, B, T)) or {})
+    if not dynamic:
+        row.update(attempt(row, "attention", lambda: decode_attention(b, r, B, T)) or {})
     return row
 
 
@@ -526,16 +561,20 @@ def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
                                      sparsity=setting[2], skipped="budget"))
             write(b)
             continue
-        row = make(b, T, B, ids, setting, dense)
+        rows = [make(b, T, B, ids, setting, dense)]
         if not r.is_block:
-            dense = row
-        b.data[kind].append(row)
-        write(b)
-        print(progress_line(row), flush=True)
+            dense = rows[0]
+            if kind == "decode" and "dynamic-cache" not in b.args.skip.split(","):
+                rows.append(decode_row(b, T, B, ids, setting, dense, dynamic=True))
+        for row in rows:
+            b.data[kind].append(row)
+            write(b)
+            print(progress_line(row), flush=True)
 
 
 def progress_line(row: dict) -> str:
-    head = f"[{row['kind']}] {row['context']} x{row['batch']} {row['routing']} (s={fmt(row.get('sparsity'))})"
+    cache = " (transformers DynamicCache)" if row.get("kv_cache", "in-place") != "in-place" else ""
+    head = f"[{row['kind']}] {row['context']} x{row['batch']} {row['routing']}{cache} (s={fmt(row.get('sparsity'))})"
     if row["kind"] == "prefill":
         return (f"{head}: eager {fmt(row.get('eager_ms'), 2)} ms ({fmt(row.get('eager_speedup'), 2)}x), compiled "
                 f"{fmt(row.get('compiled_ms'), 2)} ms, selection {fmt(row.get('selection_ms'), 2)} ms, attention "
@@ -602,15 +641,14 @@ def decode_table(data: dict) -> list[str]:
              "tokens/s | vs dense | same tokens as dense (agreement) | attention ms / step, one layer | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["decode"]:
-        head = f"| {r['context']} | {r['batch']} | {r['routing']} | {setting_cell(r)} |"
+        label = r["routing"] + (" (transformers DynamicCache)" if r.get("kv_cache", "in-place") != "in-place" else "")
+        head = f"| {r['context']} | {r['batch']} | {label} | {setting_cell(r)} |"
         if "skipped" in r:
             lines.append(f"{head} skipped ({r['skipped']}) |" + " |" * 7)
             continue
         same = r.get("same_tokens_as_dense")
         same_cell = "-" if same is None else f"{'yes' if same else 'no'} ({r['token_agreement']:.3f})"
         attn = fmt(r.get("attention_step_ms"), 3)
-        if r.get("attention_sdpa_gqa_ms") is not None:
-            attn += f" (SDPA GQA {fmt(r['attention_sdpa_gqa_ms'], 3)})"
         lines.append(f"{head} {100 * r['keys_read_share']:.1f}% | {fmt(r.get('prefill_ms'), 2)} | "
                      f"{fmt(r.get('ms_per_step'), 2)} | {fmt(r.get('tokens_per_s'), 1)} | {times(r.get('speedup'))} | "
                      f"{same_cell} | {attn} | {gib(r.get('peak_mib'))} |")
@@ -650,11 +688,34 @@ def legend(data: dict) -> list[str]:
         "dense*: the greedy tokens (the prefill's and each step's) against dense's, with the share that agree "
         "(bf16 on random weights: nearly flat logits, so a rounding difference can flip a token).",
         "- *attention ms / step, one layer*: one new token per sequence over a cache of context + 1 positions "
-        "(random values of the model's shapes): gatelab's dense path (SDPA over the cache repeated to the query "
-        "heads, what the dense rows run; in brackets SDPA with grouped-query heads, no copy), or "
-        "`block_decode_attention` (the kept blocks gathered; the selection, made once per query block, in the "
-        "warm-up).",
+        "(random values of the model's shapes): gatelab's dense path (SDPA over the cache's key/value heads, "
+        "grouped-query, what the dense rows run), or `block_decode_attention` (the kept blocks gathered from the "
+        "key/value heads; the selection, made once per query block, in the warm-up).",
+        "- decode rows use gatelab's KV cache that appends in place (`gatelab.hf.cache.kv_cache`, sized for the "
+        "prompt and the new tokens); the dense row marked *transformers DynamicCache* uses transformers' own cache, "
+        "which concatenates each step onto the whole cache, and its *vs dense* is against the in-place dense row.",
+        "- *Profiles* (--profile): one prefill call (the compiled one when measured) and a few decode steps under "
+        "torch.profiler: wall ms per call, the sum of GPU kernel times per call (below the wall time when the GPU "
+        "waits on the CPU: launch-bound), kernel launches per call and the kernels with the most GPU time.",
     ]
+
+
+def profiles(data: dict) -> list[str]:
+    rows = [r for r in data["prefill"] + data["decode"] if r.get("profile")]
+    if not rows:
+        return []
+    lines = ["", "## Profiles", ""]
+    for r in rows:
+        p = r["profile"]
+        cache = " (transformers DynamicCache)" if r.get("kv_cache", "in-place") != "in-place" else ""
+        busy = "-" if p["gpu_kernel_ms"] is None else f"{p['gpu_kernel_ms']:.2f}"
+        launches = "-" if p["kernels_per_call"] is None else f"{p['kernels_per_call']:.0f}"
+        lines.append(f"- **{r['kind']} {r['context']} x{r['batch']} {r['routing']}{cache}**: {p['wall_ms']:.2f} ms "
+                     f"wall per {'call' if r['kind'] == 'prefill' else 'step'}, GPU kernels {busy} ms, "
+                     f"{launches} launches; top ({'GPU' if p['gpu_kernel_ms'] is not None else 'self CPU'} ms): "
+                     + "; ".join(
+                         f"`{k['name']}` {k['ms']:.3f} ms x{k['launches']}" for k in p["top"][:6]))
+    return lines
 
 
 def markdown(data: dict) -> str:
@@ -668,6 +729,9 @@ def markdown(data: dict) -> str:
              "", "## Prefill", ""] + prefill_table(data) + ["", "## Decode", ""] + decode_table(data)
     prompts = "; ".join(f"{T}: {src}" for T, src in data["prompts"].items())
     lines += ["", f"Prompts: {prompts or '-'}.", "", "## Legend", ""] + legend(data)
+    lines += ["", "## Targets", "", "Criteria: `benchmarks/inference_targets.py` (its docstring says which rows each "
+              "reads).", ""] + inference_targets.markdown(inference_targets.evaluate(data))
+    lines += profiles(data)
     errors = [f"- {r['kind']} {r['context']} x{r['batch']} {r['routing']}: {k}: {v}"
               for r in data["prefill"] + data["decode"] for k, v in r.get("errors", {}).items()]
     if errors:

@@ -69,5 +69,40 @@ def test_bench_inference_tiny_runs_on_cpu(tmp_path):
     assert full and all(row["same_tokens_as_dense"] for row in full)
     assert all(len(row["tokens"][0]) == data["new_tokens"] + 1 for row in data["decode"])
     assert {row["sparsity"] for row in data["decode"] if row["block_k"] is not None} > {0.0}
+    dynamic = [row for row in data["decode"] if row["kv_cache"] != "in-place"]
+    assert len(dynamic) == 2 and all(row["same_tokens_as_dense"] and row["routing"] == "dense" for row in dynamic)
     md = (tmp_path / "inference-cpu.md").read_text()
     assert "## Prefill" in md and "## Decode" in md and "bench_inference.py --tiny" in md
+    assert "| decode tokens/s 8x32768 at 87.5% | - | >= 1.5 | not measured |" in md
+
+
+def test_inference_targets_read_their_rows_and_judge_them():
+    """The committed criteria: each target reads the rows it names and no other, and says not measured without them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import inference_targets as it
+
+    def pre(T, B, s, **kw):
+        return dict(kind="prefill", context=T, batch=B, target_sparsity=s, block_k=None if s is None else 3, **kw)
+
+    def dec(T, B, s, **kw):
+        return dict(kind="decode", context=T, batch=B, target_sparsity=s, block_k=None if s is None else 3,
+                    kv_cache="in-place", **kw)
+    data = dict(layers=10, real_model=False, prefill=[
+        pre(8192, 8, 0.5, selection_ms=1.0, attention_ms=1.0), pre(8192, 8, 0.75, selection_ms=1.0, attention_ms=0.8),
+        pre(8192, 8, 0.875, selection_ms=1.0, attention_ms=0.5),
+        pre(32768, 1, None, compiled_ms=30.0), pre(32768, 1, 0.875, compiled_ms=21.0)],
+        decode=[dec(32768, 8, None, attention_step_ms=2.0, tokens_per_s=100.0),
+                dict(dec(32768, 8, None, tokens_per_s=50.0), kv_cache="transformers DynamicCache"),
+                dec(32768, 8, 0.875, attention_step_ms=0.4, tokens_per_s=160.0)])
+    got = {t["target"]: t for t in it.evaluate(data)}
+    sel = got["selection 8x8192"]
+    assert sel["value"] == pytest.approx(0.2) and sel["met"] is False and "0.100, 0.125, 0.200" in sel["what"]
+    assert got["selection 1x32768"]["met"] is None
+    assert got["prefill 1x32768 at 87.5%"]["value"] == pytest.approx(30 / 21) and not got["prefill 1x32768 at 87.5%"]["met"]
+    assert got["decode attention 8x32768 at 87.5%"]["met"] is True
+    assert got["decode tokens/s 8x32768 at 87.5%"]["value"] == pytest.approx(1.6)  # the in-place dense row, not 50
+    assert "real model 1x8192 at 50%" not in got
+    data.update(real_model=True, prefill=data["prefill"] + [pre(8192, 1, None, compiled_ms=10.0, ppl=27.45),
+                                                           pre(8192, 1, 0.5, compiled_ms=9.0, ppl=27.71)])
+    real = {t["target"]: t for t in it.evaluate(data)}["real model 1x8192 at 50%"]
+    assert real["met"] is True and "ppl ratio 1.0095" in real["what"]

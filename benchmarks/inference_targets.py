@@ -1,0 +1,98 @@
+"""The speed and quality targets bench_inference.py judges its rows by, written before the GPU runs they judge.
+
+Each target names the rows it reads (context, batch, target block sparsity), the ratio it computes and the bound.
+A target whose rows are missing (not run, failed, over budget) reads "not measured"; none is judged on other rows.
+
+- selection: the block selection (every layer's gate, top-k block lists and BlockMask, eager: the calls the routed
+  forward makes) per layer, over one layer's block-sparse attention on the same inputs, <= 0.15, at 8 x 8K and
+  1 x 32K, at every measured block sparsity of 50, 75 and 87.5% (met only if met at all three; each ratio shown).
+- prefill-32k: compiled dense prefill time over compiled block-gate prefill time, batch 1, 32K tokens, 87.5% block
+  sparsity, >= 1.5 (SmolLM2-shaped random weights or a real model alike).
+- prefill-real-8k: with a real model and its gates (--model): compiled dense over compiled block-gate prefill time,
+  batch 1, 8K tokens, 50% block sparsity, >= 1.0, and perplexity under block-gate <= 1.01 x dense's (both met).
+- decode-attention-32k: one layer's attention per decode step, dense over block-gate, batch 8, 32K tokens of
+  context, 87.5% block sparsity, >= 4.
+- decode-e2e-32k: decode tokens/s, block-gate over dense (both with the in-place KV cache), batch 8, 32K tokens,
+  87.5% block sparsity, >= 1.5.
+"""
+from __future__ import annotations
+
+SELECTION_SHAPES = ((8192, 8), (32768, 1))
+SELECTION_SPARSITIES = (0.5, 0.75, 0.875)
+SELECTION_MAX = 0.15
+PREFILL_32K_MIN = 1.5
+REAL_8K_SPEED_MIN, REAL_8K_PPL_MAX = 1.0, 1.01
+DECODE_ATTENTION_MIN, DECODE_E2E_MIN = 4.0, 1.5
+
+
+def _row(rows: list, kind: str, T: int, B: int, sparsity: float | None) -> dict | None:
+    """The row of a kind at (T, B): dense when sparsity is None, else the block row aimed at that sparsity."""
+    for r in rows:
+        if (r.get("kind") == kind and r["context"] == T and r["batch"] == B and "skipped" not in r
+                and r.get("kv_cache", "in-place") == "in-place"):
+            if (sparsity is None and r.get("block_k") is None) or (
+                    sparsity is not None and r.get("target_sparsity") == sparsity and r.get("block_k") is not None):
+                return r
+    return None
+
+
+def _ratio(num, den) -> float | None:
+    return num / den if num and den else None
+
+
+def _verdict(name: str, value: float | None, bound: float, above: bool, what: str) -> dict:
+    met = None if value is None else (value >= bound if above else value <= bound)
+    return dict(target=name, what=what, value=value, bound=(">= " if above else "<= ") + f"{bound:g}",
+                met=met)
+
+
+def selection_targets(data: dict) -> list[dict]:
+    layers = data.get("layers") or 1
+    out = []
+    for T, B in SELECTION_SHAPES:
+        values = []
+        for s in SELECTION_SPARSITIES:
+            r = _row(data["prefill"], "prefill", T, B, s)
+            values.append(None if r is None else _ratio((r.get("selection_ms") or 0) / layers, r.get("attention_ms")))
+        worst = None if None in values else max(values)
+        shown = ", ".join("-" if v is None else f"{v:.3f}" for v in values)
+        out.append(_verdict(f"selection {B}x{T}", worst, SELECTION_MAX, False,
+                            f"selection per layer / block attention per layer at 50 / 75 / 87.5%: {shown}"))
+    return out
+
+
+def evaluate(data: dict) -> list[dict]:
+    """Every target's value and verdict (met: True, False, or None when its rows are missing)."""
+    pre, dec = data["prefill"], data["decode"]
+    out = selection_targets(data)
+    dense, sparse = _row(pre, "prefill", 32768, 1, None), _row(pre, "prefill", 32768, 1, 0.875)
+    out.append(_verdict("prefill 1x32768 at 87.5%", _ratio((dense or {}).get("compiled_ms"),
+                                                         (sparse or {}).get("compiled_ms")),
+                        PREFILL_32K_MIN, True, "compiled dense ms / compiled block-gate ms"))
+    if data.get("real_model"):
+        dense, sparse = _row(pre, "prefill", 8192, 1, None), _row(pre, "prefill", 8192, 1, 0.5)
+        speed = _ratio((dense or {}).get("compiled_ms"), (sparse or {}).get("compiled_ms"))
+        ppl = _ratio((sparse or {}).get("ppl"), (dense or {}).get("ppl"))
+        both = None if speed is None or ppl is None else min(speed / REAL_8K_SPEED_MIN, REAL_8K_PPL_MAX / ppl)
+        v = _verdict("real model 1x8192 at 50%", both, 1.0, True,
+                     f"compiled speed-up {'-' if speed is None else f'{speed:.3f}'} (>= {REAL_8K_SPEED_MIN:g}), "
+                     f"ppl ratio {'-' if ppl is None else f'{ppl:.4f}'} (<= {REAL_8K_PPL_MAX:g}); value: the "
+                     "smaller margin, met at >= 1")
+        out.append(v)
+    dense, sparse = _row(dec, "decode", 32768, 8, None), _row(dec, "decode", 32768, 8, 0.875)
+    out.append(_verdict("decode attention 8x32768 at 87.5%", _ratio((dense or {}).get("attention_step_ms"),
+                                                                  (sparse or {}).get("attention_step_ms")),
+                        DECODE_ATTENTION_MIN, True, "dense attention ms / block-gate attention ms per step"))
+    out.append(_verdict("decode tokens/s 8x32768 at 87.5%", _ratio((sparse or {}).get("tokens_per_s"),
+                                                                 (dense or {}).get("tokens_per_s")),
+                        DECODE_E2E_MIN, True, "block-gate tokens/s / dense tokens/s"))
+    return out
+
+
+def markdown(targets: list[dict]) -> list[str]:
+    lines = ["| target | value | bound | met | what |", "|---|---|---|---|---|"]
+    for t in targets:
+        met = "not measured" if t["met"] is None else "yes" if t["met"] else "**no**"
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"| {t['target']} | {value} | {t['bound']} | {met} | {t['what']} |")
+    return lines
