@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile-blocks", action="store_true", help="Backend.compile_blocks: the gate's scores and "
                     "block lists from compiled graphs in the eager forward")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: prefill, decode, ppl, "
-                    "dynamic-cache (the dense decode row with transformers' DynamicCache)")
+                    "dynamic-cache (the dense decode row with transformers' DynamicCache), selection-compiled")
     ap.add_argument("--profile", action="store_true", help="also profile each row once (torch.profiler): the GPU's "
                     "busy share of the wall time and the top kernels (one prefill call; --profile-steps decode steps)")
     ap.add_argument("--profile-steps", type=int, default=4, help="decode steps profiled with --profile (default 4)")
@@ -105,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--budget-minutes", type=float, help="start no new row after this many minutes")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--tag", default="", help="appended to the output names: inference-<device>-<tag>.{json,md}")
     args = ap.parse_args(argv)
     if args.tiny:
         args.shape = "tiny"
@@ -274,6 +275,7 @@ def write(b: Bench) -> None:
     """The JSON and markdown, each replaced in one rename."""
     out = Path(b.args.out)
     slug = "inference-" + re.sub(r"[^a-z0-9]+", "-", b.data["device"].lower()).strip("-")
+    slug += f"-{b.args.tag}" if b.args.tag else ""
     with atomic_path(out / f"{slug}.json") as tmp:
         tmp.write_text(json.dumps(b.data, indent=1) + "\n")
     with atomic_path(out / f"{slug}.md") as tmp:
@@ -362,7 +364,7 @@ def layer_columns(b: Bench, row: dict, routing: Routing, cap: dict) -> None:
             every_layer = lambda: [select_layer(ctl, routing, g, cap) for g in ctl.gates]  # noqa: E731
             row["selection_ms"] = attempt(row, "selection", lambda: timed(every_layer, dev, args.iters,
                                                                            args.warmup)[0])
-            if b.compiled is not None:
+            if b.compiled is not None and "selection-compiled" not in args.skip.split(","):
                 fn = torch.compile(every_layer, mode=args.compile_mode, dynamic=False)
                 row["selection_compiled_ms"] = attempt(row, "selection compiled", lambda: timed(
                     fn, dev, args.iters, max(args.warmup, 3))[0])
