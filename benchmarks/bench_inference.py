@@ -31,14 +31,12 @@ import argparse
 import json
 import re
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface, DynamicCache
 
@@ -364,6 +362,8 @@ def layer_columns(b: Bench, row: dict, routing: Routing, cap: dict) -> None:
             every_layer = lambda: [select_layer(ctl, routing, g, cap) for g in ctl.gates]  # noqa: E731
             row["selection_ms"] = attempt(row, "selection", lambda: timed(every_layer, dev, args.iters,
                                                                            args.warmup)[0])
+            if args.profile:
+                row["selection_profile"] = attempt(row, "selection profile", lambda: profile(every_layer, dev, 1))
             if b.compiled is not None and "selection-compiled" not in args.skip.split(","):
                 fn = torch.compile(every_layer, mode=args.compile_mode, dynamic=False)
                 row["selection_compiled_ms"] = attempt(row, "selection compiled", lambda: timed(
@@ -445,7 +445,7 @@ def decode_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int, dynam
     """Greedy decoding with the KV cache: the prefill of ids (the first new token from its last logits), then
     `steps` forwards of one token per sequence. Times of each phase, the steps+1 new tokens, peak memory; with
     profile_steps, a profile of that many further steps."""
-    model, dev = b.model, b.device
+    dev = b.device
     cache = new_cache(b, ids.shape[1] + steps + profile_steps + 1, dynamic)
     if b.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
@@ -497,11 +497,35 @@ def profile(fn, dev, calls: int, top: int = 10) -> dict:
                 top=[dict(name=n[:90], ms=ms, launches=c // calls) for n, (ms, c) in tops])
 
 
+def graph_ms(fn, replays: int = 100) -> float:
+    """GPU time of one call of fn: fn captured once in a CUDA graph, then the mean over `replays` back-to-back replays
+    (no host launch or synchronisation per call)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def decode_attention(b: Bench, routing: Routing, B: int, T: int) -> dict:
     """One layer's attention for one new token per sequence at position T over a cache of T + 1 positions (random
-    values of the model's shapes): gatelab's dense path (what the dense rows run: SDPA with the cache repeated to the
-    query heads) and SDPA with grouped-query heads (no copy); or block_decode_attention, its kept blocks chosen in
-    the warm-up (block-random's fixed choice: the per-step cost does not depend on which blocks)."""
+    values of the model's shapes): gatelab's dense path (what the dense rows run: SDPA over the key/value heads), or
+    block_decode_attention, its kept blocks chosen in the warm-up (block-random's fixed choice: the per-step cost does
+    not depend on which blocks). Per call with the host's launch and a synchronisation (median), and on CUDA the GPU
+    time alone (graph_ms)."""
     cfg, args, dev = b.model.config, b.args, b.device
     H, Hk = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -510,13 +534,17 @@ def decode_attention(b: Bench, routing: Routing, B: int, T: int) -> dict:
     k, v = (torch.randn(B, Hk, T + 1, D, device=dev, dtype=b.dtype, generator=g) for _ in range(2))
     q = q_all[:, :, -1:]
     with torch.no_grad():
-        if not routing.is_block:
-            return dict(attention_step_ms=timed(lambda: dense_attention(q, k, v), dev, args.iters, args.warmup)[0])
-        cache = BlockDecodeCache()
-        cache.extend(q_all, None, 0)
-        r = replace(routing, mode="block-random")
-        return dict(attention_step_ms=timed(lambda: block_decode_attention(q, k, v, r, cache), dev, args.iters,
-                                            args.warmup)[0])
+        if routing.is_block:
+            cache = BlockDecodeCache()
+            cache.extend(q_all, None, 0)
+            r, kernels = replace(routing, mode="block-random"), b.ctl.backend.kernels
+            call = lambda: block_decode_attention(q, k, v, r, cache, kernels=kernels)  # noqa: E731
+        else:
+            call = lambda: dense_attention(q, k, v)  # noqa: E731
+        out = dict(attention_step_ms=timed(call, dev, args.iters, args.warmup)[0])
+        if b.cuda:
+            out["attention_step_gpu_ms"] = graph_ms(call)
+    return out
 
 
 def decode_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None, dynamic: bool = False) -> dict:
@@ -640,7 +668,8 @@ def prefill_table(data: dict) -> list[str]:
 
 def decode_table(data: dict) -> list[str]:
     lines = ["| context | batch | routing | sparsity (block_k) | keys read | prefill ms | decode ms / step | "
-             "tokens/s | vs dense | same tokens as dense (agreement) | attention ms / step, one layer | peak GiB |",
+             "tokens/s | vs dense | same tokens as dense (agreement) | attention ms / step, one layer (per call / GPU) | "
+             "peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["decode"]:
         label = r["routing"] + (" (transformers DynamicCache)" if r.get("kv_cache", "in-place") != "in-place" else "")
@@ -651,6 +680,8 @@ def decode_table(data: dict) -> list[str]:
         same = r.get("same_tokens_as_dense")
         same_cell = "-" if same is None else f"{'yes' if same else 'no'} ({r['token_agreement']:.3f})"
         attn = fmt(r.get("attention_step_ms"), 3)
+        if r.get("attention_step_gpu_ms") is not None:
+            attn += f" / {fmt(r['attention_step_gpu_ms'], 4)}"
         lines.append(f"{head} {100 * r['keys_read_share']:.1f}% | {fmt(r.get('prefill_ms'), 2)} | "
                      f"{fmt(r.get('ms_per_step'), 2)} | {fmt(r.get('tokens_per_s'), 1)} | {times(r.get('speedup'))} | "
                      f"{same_cell} | {attn} | {gib(r.get('peak_mib'))} |")
@@ -691,29 +722,35 @@ def legend(data: dict) -> list[str]:
         "(bf16 on random weights: nearly flat logits, so a rounding difference can flip a token).",
         "- *attention ms / step, one layer*: one new token per sequence over a cache of context + 1 positions "
         "(random values of the model's shapes): gatelab's dense path (SDPA over the cache's key/value heads, "
-        "grouped-query, what the dense rows run), or `block_decode_attention` (the kept blocks gathered from the "
-        "key/value heads; the selection, made once per query block, in the warm-up).",
+        "grouped-query, what the dense rows run), or `block_decode_attention` (the kept blocks read from the "
+        "key/value heads, by the Triton kernel where it serves; the selection, made once per query block, in the "
+        "warm-up). *Per call*: median of calls each launched and synchronised (host time included); *GPU*: one "
+        "call captured in a CUDA graph, mean of 100 replays (the kernels' own time; CUDA only).",
         "- decode rows use gatelab's KV cache that appends in place (`gatelab.hf.cache.kv_cache`, sized for the "
         "prompt and the new tokens); the dense row marked *transformers DynamicCache* uses transformers' own cache, "
         "which concatenates each step onto the whole cache, and its *vs dense* is against the in-place dense row.",
-        "- *Profiles* (--profile): one prefill call (the compiled one when measured) and a few decode steps under "
+        "- *Profiles* (--profile): one prefill call (the compiled one when measured), the selection of every layer "
+        "(as in *selection ms*) and a few decode steps under "
         "torch.profiler: wall ms per call, the sum of GPU kernel times per call (below the wall time when the GPU "
         "waits on the CPU: launch-bound), kernel launches per call and the kernels with the most GPU time.",
     ]
 
 
 def profiles(data: dict) -> list[str]:
-    rows = [r for r in data["prefill"] + data["decode"] if r.get("profile")]
+    rows = [(r, key) for r in data["prefill"] + data["decode"] for key in ("profile", "selection_profile")
+            if r.get(key)]
     if not rows:
         return []
     lines = ["", "## Profiles", ""]
-    for r in rows:
-        p = r["profile"]
+    for r, key in rows:
+        p = r[key]
         cache = " (transformers DynamicCache)" if r.get("kv_cache", "in-place") != "in-place" else ""
         busy = "-" if p["gpu_kernel_ms"] is None else f"{p['gpu_kernel_ms']:.2f}"
         launches = "-" if p["kernels_per_call"] is None else f"{p['kernels_per_call']:.0f}"
+        what = "the selection of every layer" if key == "selection_profile" else "call" if r["kind"] == "prefill" \
+            else "step"
         lines.append(f"- **{r['kind']} {r['context']} x{r['batch']} {r['routing']}{cache}**: {p['wall_ms']:.2f} ms "
-                     f"wall per {'call' if r['kind'] == 'prefill' else 'step'}, GPU kernels {busy} ms, "
+                     f"wall per {what}, GPU kernels {busy} ms, "
                      f"{launches} launches; top ({'GPU' if p['gpu_kernel_ms'] is not None else 'self CPU'} ms): "
                      + "; ".join(
                          f"`{k['name']}` {k['ms']:.3f} ms x{k['launches']}" for k in p["top"][:6]))

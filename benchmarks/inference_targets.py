@@ -14,6 +14,13 @@ A target whose rows are missing (not run, failed, over budget) reads "not measur
   context, 87.5% block sparsity, >= 4.
 - decode-e2e-32k: decode tokens/s, block-gate over dense (both with the in-place KV cache), batch 8, 32K tokens,
   87.5% block sparsity, >= 1.5.
+
+Revised after the first run (benchmarks/results/inference/, run 1), shown beside the first and not replacing it:
+- decode-attention-32k (GPU time): the same ratio and bound (>= 4) on the attention's GPU time, one call captured in
+  a CUDA graph and replayed (attention_step_gpu_ms). Why: the first criterion's per-call time launches and
+  synchronises each call, and on the H200 host one decode attention call costs 0.1-0.4 ms of host time against tens
+  of microseconds of GPU work, so it compares launch overheads, not attention. The first criterion's verdict stays
+  in the table.
 """
 from __future__ import annotations
 
@@ -83,6 +90,9 @@ def evaluate(data: dict) -> list[dict]:
     out.append(_verdict("decode attention 8x32768 at 87.5%", _ratio((dense or {}).get("attention_step_ms"),
                                                                   (sparse or {}).get("attention_step_ms")),
                         DECODE_ATTENTION_MIN, True, "dense attention ms / block-gate attention ms per step"))
+    out.append(_verdict("decode attention, GPU time (revised after run 1) 8x32768 at 87.5%",
+                        _ratio((dense or {}).get("attention_step_gpu_ms"), (sparse or {}).get("attention_step_gpu_ms")),
+                        DECODE_ATTENTION_MIN, True, "the same ratio on the GPU time (CUDA graph replay)"))
     out.append(_verdict("decode tokens/s 8x32768 at 87.5%", _ratio((sparse or {}).get("tokens_per_s"),
                                                                  (dense or {}).get("tokens_per_s")),
                         DECODE_E2E_MIN, True, "block-gate tokens/s / dense tokens/s"))
@@ -96,3 +106,21 @@ def markdown(targets: list[dict]) -> list[str]:
         value = "-" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"| {t['target']} | {value} | {t['bound']} | {met} | {t['what']} |")
     return lines
+
+
+def main(paths: list[str]) -> None:
+    """The targets over the rows of several bench_inference.py JSON files (the runs they read are separate)."""
+    import json
+    data = dict(prefill=[], decode=[], layers=None, real_model=False)
+    for p in paths:
+        d = json.loads(open(p).read())
+        data["prefill"] += d["prefill"]
+        data["decode"] += d["decode"]
+        data["layers"] = data["layers"] or d.get("layers")
+        data["real_model"] = data["real_model"] or d.get("real_model", False)
+    print("\n".join(markdown(evaluate(data))))
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

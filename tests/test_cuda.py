@@ -67,3 +67,28 @@ def test_factor_threshold_matches_the_threshold_of_formed_scores_at_the_training
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(tau), finite)
     torch.testing.assert_close(tau[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("B, H, Hk, S, n", [(8, 9, 3, 32769, 17), (1, 32, 8, 8193, 5), (2, 9, 3, 4097, 33)])
+def test_block_decode_kernel_at_decoding_shapes(B, H, Hk, S, n):
+    """The block-decoding kernel against its torch reference at SmolLM2 and Llama-like decoding shapes (128-token
+    blocks, head size 64, a cache with room past the filled part), split over programs and in one."""
+    import gatelab.kernels.block_decode as kb
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bs, D = 128, 64
+    q = torch.randn(B, H, 1, D, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(B, Hk, S + 300, D, device="cuda", generator=g).bfloat16()[:, :, :S] for _ in range(2))
+    own = (S - 1) // bs
+    scores = torch.rand(B, H, own, device="cuda", generator=g)
+    earlier = scores.topk(min(n - 1, own), dim=-1).indices.sort(-1).values
+    idx = torch.cat([earlier, torch.full((B, H, 1), own, device="cuda")], -1).to(torch.int32)
+    idx[:, ::2, 0] = -1  # rows keeping one block fewer
+    ref = kb.block_decode_reference(q, k, v, idx, S - 1, bs)
+    for programs in (kb.TARGET_PROGRAMS, 1):
+        kb.TARGET_PROGRAMS, saved = programs, kb.TARGET_PROGRAMS
+        try:
+            got = kb.block_decode(q, k, v, idx, S - 1, bs)
+        finally:
+            kb.TARGET_PROGRAMS = saved
+        torch.cuda.synchronize()
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gatelab.attention.backend import Backend, default_backend
 from gatelab.attention.block_attention import block_routed_attention
@@ -30,6 +31,10 @@ from gatelab.attention.soft import soft_attention
 from gatelab.config import GatelabError, Routing
 from gatelab.kernels.triton_support import available
 
+# A decoding step's SDPA (one query, every key): flash reads grouped-query heads in place and serves every cache
+# length with the same kernel; cuDNN, which SDPA would otherwise pick on Hopper, plans anew for each new key length,
+# which costs more host time per step than the attention itself.
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 @dataclass(frozen=True)
 class GateScores:
@@ -87,7 +92,8 @@ def dense_attention(q, k, v, allowed: torch.Tensor | None = None, scale: float |
     """SDPA over the allowed keys (flash when plainly causal); a query with no allowed key gets 0."""
     H, T, S = q.shape[1], q.shape[2], k.shape[2]
     if allowed is None and T == 1:  # one new query per sequence (decoding): every key, read once per key/value head
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout, enable_gqa=k.shape[1] != H)
+        with sdpa_kernel(DECODE_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout, enable_gqa=k.shape[1] != H)
     k, v = repeat_kv(k, H), repeat_kv(v, H)
     if allowed is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)

@@ -4,9 +4,10 @@ A query block's earlier key blocks are chosen by the previous query block's row 
 `previous_block_rows`), which reads only complete blocks. So the selection of block i is fixed once block i-1 is
 complete: it is computed once, when block i's first query arrives, from the queries and keys seen so far (the same
 scores the whole-sequence path computes, so decoding keeps exactly the blocks a prefill of the same tokens keeps),
-and reused for every query of block i. A new query then attends to the selected blocks' keys and values, gathered
+and reused for every query of block i. A new query then attends to the selected blocks' keys and values, read
 from the cache's key/value heads (grouped-query heads are not copied), plus its own block up to itself:
-(block_k + 1) x block_size keys instead of the whole cache.
+(block_k + 1) x block_size keys instead of the whole cache. With kernels (Backend.kernels) on CUDA one Triton kernel
+reads them in place (kernels/block_decode.py); otherwise its torch reference gathers them.
 """
 from __future__ import annotations
 
@@ -19,19 +20,20 @@ from gatelab.attention.block_attention import selection_scores
 from gatelab.attention.blocks import select_blocks
 from gatelab.attention.masks import causal_rows, repeat_kv
 from gatelab.config import GatelabError, Routing
+from gatelab.kernels.block_decode import block_decode, block_decode_reference
 
 
 @dataclass
 class BlockDecodeCache:
     """One layer's decoding state: the queries (B, H, S, D) and layer inputs (B, S, C) seen so far, in buffers that
     grow by a quarter when full (a step appends in place instead of copying the whole history), and, per query
-    block, its kept key blocks and the cache positions they cover."""
+    block, its kept key blocks and their list (B, H, n) (block indices ascending, -1 where a row keeps fewer)."""
 
     length: int = 0
     q_buf: torch.Tensor | None = None
     x_buf: torch.Tensor | None = None
     kept: dict = field(default_factory=dict)
-    positions: dict = field(default_factory=dict)
+    lists: dict = field(default_factory=dict)
 
     @property
     def q(self) -> torch.Tensor | None:
@@ -45,7 +47,7 @@ class BlockDecodeCache:
         """Append the queries (B, H, T, D) and inputs (B, T, C) of positions start .. start + T - 1; a call at
         position 0 (a new prompt) starts over."""
         if start == 0:
-            self.length, self.q_buf, self.x_buf, self.kept, self.positions = 0, None, None, {}, {}
+            self.length, self.q_buf, self.x_buf, self.kept, self.lists = 0, None, None, {}, {}
         elif start != self.length:
             raise GatelabError("block decoding lost track of the sequence: its cache holds "
                                f"{self.length} positions, the model is at {start}")
@@ -84,9 +86,10 @@ def kept_blocks(cache: BlockDecodeCache, k, routing: Routing, gate_scores, layer
 
 
 def block_decode_attention(q, k, v, routing: Routing, cache: BlockDecodeCache, *, gate_scores=None, layer: int = 0,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, kernels: bool = False) -> torch.Tensor:
     """Attention of the new queries q (B, H, T, D) (the last T of S positions, cache.extend'ed already) over the
-    cached keys and values k, v (B, Hk, S, D) under a hard block routing, reading only the kept blocks."""
+    cached keys and values k, v (B, Hk, S, D) under a hard block routing, reading only the kept blocks; kernels:
+    one new query per sequence through the Triton kernel where it serves the tensors."""
     if routing.mode == "block-soft":
         raise GatelabError("block-soft reweights every key block: decode with block-gate, block-oracle or "
                            "block-random")
@@ -95,10 +98,11 @@ def block_decode_attention(q, k, v, routing: Routing, cache: BlockDecodeCache, *
     first = S - T
     if T == 1:
         block = first // bs
-        if block not in cache.positions:
+        if block not in cache.lists:
             keep = kept_blocks(cache, k, routing, gate_scores, layer, block, scale)
-            cache.positions[block] = _kept_positions(keep, B, H, min(routing.block_k, block) + 1, bs)
-        return _gathered_attention(q, k, v, *cache.positions[block], first, scale)
+            cache.lists[block] = kept_list(keep, B, H, min(routing.block_k, block) + 1)
+        attend_kept = block_decode if kernels else block_decode_reference
+        return attend_kept(q, k, v, cache.lists[block], first, bs, scale)
     allowed = torch.zeros(B, H, T, S, dtype=torch.bool, device=q.device)
     for t in range(T):  # several new queries (a chunk of a prompt): each one's blocks as a token mask
         keep = kept_blocks(cache, k, routing, gate_scores, layer, (first + t) // bs, scale)
@@ -115,27 +119,10 @@ def _pad_blocks(keep: torch.Tensor, S: int, bs: int) -> torch.Tensor:
     return wide[..., torch.arange(S, device=keep.device) // bs]
 
 
-def _kept_positions(keep: torch.Tensor, B: int, H: int, n_kept: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache positions (B, H, n_kept * bs) of a query block's kept blocks (n_kept: the most any row keeps,
-    block_k earlier blocks and its own, known without reading the mask back), and which of them a row keeps
-    (False for the padding of rows that keep fewer blocks)."""
+def kept_list(keep: torch.Tensor, B: int, H: int, n_kept: int) -> torch.Tensor:
+    """(B, H, n_kept) int32: the kept block indices of each row of keep (B|1, H, nb') in ascending order, -1 past a
+    row's last (n_kept: the most any row keeps, block_k earlier blocks and its own, known without reading the mask
+    back)."""
     keep = keep.expand(B, H, keep.shape[-1])
     order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_kept]
-    valid = torch.gather(keep, -1, order)
-    pos = (order[..., None] * bs + torch.arange(bs, device=keep.device)).flatten(-2)
-    return pos, valid.repeat_interleave(bs, dim=-1)
-
-
-def _gathered_attention(q, k, v, pos: torch.Tensor, valid: torch.Tensor, position: int,
-                        scale: float | None) -> torch.Tensor:
-    """One query per (batch, query head) at `position` over the kept positions pos (B, H, L) of the cache's k, v
-    (B, Hk, S, D): gathered from each query head's key/value head (no copy of the cache to the query heads), the
-    query's own block cut at the query, the padding masked."""
-    B, H, _, D = q.shape
-    Hk, S = k.shape[1], k.shape[2]
-    ok = valid & (pos <= position)
-    idx = pos.clamp(max=S - 1).view(B, Hk, -1)  # query heads h = j * G + g read key/value head j
-    idx = idx[..., None].expand(B, Hk, idx.shape[-1], D)
-    kg = torch.gather(k, 2, idx).view(B, H, -1, D)
-    vg = torch.gather(v, 2, idx).view(B, H, -1, D)
-    return F.scaled_dot_product_attention(q, kg, vg, attn_mask=ok[:, :, None, :], scale=scale)
+    return torch.where(torch.gather(keep, -1, order), order, -1).to(torch.int32)

@@ -120,7 +120,7 @@ def decode_block_layer(ctl, state: dict, routing: Routing, query, key, value, al
         scores = lambda: gate(cache.x, routing.block_size, None, q=cache.q, k=key,  # noqa: E731
                               compiled=ctl.backend.compile_blocks).float()
     return block_decode_attention(query, key, value, routing, cache, gate_scores=scores, layer=state["layer"],
-                                  scale=scaling)
+                                  scale=scaling, kernels=ctl.backend.kernels)
 
 
 def layer_gate(ctl, state: dict, routing: Routing, query, key, allowed) -> GateScores | None:
