@@ -549,3 +549,23 @@ def test_block_selection_is_causal(mode):
     if mode == "block-soft":
         for reading in ("sigmoid-renorm", "topk-sigmoid", "topk-sigmoid-renorm"):
             assert future_token_influence(mode, reading) == 0.0
+
+
+@pytest.mark.parametrize("pool", ["mean", "max-min"])
+def test_whole_block_pooling_reads_strided_inputs_like_the_masked_path(pool):
+    """Whole blocks with every token valid are pooled through a view (heads transposed, keys on their own heads, then
+    repeated): the same pooled values and qk gate factors as the padded, masked path it skips."""
+    from gatelab.attention.gates import _qk_projections, pool_blocks
+    torch.manual_seed(0)
+    B, H, Hk, T, D, bs = 2, 4, 2, 24, 8, 4
+    q = torch.randn(B, T, H, D).transpose(1, 2)  # strided, as a model's projected queries are
+    k = torch.randn(B, T, Hk, D).transpose(1, 2)
+    wq, wk = torch.randn(H, D, 5), torch.randn(H, 2 * D if pool == "max-min" else D, 5)
+    every = torch.ones(1, T, dtype=torch.bool)
+    for how in ("mean", "max", "min"):
+        x = q.reshape(B * H, T, D)
+        torch.testing.assert_close(pool_blocks(x, bs, how), pool_blocks(x, bs, how, every), rtol=0, atol=1e-6)
+    fast = _qk_projections(q, k, wq, wk, bs, pool, None)
+    masked = _qk_projections(q, k, wq, wk, bs, pool, every)
+    for a, b in zip(fast, masked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -55,6 +55,8 @@ def pool_blocks(x: torch.Tensor, block_size: int, how: str, valid: torch.Tensor 
     last block may be shorter; only its real tokens count). valid: optional (B|1, T) bool, the tokens to pool
     (e.g. not padding); a block with none pools to 0."""
     B, T, C = x.shape
+    if valid is None and T % block_size == 0:  # whole blocks, every token: a view, no padded or masked copy
+        return pool_whole_blocks(x, block_size, how)
     nb = n_blocks(T, block_size)
     pad = nb * block_size - T
     ok = torch.ones(1, T, dtype=torch.bool, device=x.device) if valid is None else valid
@@ -66,6 +68,15 @@ def pool_blocks(x: torch.Tensor, block_size: int, how: str, valid: torch.Tensor 
     pooled = xs.masked_fill(~ok, fill)
     pooled = pooled.amax(2) if how == "max" else pooled.amin(2)
     return pooled.masked_fill(~ok.any(2), 0.0)
+
+
+def pool_whole_blocks(x: torch.Tensor, block_size: int, how: str) -> torch.Tensor:
+    """x (..., T, C) with T a multiple of block_size -> (..., T / block_size, C): mean (sum / block_size), max or min
+    over each block, read through a view of x (strided x included, e.g. heads transposed)."""
+    blocks = x.unflatten(-2, (x.shape[-2] // block_size, block_size))
+    if how == "mean":
+        return blocks.sum(-2) / block_size
+    return blocks.amax(-2) if how == "max" else blocks.amin(-2)
 
 
 class BlockGate(nn.Module):
@@ -164,9 +175,15 @@ def qk_block_factors(q, k, wq, wk, block_size: int, pool: str, valid: torch.Tens
 
 def _qk_projections(q, k, wq, wk, block_size: int, pool: str, valid: torch.Tensor | None):
     B, H, T, D = q.shape
-    per_head = None if valid is None else valid.expand(B, T).repeat_interleave(H, dim=0)
-    xq = pool_blocks(q.reshape(B * H, T, D), block_size, "mean", per_head)
-    xk = pool_keys(repeat_kv(k, H).reshape(B * H, T, D), block_size, pool, per_head)
+    if valid is None and T % block_size == 0:  # pooled in place, keys on their own heads, then repeated
+        xq = pool_whole_blocks(q, block_size, "mean").reshape(B * H, -1, D)
+        xk = (pool_whole_blocks(k, block_size, "mean") if pool == "mean" else
+              torch.cat([pool_whole_blocks(k, block_size, "max"), pool_whole_blocks(k, block_size, "min")], -1))
+        xk = repeat_kv(xk, H).reshape(B * H, xq.shape[1], -1)
+    else:
+        per_head = None if valid is None else valid.expand(B, T).repeat_interleave(H, dim=0)
+        xq = pool_blocks(q.reshape(B * H, T, D), block_size, "mean", per_head)
+        xk = pool_keys(repeat_kv(k, H).reshape(B * H, T, D), block_size, pool, per_head)
     nb = xq.shape[1]
     gq = torch.einsum("bhnc,hcd->bhnd", xq.view(B, H, nb, -1), wq.to(q.dtype))
     gk = torch.einsum("bhnc,hcd->bhnd", xk.view(B, H, nb, -1), wk.to(q.dtype))

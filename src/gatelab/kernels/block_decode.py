@@ -23,7 +23,9 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 from gatelab.kernels.triton_support import _pow2, available
 
-TARGET_PROGRAMS = 264  # programs per launch to aim for: two per SM of an H100 / H200
+TARGET_PROGRAMS = 2048  # programs per launch to aim for (about 16 per SM of an H100 / H200): a decoding step reads
+# little, so its time is the latency of each program's loop over its blocks, which more, shorter shares cut
+MAX_SPLITS = 64  # shares per (batch, query head): the combine holds them all in registers
 
 
 def block_decode_reference(q, k, v, idx: torch.Tensor, position: int, block_size: int,
@@ -59,7 +61,7 @@ def block_decode(q, k, v, idx: torch.Tensor, position: int, block_size: int,
     n = idx.shape[-1]
     idx = idx.to(torch.int32).contiguous()
     scale = D ** -0.5 if scale is None else scale
-    splits = max(1, min(n, -(-TARGET_PROGRAMS // (B * H))))
+    splits = max(1, min(n, MAX_SPLITS, -(-TARGET_PROGRAMS // (B * H))))
     per_split = -(-n // splits)
     splits = -(-n // per_split)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
