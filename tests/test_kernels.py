@@ -274,14 +274,15 @@ def test_stochastic_kernel_keeps_fresh_uniform_subsets():
         B, H, T, k = 1, 1, 64, 8
         counts = torch.zeros(T)
         draws = []
-        for _ in range(200):
+        for _ in range(100):
             keep = topk.hashed_topk_keep(torch.randint(0, 1 << 32, (B, H, T)), k, T)
             assert torch.equal(keep.sum(-1)[0, 0], torch.arange(1, T + 1).clamp(max=k))
             counts += keep[0, 0, -1].float()
             draws.append(keep[0, 0, -1])
         assert not torch.equal(draws[0], draws[1])  # fresh each call
-        # each of the last row's 64 keys is kept with probability 8/64: 25 of 200 draws, sd ~4.7
-        assert counts.min() >= 5 and counts.max() <= 50, counts
+        # each of the last row's 64 keys is kept with probability 8/64: 12.5 of 100 draws, sd ~3.3 (a fixed subset
+        # would give 100 and 0)
+        assert counts.min() >= 2 and counts.max() <= 28, counts
         print("ok")
     """)
     assert out.strip().endswith("ok")
