@@ -50,7 +50,7 @@ from gatelab.attention.block_decode import BlockDecodeCache, block_decode_attent
 from gatelab.attention.blocks import select_blocks  # noqa: E402
 from gatelab.attention.flex import block_mask_from_factors, block_mask_from_scores, compiled_flex  # noqa: E402
 from gatelab.attention.masks import allowed_keys  # noqa: E402
-from gatelab.config import GatelabError, Routing, atomic_path  # noqa: E402
+from gatelab.config import COMPILE_MODES, GatelabError, Routing, atomic_path  # noqa: E402
 from gatelab.hf.adapter import ATTN_NAME, attach_block_gates, gatelab_attention, layer_gate  # noqa: E402
 from gatelab.hf.cache import cache_keyword, kv_cache  # noqa: E402
 from gatelab.hf.compile import compile_prefill  # noqa: E402
@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, help="timed calls per prefill measurement (median; default 10)")
     ap.add_argument("--warmup", type=int, help="untimed calls before them (default 3)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the model's forward (CUDA)")
-    ap.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+    ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                     help="torch.compile mode (reduce-overhead: CUDA graphs)")
     ap.add_argument("--traced-mask", action="store_true", help="compiled: keep the T x T causal mask transformers "
                     "builds while tracing (by default none for the unpadded prompts, as eagerly)")

@@ -57,6 +57,7 @@ DEFAULT_READING = "sigmoid"
 
 # Gate variants of the Hugging Face adapter (attention/position_gates.py; here so that the command line needs no torch to list them).
 POSITIONS = ("none", "rope", "qk")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes (hf-eval --compile)
 
 
 # The variant hf-distill, `reproduce --suite pretrained --position` and attach_gates use when none is named, and so

@@ -17,10 +17,9 @@ import functools
 
 import torch
 
-from gatelab.config import GatelabError
+from gatelab.config import COMPILE_MODES, GatelabError
 from gatelab.hf.adapter import ATTN_NAME
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 RECOMPILE_LIMIT = 64  # graphs per compiled forward: one per routing and prompt shape
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from gatelab.cli.arguments import (
     CORPORA, NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, SPLITS, add_block_gate_args, add_routing_args, csv_of
 )
-from gatelab.config import DEFAULT_POSITION, DEFAULT_READING, POSITION_HELP, POSITIONS, READINGS
+from gatelab.config import COMPILE_MODES, DEFAULT_POSITION, DEFAULT_READING, POSITION_HELP, POSITIONS, READINGS
 
 COMMANDS = "gatelab.cli.commands.hf"
 
@@ -29,7 +29,7 @@ def add_hf_eval(sub) -> None:
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--compile", action="store_true", help="run the model's forward through torch.compile (one "
                    "graph per routing; the first window of each routing pays the compile)")
-    p.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
