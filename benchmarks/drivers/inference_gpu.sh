@@ -6,9 +6,14 @@
 #              0 / 50 / 75 / 87.5% block sparsity, profiled
 #   prefill8k  8 x 8K: eager prefill, the selection and one layer's attention (the selection target), profiled
 #   prefill32k 1 x 32K: eager and compiled prefill, the selection and attention, profiled
-# SmolLM2-135M-shaped random weights; MODEL_ARGS="--model DIR --gguf FILE --gate GATES" for a real model.
+#   real8k     the real SmolLM2-135M at 8K, batch 1 and 8: eager and compiled prefill with perplexity beside each
+#              row (the real-model target), after benchmarks/drivers/smollm2_parts.sh (model in /tmp/smollm2) and a
+#              qk block gate distilled there (GATES=DIR, e.g. from `DISTILL_ARGS="--position qk"
+#              bash benchmarks/drivers/block_gpu.sh smollm2`)
+# SmolLM2-135M-shaped random weights but for real8k; MODEL_ARGS="--model DIR --gguf FILE --gate GATES" puts a real
+# model under the other parts.
 #
-#   bash benchmarks/drivers/inference_gpu.sh [decode prefill8k prefill32k]
+#   bash benchmarks/drivers/inference_gpu.sh [decode prefill8k prefill32k]   # GATES=DIR ... real8k
 set -uo pipefail
 OUT=${OUT:-/tmp/gatelab-out}
 mkdir -p "$OUT"
@@ -25,7 +30,12 @@ for part in "${@:-decode prefill8k prefill32k}"; do
       prefill32k) "${B[@]}" --tag prefill32k --contexts 32768 --batches 1 --skip decode,selection-compiled \
                     --sparsities 0.5,0.75,0.875 --compile --profile --budget-minutes "${PREFILL32K_MINUTES:-4}" \
                     || status=1;;
-      *) echo "unknown part $p (decode, prefill8k, prefill32k)" >&2; exit 2;;
+      real8k) [ -n "${GATES:-}" ] || { echo "real8k needs GATES=DIR (a qk block gate for /tmp/smollm2)" >&2; exit 2; }
+              PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/bench_inference.py --out "$OUT" --tag real8k \
+                --model /tmp/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --gate "$GATES" --contexts 8192 \
+                --batches 1,8 --sparsities 0.5,0.75,0.875 --compile --profile --skip decode,selection-compiled \
+                --budget-minutes "${REAL8K_MINUTES:-6}" || status=1;;
+      *) echo "unknown part $p (decode, prefill8k, prefill32k, real8k)" >&2; exit 2;;
     esac
   done
 done
