@@ -51,8 +51,10 @@ from gatelab.attention.blocks import select_blocks  # noqa: E402
 from gatelab.attention.flex import block_mask_from_factors, block_mask_from_scores, compiled_flex  # noqa: E402
 from gatelab.attention.masks import allowed_keys  # noqa: E402
 from gatelab.config import COMPILE_MODES, GatelabError, Routing, atomic_path  # noqa: E402
+from inference_targets import GRAPHED_CACHE  # noqa: E402
 from gatelab.hf.adapter import ATTN_NAME, attach_block_gates, gatelab_attention, layer_gate  # noqa: E402
 from gatelab.hf.cache import cache_keyword, kv_cache  # noqa: E402
+from gatelab.hf.graphed import fixed_decoding  # noqa: E402
 from gatelab.hf.compile import compile_prefill  # noqa: E402
 from gatelab.hf.corpus import encode_long_documents  # noqa: E402
 from gatelab.hf.evaluate import hf_perplexity_docs  # noqa: E402
@@ -61,6 +63,7 @@ from gatelab.kernels.triton_support import available  # noqa: E402
 # bf16 dense (no structured sparsity) tensor-core peaks, TFLOP/s, by a part of the device name; first match wins
 PEAK_BF16_TFLOPS = (("h200", 989.0), ("h100 pcie", 756.0), ("h100", 989.0), ("a100", 312.0))
 ROPE_THETA = 1_000_000.0  # random weights: a RoPE base for 32K-128K positions
+GRAPH_WARM_STEPS = 3  # a graphed decoding's first steps: each kind's eager warm-up and its recording
 TINY_PRESET = dict(contexts=[256], batches=[1, 2], block_size=16, new_tokens=16, iters=2, warmup=1)
 FULL_PRESET = dict(contexts=[8192, 32768], batches=[1, 8], block_size=128, new_tokens=64, iters=10, warmup=3)
 
@@ -82,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     default=[0.0, 0.5, 0.75, 0.875], help="target block sparsities (0: every block kept)")
     ap.add_argument("--block-size", type=int, help="routing block size (default 128)")
     ap.add_argument("--new-tokens", type=int, help="decode steps after the prefill (default 64)")
+    ap.add_argument("--graph-steps", type=int, default=320, help="decode steps of the CUDA-graphed rows (more than "
+                    "two query blocks, so that steps starting a block replay their graph too; the first %d are "
+                    "warm-up and recording, untimed)" % GRAPH_WARM_STEPS)
     ap.add_argument("--iters", type=int, help="timed calls per prefill measurement (median; default 10)")
     ap.add_argument("--warmup", type=int, help="untimed calls before them (default 3)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the model's forward (CUDA)")
@@ -94,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile-blocks", action="store_true", help="Backend.compile_blocks: the gate's scores and "
                     "block lists from compiled graphs in the eager forward")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: prefill, decode, ppl, "
-                    "dynamic-cache (the dense decode row with transformers' DynamicCache), selection-compiled")
+                    "dynamic-cache (the dense decode row with transformers' DynamicCache), graphs (the decode rows "
+                    "over a cache of fixed size with CUDA-graphed steps), selection-compiled")
     ap.add_argument("--profile", action="store_true", help="also profile each row once (torch.profiler): the GPU's "
                     "busy share of the wall time and the top kernels (one prefill call; --profile-steps decode steps)")
     ap.add_argument("--profile-steps", type=int, default=4, help="decode steps profiled with --profile (default 4)")
@@ -185,6 +192,7 @@ def build(args) -> Bench:
     data = dict(device=name, torch=torch.__version__, transformers=transformers.__version__,
                 command="python " + shlex.join(sys.argv), model_note=note, dtype=str(dtype).replace("torch.", ""),
                 block_size=args.block_size, iters=args.iters, warmup=args.warmup, new_tokens=args.new_tokens,
+                graph_steps=args.graph_steps,
                 compile=compile_on, compile_mode=args.compile_mode if compile_on else None,
                 compile_note=None if compile_on or not args.compile else "torch.compile is timed on CUDA only",
                 compile_mask=None, layers=cfg.num_hidden_layers, real_model=bool(args.model),
@@ -240,7 +248,7 @@ def settings(b: Bench, T: int) -> list[tuple]:
     out = [(None, None, None, Routing())]
     for target, bk, achieved in distinct_block_ks(T // bs, b.args.sparsities, minimum=1):
         if bk == T // bs - 1:  # every earlier block of the prompt: keep those of the new tokens as well
-            bk = -(-(T + b.args.new_tokens + 1) // bs)
+            bk = -(-(T + max(b.args.new_tokens, b.args.graph_steps) + 1) // bs)
         out.append((target, bk, round(achieved, 4), Routing(mode="block-gate", block_size=bs, block_k=bk)))
     return out
 
@@ -579,11 +587,63 @@ def decode_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None
     return row
 
 
+def graphed_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int) -> dict:
+    """Greedy decoding over a cache of fixed size with CUDA-graphed steps (hf/graphed.py; eager steps without CUDA):
+    the prefill, then `steps` steps, the first GRAPH_WARM_STEPS untimed."""
+    dev = b.device
+    if b.cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    with fixed_decoding(b.model, routing, ids.shape[1] + steps + 1, graphs=b.cuda) as decoder:
+        sync(dev)
+        t0 = time.perf_counter()
+        new = [decoder.prefill(ids).clone()]
+        sync(dev)
+        t1 = time.perf_counter()
+        for i in range(steps):
+            if i == GRAPH_WARM_STEPS:
+                sync(dev)
+                t2 = time.perf_counter()
+            new.append(decoder.step().clone())
+        sync(dev)
+        t3 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if b.cuda else None
+    return dict(prefill_ms=1000 * (t1 - t0), decode_ms=1000 * (t3 - t2), timed_steps=steps - GRAPH_WARM_STEPS,
+                tokens=torch.stack(new, 1).cpu(), peak_mib=peak)
+
+
+def graphed_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None) -> dict:
+    """One decode row with CUDA-graphed steps (--graph-steps of them); its speed and tokens against `dense`: the
+    graphed dense row for a block row, the eager in-place dense row for the graphed dense row."""
+    target, bk, achieved, r = setting
+    N = b.args.graph_steps
+    row = dict(kind="decode", context=T, batch=B, routing=r.label(), block_k=bk, target_sparsity=target,
+               sparsity=achieved if r.is_block else 0.0, new_tokens=N,
+               kv_cache=GRAPHED_CACHE if b.cuda else "fixed, eager")
+    row["keys_read_share"] = (min(bk, T // r.block_size) * r.block_size + 1) / (T + 1) if r.is_block else 1.0
+    release(b.model)
+    res = attempt(row, "decode", lambda: graphed_once(b, r, ids, N))
+    release(b.model)
+    if res:
+        tokens = res.pop("tokens")
+        n = res["timed_steps"]
+        row.update(res, ms_per_step=res["decode_ms"] / n, tokens_per_s=B * n / (res["decode_ms"] / 1000),
+                   tokens=tokens.tolist())
+        if dense and dense.get("tokens"):
+            theirs = torch.tensor(dense["tokens"])
+            n = min(theirs.shape[1], tokens.shape[1])  # the eager dense row decodes fewer steps
+            same = tokens[:, :n] == theirs[:, :n]
+            row.update(same_tokens_as_dense=bool(same.all()), token_agreement=float(same.float().mean()),
+                       first_difference=None if bool(same.all()) else int(same.all(0).logical_not().nonzero()[0]))
+        theirs = (dense or {}).get("tokens_per_s")
+        row["speedup"] = row["tokens_per_s"] / theirs if theirs else None
+    return row
+
+
 # ------------------------------------------------------------------------------------------------------------
 def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
     """The rows of one kind (prefill or decode) at context T and batch B, dense first; JSON after each."""
     make = prefill_row if kind == "prefill" else decode_row
-    dense = None
+    dense = dense_graphed = None
     for setting in settings(b, T):
         r = setting[3]
         if b.budget.over():
@@ -596,6 +656,9 @@ def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
             dense = rows[0]
             if kind == "decode" and "dynamic-cache" not in b.args.skip.split(","):
                 rows.append(decode_row(b, T, B, ids, setting, dense, dynamic=True))
+        if kind == "decode" and "graphs" not in b.args.skip.split(",") and r.mode in ("dense", "block-gate"):
+            rows.append(graphed_row(b, T, B, ids, setting, dense_graphed if r.is_block else dense))
+            dense_graphed = dense_graphed or (None if r.is_block else rows[-1])
         for row in rows:
             b.data[kind].append(row)
             write(b)
@@ -672,7 +735,9 @@ def decode_table(data: dict) -> list[str]:
              "peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["decode"]:
-        label = r["routing"] + (" (transformers DynamicCache)" if r.get("kv_cache", "in-place") != "in-place" else "")
+        cache = r.get("kv_cache", "in-place")
+        label = r["routing"] + ("" if cache == "in-place" else " (transformers DynamicCache)" if "Dynamic" in cache
+                                else f" ({cache})")
         head = f"| {r['context']} | {r['batch']} | {label} | {setting_cell(r)} |"
         if "skipped" in r:
             lines.append(f"{head} skipped ({r['skipped']}) |" + " |" * 7)
@@ -729,6 +794,11 @@ def legend(data: dict) -> list[str]:
         "- decode rows use gatelab's KV cache that appends in place (`gatelab.hf.cache.kv_cache`, sized for the "
         "prompt and the new tokens); the dense row marked *transformers DynamicCache* uses transformers' own cache, "
         "which concatenates each step onto the whole cache, and its *vs dense* is against the in-place dense row.",
+        "- rows marked *fixed, CUDA graphs* decode over a cache of fixed size with every step replayed from a CUDA "
+        "graph (`gatelab.hf.graphed`; *fixed, eager*: the same steps without CUDA): "
+        f"{data.get('graph_steps', '-')} steps, the first {GRAPH_WARM_STEPS} (each kind of step's eager warm-up and "
+        "its recording) untimed; *vs dense* and *same tokens*: a graphed block row against the graphed dense row, the "
+        "graphed dense row against the in-place dense row.",
         "- *Profiles* (--profile): one prefill call (the compiled one when measured), the selection of every layer "
         "(as in *selection ms*) and a few decode steps under "
         "torch.profiler: wall ms per call, the sum of GPU kernel times per call (below the wall time when the GPU "

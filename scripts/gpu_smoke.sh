@@ -99,11 +99,15 @@ hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own token
     for bk in 1 64; do  # generation with the KV cache reading each query block's kept blocks; 64: every block
       echo "hf-generate-block-k$bk ${GL[*]} generate --model $R/tiny-llama --gate $R/hf-block-qk --prompt-file $R/prompt.txt --max-new-tokens 40 --block-k $bk --compare --json $R/hf-generate-k$bk.json"
     done
+    for bk in 1 64; do  # the same, each step replayed from a CUDA graph over a cache of fixed size
+      echo "hf-generate-graphs-block-k$bk ${GL[*]} generate --model $R/tiny-llama --gate $R/hf-block-qk --prompt-file $R/prompt.txt --max-new-tokens 60 --block-k $bk --cuda-graphs --compare --json $R/hf-generate-graphs-k$bk.json"
+    done
     echo "hf-generate-dense ${GL[*]} generate --model $R/tiny-llama --routing dense --prompt-file $R/prompt.txt --max-new-tokens 40"
     echo "hf-audit-rope ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl-rope --k 16 --max-tokens 4096"
     echo "hf-audit ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl --k 16 --max-tokens 4096"
   } | pool
   check hf-generate-every-block-is-dense python -c "import json, sys; d = json.load(open(sys.argv[1])); assert d['agreement'] == 1.0, d" "$R/hf-generate-k64.json"
+  check hf-generate-graphs-every-block-is-dense python -c "import json, sys; d = json.load(open(sys.argv[1])); assert d['agreement'] == 1.0, d" "$R/hf-generate-graphs-k64.json"
   check hf-reproduce-smoke "${GL[@]}" reproduce --suite pretrained --protocol smoke --model "$R/tiny-llama" --out "$R/hf-suite" --runs "$R/hf-suite-runs" --quiet
 }
 reproduce_lane &

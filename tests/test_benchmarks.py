@@ -51,8 +51,8 @@ def test_bench_block_smoke(tmp_path):
 def test_bench_inference_tiny_runs_on_cpu(tmp_path):
     """bench_inference.py --tiny on CPU: prefill and decode rows for dense and block-gate with finite times, and the
     block routing that keeps every block decodes dense's greedy tokens."""
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_inference.py"), "--tiny", "--out",
-                        str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_inference.py"), "--tiny", "--graph-steps",
+                        "40", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     data = json.loads((tmp_path / "inference-cpu.json").read_text())
     assert data["device"] == "cpu" and data["finished"] and data["block_size"] == 16
@@ -67,10 +67,15 @@ def test_bench_inference_tiny_runs_on_cpu(tmp_path):
     assert all(row.get("compiled_ms") is None and row.get("attention_tflops") is None for row in data["prefill"])
     full = [row for row in data["decode"] if row["sparsity"] == 0.0 and row["block_k"] is not None]
     assert full and all(row["same_tokens_as_dense"] for row in full)
-    assert all(len(row["tokens"][0]) == data["new_tokens"] + 1 for row in data["decode"])
+    assert all(len(row["tokens"][0]) == data["new_tokens"] + 1 for row in data["decode"] if row["kv_cache"] == "in-place")
     assert {row["sparsity"] for row in data["decode"] if row["block_k"] is not None} > {0.0}
-    dynamic = [row for row in data["decode"] if row["kv_cache"] != "in-place"]
+    dynamic = [row for row in data["decode"] if "DynamicCache" in row["kv_cache"]]
     assert len(dynamic) == 2 and all(row["same_tokens_as_dense"] and row["routing"] == "dense" for row in dynamic)
+    fixed = [row for row in data["decode"] if row["kv_cache"] == "fixed, eager"]  # CUDA graphs' steps, eager on CPU
+    eager_block = [row for row in data["decode"] if row["block_k"] is not None and row["kv_cache"] == "in-place"]
+    assert len(fixed) == len(dynamic) + len(eager_block)  # beside the dense and every block-gate row, per batch
+    assert all(len(row["tokens"][0]) == data["graph_steps"] + 1 and row["tokens_per_s"] > 0 for row in fixed)
+    assert all(row["same_tokens_as_dense"] for row in fixed if row["sparsity"] == 0.0)
     md = (tmp_path / "inference-cpu.md").read_text()
     assert "## Prefill" in md and "## Decode" in md and "bench_inference.py --tiny" in md
     assert "| decode tokens/s 8x32768 at 87.5% | - | >= 1.5 | not measured |" in md
@@ -106,3 +111,10 @@ def test_inference_targets_read_their_rows_and_judge_them():
                                                            pre(8192, 1, 0.5, compiled_ms=9.0, ppl=27.71)])
     real = {t["target"]: t for t in it.evaluate(data)}["real model 1x8192 at 50%"]
     assert real["met"] is True and "ppl ratio 1.0095" in real["what"]
+    graphed = "decode tokens/s, CUDA graphs (added after run 3) 8x32768 at 87.5%"
+    assert it.evaluate(data)[-1]["target"] == graphed and it.evaluate(data)[-1]["met"] is None
+    data["decode"] += [dict(dec(32768, 8, None, tokens_per_s=120.0), kv_cache=it.GRAPHED_CACHE),
+                       dict(dec(32768, 8, 0.875, tokens_per_s=170.0), kv_cache=it.GRAPHED_CACHE)]
+    g = {t["target"]: t for t in it.evaluate(data)}[graphed]  # against the fastest dense row (the graphed one)
+    assert g["value"] == pytest.approx(170 / 120) and g["met"] is False and it.GRAPHED_CACHE in g["what"]
+    assert {t["target"]: t for t in it.evaluate(data)}["decode tokens/s 8x32768 at 87.5%"]["value"] == pytest.approx(1.6)

@@ -92,3 +92,26 @@ def test_block_decode_kernel_at_decoding_shapes(B, H, Hk, S, n):
             kb.TARGET_PROGRAMS = saved
         torch.cuda.synchronize()
         torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("position", ["qk", "none"])
+def test_decoding_steps_replayed_from_cuda_graphs_give_the_eager_steps_tokens(position):
+    """hf/graphed.py: the steps replayed from CUDA graphs (both kinds, the steps that start a query block included:
+    several of them after the one recorded) give the tokens of the same steps run eagerly, for dense and block-gate;
+    every block kept gives dense's tokens."""
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from gatelab.config import Routing
+    from gatelab.hf.adapter import attach_block_gates
+    from gatelab.hf.graphed import fixed_greedy
+
+    from .test_hf import tiny
+    model = tiny("llama", seed=1).cuda()
+    attach_block_gates(model, d_gate=8, gate="random", block_size=16, position=position)
+    ids = torch.randint(1, 101, (3, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    dense = fixed_greedy(model, ids, Routing(), 90, graphs=True)
+    assert torch.equal(dense, fixed_greedy(model, ids, Routing(), 90, graphs=False))
+    for block_k in (1, 2):
+        r = Routing(mode="block-gate", block_size=16, block_k=block_k)
+        assert torch.equal(fixed_greedy(model, ids, r, 90, graphs=True), fixed_greedy(model, ids, r, 90, graphs=False))
+    every = fixed_greedy(model, ids, Routing(mode="block-gate", block_size=16, block_k=64), 90, graphs=True)
+    assert torch.equal(every, dense)

@@ -217,3 +217,13 @@ def test_in_place_layer_follows_crops_and_reorders():
     k, v = layer.update(step, step + 1)
     ref_k = torch.cat([ref_k[[2, 0]], step], 2)
     assert torch.equal(k, ref_k) and torch.equal(v, ref_k + 1)
+
+
+def test_generate_command_refuses_cuda_graphs_without_cuda(tmp_path, monkeypatch, capsys):
+    import gatelab.hf.gate_files as hf_gate_files
+    from gatelab.cli.main import main
+    monkeypatch.setattr(hf_gate_files, "load_pretrained", lambda *a, **kw: (tiny("llama"), CharTokenizer()))
+    (tmp_path / "prompt.txt").write_text("the quick brown fox")
+    assert main(["generate", "--model", str(tmp_path), "--prompt-file", str(tmp_path / "prompt.txt"), "--routing",
+                 "dense", "--device", "cpu", "--cuda-graphs"]) == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 # (benchmarks/inference_targets.py), each writing inference-<gpu>-<tag>.{json,md} under $OUT (default
 # /tmp/gatelab-out) after every row:
 #   decode     8 x 32K: decode tokens/s and attention per step, dense (in-place and DynamicCache) and block-gate at
-#              0 / 50 / 75 / 87.5% block sparsity, profiled
+#              0 / 50 / 75 / 87.5% block sparsity, profiled; each also with CUDA-graphed steps over a cache of fixed
+#              size (320 steps)
 #   prefill8k  8 x 8K: eager prefill, the selection and one layer's attention (the selection target), profiled
 #   prefill32k 1 x 32K: eager and compiled prefill, the selection and attention, profiled
 #   real8k     the real SmolLM2-135M at 8K, batch 1 and 8: eager and compiled prefill with perplexity beside each
@@ -24,7 +25,7 @@ for part in "${@:-decode prefill8k prefill32k}"; do
   for p in $part; do
     case $p in
       decode) "${B[@]}" --tag decode --contexts 32768 --batches 8 --skip prefill --profile \
-                --budget-minutes "${DECODE_MINUTES:-3}" || status=1;;
+                --budget-minutes "${DECODE_MINUTES:-4}" || status=1;;
       prefill8k) "${B[@]}" --tag prefill8k --contexts 8192 --batches 8 --skip decode --sparsities 0.5,0.75,0.875 --profile \
                    --budget-minutes "${PREFILL8K_MINUTES:-2}" || status=1;;
       prefill32k) "${B[@]}" --tag prefill32k --contexts 32768 --batches 1 --skip decode,selection-compiled \

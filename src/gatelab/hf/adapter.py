@@ -31,6 +31,7 @@ from gatelab.attention.attend import GateScores, attend, dense_attention
 from gatelab.attention.backend import Backend, default_backend
 from gatelab.attention.block_decode import BlockDecodeCache, block_decode_attention
 from gatelab.attention.blocks import block_attention_mass
+from gatelab.attention.fixed_decode import FixedDecode, block_fixed_prefill, block_fixed_step, dense_fixed_step
 from gatelab.attention.gates import BlockGate
 from gatelab.attention.hard import RandomMaskCache
 from gatelab.attention.masks import allowed_keys, causal_rows, repeat_kv, token_validity
@@ -69,6 +70,8 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
     S = key.shape[2]
     allowed = None if attention_mask is None else allowed_keys(attention_mask, B, T, S, query.device)
     drop = dropout if module.training else 0.0
+    if ctl.fixed is not None and ctl.fixed.stepping:  # a decoding step over a cache of fixed size (hf/graphed.py)
+        return fixed_step_layer(ctl, state, routing, query, key, value, scaling).transpose(1, 2).contiguous(), None
     if ctl.capture is not None and ctl.gate_type == "block":  # block-gate distillation: the dense output only
         capture_block_layer(ctl, state, query, key, allowed, scaling)
         out = dense_attention(query, key, value, allowed, scaling, drop)
@@ -78,7 +81,9 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
     if routing.is_block and T != S:  # generating with a KV cache: the new queries read their kept blocks only
         out = decode_block_layer(ctl, state, routing, query, key, value, allowed, scaling)
         return out.transpose(1, 2).contiguous(), None
-    if routing.is_block and kwargs.get("use_cache"):  # a prompt before generation: remember its queries
+    if routing.is_block and ctl.fixed is not None:  # a prompt before decoding over a cache of fixed size
+        block_fixed_prefill(ctl.fixed, state["layer"], block_gate(state, routing), routing, query, key, state["x"])
+    elif routing.is_block and kwargs.get("use_cache"):  # a prompt before generation: remember its queries
         state.setdefault("decode", BlockDecodeCache()).extend(query, state["x"], 0)
     gate = layer_gate(ctl, state, routing, query, key, allowed)
     if kwargs.get("output_attentions") and routing.mode != "dense":  # the weights: attend over identity values
@@ -113,14 +118,29 @@ def decode_block_layer(ctl, state: dict, routing: Routing, query, key, value, al
     cache.extend(query, state["x"], S - T)
     scores = None
     if routing.needs_block_gate:
-        gate = state.get("gate")
-        if gate is None or not getattr(gate, "is_block_gate", False):
-            raise GatelabError(f"routing {routing.mode} needs block gates: attach_block_gates(model, ...), or "
-                               f"--gate GATES saved by `gatelab hf-distill --block-size ...`")
+        gate = block_gate(state, routing)
         scores = lambda: gate(cache.x, routing.block_size, None, q=cache.q, k=key,  # noqa: E731
                               compiled=ctl.backend.compile_blocks).float()
     return block_decode_attention(query, key, value, routing, cache, gate_scores=scores, layer=state["layer"],
                                   scale=scaling, kernels=ctl.backend.kernels)
+
+
+def fixed_step_layer(ctl, state: dict, routing: Routing, query, key, value, scaling) -> torch.Tensor:
+    """One decoding step over a cache of fixed size (attention/fixed_decode.py): dense, or the kept blocks of a
+    block-gate routing."""
+    if routing.mode == "dense":
+        return dense_fixed_step(query, key, value, ctl.fixed.position, scaling)
+    return block_fixed_step(ctl.fixed, state["layer"], block_gate(state, routing), routing, query, key, value,
+                            state["x"], scaling, kernels=ctl.backend.kernels)
+
+
+def block_gate(state: dict, routing: Routing):
+    """The layer's block gate, or an error naming how to get one."""
+    gate = state.get("gate")
+    if gate is None or not getattr(gate, "is_block_gate", False):
+        raise GatelabError(f"routing {routing.mode} needs block gates: attach_block_gates(model, ...), or "
+                           f"--gate GATES saved by `gatelab hf-distill --block-size ...`")
+    return gate
 
 
 def layer_gate(ctl, state: dict, routing: Routing, query, key, allowed) -> GateScores | None:
@@ -129,9 +149,7 @@ def layer_gate(ctl, state: dict, routing: Routing, query, key, allowed) -> GateS
     gate = state.get("gate")
     is_block = getattr(gate, "is_block_gate", False)
     if routing.needs_block_gate:
-        if gate is None or not is_block:
-            raise GatelabError(f"routing {routing.mode} needs block gates: attach_block_gates(model, ...), or "
-                               f"--gate GATES saved by `gatelab hf-distill --block-size ...`")
+        gate = block_gate(state, routing)
         valid = token_validity(allowed, query.shape[0], query.shape[2])
         return GateScores(lambda: gate(state["x"], routing.block_size, valid, q=query, k=key,
                                        compiled=ctl.backend.compile_blocks).float(),
@@ -183,6 +201,7 @@ class RoutingController:
         self.gate_type = "token"
         self.backend: Backend = default_backend()  # how attention is computed (attention/backend.py)
         self.random_masks = RandomMaskCache()
+        self.fixed: FixedDecode | None = None  # decoding over a cache of fixed size (hf/graphed.py) while set
 
     @contextmanager
     def routing(self, routing: Routing):

@@ -15,6 +15,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from gatelab.attention.block_decode import append_in_place
+from gatelab.attention.fixed_decode import FixedDecode
+from gatelab.config import GatelabError
 
 
 class InPlaceLayer(DynamicLayer):
@@ -41,6 +43,50 @@ class InPlaceLayer(DynamicLayer):
         buf = self.key_buffer
         return (buf is not None and self.keys.dim() == 4 and self.keys.data_ptr() == buf.data_ptr()
                 and self.keys.shape[:2] == buf.shape[:2] and self.values.data_ptr() == self.value_buffer.data_ptr())
+
+
+class FixedLayer(DynamicLayer):
+    """Keys and values in buffers of fixed.capacity positions, allocated at the prompt (B, capacity, Hk, D). The prompt
+    fills the first positions and gets views of the filled part; a decoding step (fixed.stepping) writes its one
+    position at fixed.position on the device and gets views of the whole buffers (attention masks the rest), so the
+    same step serves every position and can be replayed from a CUDA graph."""
+
+    def __init__(self, fixed: FixedDecode):
+        super().__init__()
+        self.fixed, self.filled = fixed, 0
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, Hk, T, D = key_states.shape
+        if self.key_buffer is None:
+            self.key_buffer = key_states.new_zeros(B, self.fixed.capacity, Hk, D)
+            self.value_buffer = value_states.new_zeros(B, self.fixed.capacity, Hk, value_states.shape[-1])
+        keys, values = self.key_buffer.transpose(1, 2), self.value_buffer.transpose(1, 2)
+        if self.fixed.stepping:
+            self.key_buffer.index_copy_(1, self.fixed.position, key_states.transpose(1, 2))
+            self.value_buffer.index_copy_(1, self.fixed.position, value_states.transpose(1, 2))
+            return keys, values
+        end = self.filled + T
+        if end > self.fixed.capacity:
+            raise GatelabError(f"the cache holds {self.fixed.capacity} positions; this call needs {end}")
+        keys[:, :, self.filled:end], values[:, :, self.filled:end] = key_states, value_states
+        self.filled = end
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        return self.keys, self.values
+
+
+def fixed_kv_cache(model, fixed: FixedDecode) -> DynamicCache:
+    """A cache for `model` whose layers are FixedLayer (fixed.capacity positions); every layer must be a full-attention
+    layer (sliding-window layers keep a window, not a fixed cache)."""
+    cache = kv_cache(model)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not InPlaceLayer for layer in layers):
+        raise GatelabError("decoding with CUDA graphs needs a model whose layers all attend to the whole sequence "
+                           "(no sliding-window layers) and a transformers with per-layer caches")
+    cache.layers = [FixedLayer(fixed) for _ in layers]
+    return cache
 
 
 def kv_cache(model, capacity: int = 0) -> DynamicCache:

@@ -12,12 +12,16 @@ import torch
 
 from gatelab.config import GatelabError, Routing
 from gatelab.hf.cache import cache_keyword, kv_cache
+from gatelab.hf.graphed import fixed_greedy
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int) -> torch.Tensor:
+def greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int, graphs: bool = False) -> torch.Tensor:
     """The greedy continuation (max_new_tokens token ids, (B, N)) of ids (B, T) under routing, through the model's
-    own generate(), with a key/value cache that appends in place (hf/cache.py)."""
+    own generate(), with a key/value cache that appends in place (hf/cache.py); graphs: instead over a cache of fixed
+    size, each step replayed from a CUDA graph (hf/graphed.py: dense and block-gate routings, CUDA)."""
+    if graphs:
+        return fixed_greedy(model, ids, routing, max_new_tokens, graphs=True)
     ctl = getattr(model, "gatelab", None)
     if ctl is None:
         raise GatelabError("attach_gates or attach_block_gates (or load_gates) first")
@@ -41,12 +45,12 @@ def continuation_nll(model, ids: torch.Tensor, continuation: torch.Tensor) -> fl
     return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), continuation.flatten()))
 
 
-def compare_with_dense(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int) -> dict:
+def compare_with_dense(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int, graphs: bool = False) -> dict:
     """Greedy continuations under routing and dense: the routed text's agreement with dense (share of positions with
     the same token, and the first position where they differ), and both continuations' perplexity under the dense
     model."""
-    dense = greedy(model, ids, Routing(), max_new_tokens)
-    routed = greedy(model, ids, routing, max_new_tokens)
+    dense = greedy(model, ids, Routing(), max_new_tokens, graphs)
+    routed = greedy(model, ids, routing, max_new_tokens, graphs)
     same = (routed == dense)
     first = int(same.all(0).logical_not().nonzero()[0]) if not bool(same.all()) else max_new_tokens
     return dict(routing=routing.label(), new_tokens=max_new_tokens, agreement=float(same.float().mean()),

@@ -1,0 +1,141 @@
+"""Greedy decoding whose steps replay CUDA graphs: the whole model's forward for one token, without host launches.
+
+A decoding step of a small model costs more host time (launching about 1,300 kernels) than GPU time. Here the cache
+has a fixed size and the position lives on the device (attention/fixed_decode.py, hf/cache.py's FixedLayer), so one
+step, recorded once in a CUDA graph, serves every later step: the host only replays it. Block-gate routings record
+a second graph for the steps that start a query block (they select its kept blocks); dense needs one.
+
+The first step of each kind runs eagerly (it warms up every kernel and library the graph records), the next is
+recorded, and the rest replay. Without CUDA (or with graphs=False) every step runs eagerly through the same code,
+which is how the CPU tests check the tokens.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+
+from gatelab.attention.fixed_decode import FixedDecode, check_fixed_routing
+from gatelab.config import GatelabError, Routing
+from gatelab.hf.cache import cache_keyword, fixed_kv_cache
+
+
+class _Steps:
+    """One decoding step of `model` (input ids `tok` (B, 1) at fixed.position; the next token written back into
+    `tok` and the position advanced, on the device), eager or from a CUDA graph per kind of step."""
+
+    def __init__(self, model, cache, fixed: FixedDecode, tok: torch.Tensor, graphs: bool):
+        self.model, self.cache, self.fixed, self.tok, self.graphs = model, cache, fixed, tok, graphs
+        self.kw = cache_keyword(model)
+        self.where = dict(position_ids=fixed.position.view(1, 1))
+        if "cache_position" in inspect.signature(type(model).forward).parameters:  # transformers before 5.2x
+            self.where["cache_position"] = fixed.position
+        self.seen: dict[bool, int] = {}
+        self.recorded: dict[bool, tuple] = {}
+        self.pool = None
+
+    def forward(self) -> torch.Tensor:
+        logits = self.model(self.tok, use_cache=True, **self.where, **{self.kw: self.cache}).logits
+        nxt = logits[:, -1].argmax(-1)
+        self.tok.copy_(nxt[:, None])
+        self.fixed.position.add_(1)
+        return nxt
+
+    def __call__(self, selecting: bool) -> torch.Tensor:
+        self.fixed.selecting = selecting
+        if selecting in self.recorded:
+            graph, out = self.recorded[selecting]
+            graph.replay()
+            return out
+        self.seen[selecting] = self.seen.get(selecting, 0) + 1
+        if not self.graphs:
+            return self.forward()
+        if self.seen[selecting] > 1:
+            return self._record(selecting)
+        side = torch.cuda.Stream()  # warm-up on a side stream, as CUDA graph capture asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _record(self, selecting: bool) -> torch.Tensor:
+        """Record this kind of step in a CUDA graph (nothing runs while recording), then replay it for this step."""
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.forward()
+        self.pool = graph.pool()
+        self.recorded[selecting] = (graph, out)
+        graph.replay()
+        return out
+
+
+class FixedDecoder:
+    """Greedy decoding of one batch under a routing over a cache of fixed size: prefill(ids) gives the first new
+    token, then each step() the next, (B,) on the model's device (a replayed graph's output: copy it to keep it).
+    Use through fixed_decoding(...), which sets the routing and clears the decoding state afterwards."""
+
+    def __init__(self, model, routing: Routing, capacity: int, graphs: bool):
+        self.model, self.routing, self.graphs = model, routing, graphs
+        self.capacity, self.position, self.steps = capacity, 0, None
+        self.fixed: FixedDecode | None = None
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.graphs and not ids.is_cuda:
+            raise GatelabError("CUDA graphs need the model and the prompt on a CUDA device")
+        B, T = ids.shape
+        if T + 1 > self.capacity:
+            raise GatelabError(f"a prompt of {T} tokens leaves no room in a cache of {self.capacity} positions")
+        self.fixed = FixedDecode(torch.zeros(1, dtype=torch.long, device=ids.device), self.capacity)
+        cache = fixed_kv_cache(self.model, self.fixed)
+        self.model.gatelab.fixed = self.fixed
+        logits = self.model(ids, use_cache=True, position_ids=torch.arange(T, device=ids.device)[None],
+                            **{cache_keyword(self.model): cache}).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        self.fixed.position.fill_(T)
+        self.fixed.stepping = True
+        self.position = T
+        self.steps = _Steps(self.model, cache, self.fixed, tok, self.graphs)
+        return tok[:, 0]
+
+    def step(self) -> torch.Tensor:
+        if self.steps is None:
+            raise GatelabError("FixedDecoder.step before prefill")
+        if self.position >= self.capacity:
+            raise GatelabError(f"the cache of {self.capacity} positions is full")
+        r = self.routing
+        out = self.steps(r.is_block and self.position % r.block_size == 0)
+        self.position += 1
+        return out
+
+
+@contextmanager
+def fixed_decoding(model, routing: Routing, capacity: int, graphs: bool = False):
+    """A FixedDecoder for `model` (gatelab attached) under a dense or block-gate routing, with a cache of `capacity`
+    positions (the prompt and every new token); graphs: replay the steps from CUDA graphs."""
+    ctl = getattr(model, "gatelab", None)
+    if ctl is None:
+        raise GatelabError("attach_gates or attach_block_gates (or load_gates) first")
+    routing.validate()
+    check_fixed_routing(routing)
+    try:
+        with torch.no_grad(), ctl.routing(routing):
+            yield FixedDecoder(model, routing, capacity, graphs)
+    finally:
+        ctl.fixed = None
+
+
+def fixed_greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int,
+                 graphs: bool | None = None) -> torch.Tensor:
+    """The greedy continuation (B, max_new_tokens) of ids (B, T) under a dense or block-gate routing, decoding over a
+    cache of T + max_new_tokens positions; graphs: replay the steps from CUDA graphs (default: on CUDA)."""
+    B, T = ids.shape
+    graphs = ids.is_cuda if graphs is None else graphs
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=ids.device)
+    with fixed_decoding(model, routing, T + max_new_tokens, graphs) as decoder:
+        out[:, 0] = decoder.prefill(ids)
+        for n in range(1, max_new_tokens):
+            out[:, n] = decoder.step()
+    return out
