@@ -51,7 +51,7 @@ from gatelab.attention.blocks import select_blocks  # noqa: E402
 from gatelab.attention.flex import block_mask_from_factors, block_mask_from_scores, compiled_flex  # noqa: E402
 from gatelab.attention.masks import allowed_keys  # noqa: E402
 from gatelab.config import COMPILE_MODES, GatelabError, Routing, atomic_path  # noqa: E402
-from inference_targets import GRAPHED_CACHE  # noqa: E402
+from inference_targets import COMPILED_GRAPHED_CACHE, GRAPHED_CACHE  # noqa: E402
 from gatelab.hf.adapter import ATTN_NAME, attach_block_gates, gatelab_attention, layer_gate  # noqa: E402
 from gatelab.hf.cache import cache_keyword, kv_cache  # noqa: E402
 from gatelab.hf.graphed import fixed_decoding  # noqa: E402
@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     default=[0.0, 0.5, 0.75, 0.875], help="target block sparsities (0: every block kept)")
     ap.add_argument("--block-size", type=int, help="routing block size (default 128)")
     ap.add_argument("--new-tokens", type=int, help="decode steps after the prefill (default 64)")
+    ap.add_argument("--graph-compile", action="store_true", help="also decode rows whose CUDA-graphed steps run "
+                    "through torch.compile (kv_cache 'fixed, CUDA graphs, compiled')")
     ap.add_argument("--graph-steps", type=int, default=320, help="decode steps of the CUDA-graphed rows (more than "
                     "two query blocks, so that steps starting a block replay their graph too; the first %d are "
                     "warm-up and recording, untimed)" % GRAPH_WARM_STEPS)
@@ -587,13 +589,13 @@ def decode_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None
     return row
 
 
-def graphed_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int) -> dict:
+def graphed_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int, compiled: bool = False) -> dict:
     """Greedy decoding over a cache of fixed size with CUDA-graphed steps (hf/graphed.py; eager steps without CUDA):
     the prefill, then `steps` steps, the first GRAPH_WARM_STEPS untimed."""
     dev = b.device
     if b.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    with fixed_decoding(b.model, routing, ids.shape[1] + steps + 1, graphs=b.cuda) as decoder:
+    with fixed_decoding(b.model, routing, ids.shape[1] + steps + 1, graphs=b.cuda, compiled=compiled) as decoder:
         sync(dev)
         t0 = time.perf_counter()
         new = [decoder.prefill(ids).clone()]
@@ -611,17 +613,18 @@ def graphed_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int) -> d
                 tokens=torch.stack(new, 1).cpu(), peak_mib=peak)
 
 
-def graphed_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None) -> dict:
+def graphed_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None, compiled: bool = False) -> dict:
     """One decode row with CUDA-graphed steps (--graph-steps of them); its speed and tokens against `dense`: the
     graphed dense row for a block row, the eager in-place dense row for the graphed dense row."""
     target, bk, achieved, r = setting
     N = b.args.graph_steps
     row = dict(kind="decode", context=T, batch=B, routing=r.label(), block_k=bk, target_sparsity=target,
                sparsity=achieved if r.is_block else 0.0, new_tokens=N,
-               kv_cache=GRAPHED_CACHE if b.cuda else "fixed, eager")
+               kv_cache=(COMPILED_GRAPHED_CACHE if compiled else GRAPHED_CACHE) if b.cuda else
+               "fixed, compiled" if compiled else "fixed, eager")
     row["keys_read_share"] = (min(bk, T // r.block_size) * r.block_size + 1) / (T + 1) if r.is_block else 1.0
     release(b.model)
-    res = attempt(row, "decode", lambda: graphed_once(b, r, ids, N))
+    res = attempt(row, "decode", lambda: graphed_once(b, r, ids, N, compiled))
     release(b.model)
     if res:
         tokens = res.pop("tokens")
@@ -643,7 +646,7 @@ def graphed_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | Non
 def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
     """The rows of one kind (prefill or decode) at context T and batch B, dense first; JSON after each."""
     make = prefill_row if kind == "prefill" else decode_row
-    dense = dense_graphed = None
+    dense = dense_graphed = dense_compiled = None
     for setting in settings(b, T):
         r = setting[3]
         if b.budget.over():
@@ -659,6 +662,9 @@ def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
         if kind == "decode" and "graphs" not in b.args.skip.split(",") and r.mode in ("dense", "block-gate"):
             rows.append(graphed_row(b, T, B, ids, setting, dense_graphed if r.is_block else dense))
             dense_graphed = dense_graphed or (None if r.is_block else rows[-1])
+            if b.args.graph_compile:
+                rows.append(graphed_row(b, T, B, ids, setting, dense_compiled if r.is_block else dense, True))
+                dense_compiled = dense_compiled or (None if r.is_block else rows[-1])
         for row in rows:
             b.data[kind].append(row)
             write(b)
@@ -666,7 +672,7 @@ def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
 
 
 def progress_line(row: dict) -> str:
-    cache = " (transformers DynamicCache)" if row.get("kv_cache", "in-place") != "in-place" else ""
+    cache = "" if row.get("kv_cache", "in-place") == "in-place" else f" ({row['kv_cache']})"
     head = f"[{row['kind']}] {row['context']} x{row['batch']} {row['routing']}{cache} (s={fmt(row.get('sparsity'))})"
     if row["kind"] == "prefill":
         return (f"{head}: eager {fmt(row.get('eager_ms'), 2)} ms ({fmt(row.get('eager_speedup'), 2)}x), compiled "
@@ -795,10 +801,11 @@ def legend(data: dict) -> list[str]:
         "prompt and the new tokens); the dense row marked *transformers DynamicCache* uses transformers' own cache, "
         "which concatenates each step onto the whole cache, and its *vs dense* is against the in-place dense row.",
         "- rows marked *fixed, CUDA graphs* decode over a cache of fixed size with every step replayed from a CUDA "
-        "graph (`gatelab.hf.graphed`; *fixed, eager*: the same steps without CUDA): "
+        "graph (`gatelab.hf.graphed`; *fixed, eager*: the same steps without CUDA; *compiled*: each step through "
+        "`torch.compile` (mode default), then recorded; compiled once per kind of step): "
         f"{data.get('graph_steps', '-')} steps, the first {GRAPH_WARM_STEPS} (each kind of step's eager warm-up and "
         "its recording) untimed; *vs dense* and *same tokens*: a graphed block row against the graphed dense row, the "
-        "graphed dense row against the in-place dense row.",
+        "graphed dense row against the in-place dense row (compiled rows: against the compiled graphed dense row).",
         "- *Profiles* (--profile): one prefill call (the compiled one when measured), the selection of every layer "
         "(as in *selection ms*) and a few decode steps under "
         "torch.profiler: wall ms per call, the sum of GPU kernel times per call (below the wall time when the GPU "

@@ -102,6 +102,7 @@ hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own token
     for bk in 1 64; do  # the same, each step replayed from a CUDA graph over a cache of fixed size
       echo "hf-generate-graphs-block-k$bk ${GL[*]} generate --model $R/tiny-llama --gate $R/hf-block-qk --prompt-file $R/prompt.txt --max-new-tokens 60 --block-k $bk --cuda-graphs --compare --json $R/hf-generate-graphs-k$bk.json"
     done
+    echo "hf-generate-graphs-compiled ${GL[*]} generate --model $R/tiny-llama --gate $R/hf-block-qk --prompt-file $R/prompt.txt --max-new-tokens 60 --block-k 2 --cuda-graphs --compile --compare"
     echo "hf-generate-dense ${GL[*]} generate --model $R/tiny-llama --routing dense --prompt-file $R/prompt.txt --max-new-tokens 40"
     echo "hf-audit-rope ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl-rope --k 16 --max-tokens 4096"
     echo "hf-audit ${GL[*]} audit --model $R/tiny-llama --gate $R/hf-kl --k 16 --max-tokens 4096"

@@ -115,3 +115,6 @@ def test_decoding_steps_replayed_from_cuda_graphs_give_the_eager_steps_tokens(po
         assert torch.equal(fixed_greedy(model, ids, r, 90, graphs=True), fixed_greedy(model, ids, r, 90, graphs=False))
     every = fixed_greedy(model, ids, Routing(mode="block-gate", block_size=16, block_k=64), 90, graphs=True)
     assert torch.equal(every, dense)
+    r = Routing(mode="block-gate", block_size=16, block_k=2)  # the steps compiled (the Triton kernel inside), graphed
+    assert torch.equal(fixed_greedy(model, ids, r, 90, graphs=True, compiled=True),
+                       fixed_greedy(model, ids, r, 90, graphs=False))

@@ -115,3 +115,22 @@ def test_fixed_decoding_refuses_other_routings_and_sliding_windows():
     attach_block_gates(gemma, d_gate=8, gate="random", block_size=BS)
     with pytest.raises(GatelabError, match="sliding-window"):
         fixed_greedy(gemma, prompt(8), Routing(), 4)
+
+
+def test_compiled_steps_decode_the_eager_steps_tokens(monkeypatch):
+    """The steps through torch.compile (one graph per kind of step, no graph break) give the eager steps' tokens.
+    Compiled here with the aot_eager backend (tracing and functionalization, no code generation, which takes half a
+    minute on CPU); the CUDA tests compile with inductor."""
+    import functools
+
+    import gatelab.attention.compiled as compiled
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    model = tiny("llama", seed=1)
+    attach_block_gates(model, d_gate=8, gate="random", block_size=BS, position="qk")
+    r = Routing(mode="block-gate", block_size=BS, block_k=1)
+    ids = prompt(7)
+    counters.clear()
+    assert torch.equal(fixed_greedy(model, ids, r, 8, compiled=True), fixed_greedy(model, ids, r, 8))
+    assert not counters["graph_break"]

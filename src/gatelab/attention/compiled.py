@@ -13,6 +13,14 @@ def compile_once(name: str, fn):
     return _COMPILED[name]
 
 
+def raise_recompile_limit(graphs: int) -> None:
+    """Let one compiled function keep at least `graphs` graphs (one per routing and shape) before torch.compile falls
+    back to eager."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), graphs))
+
+
 def compiled_if(flag: bool, name: str, fn):
     """fn compiled once when flag (Backend.compile_blocks), else fn. The inference path of block routing (gate
     scores, top-k block lists) is tens of small kernels per layer; eager, their launches cost more than the attention

@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from gatelab.attention.compiled import raise_recompile_limit
 from gatelab.config import COMPILE_MODES, GatelabError
 from gatelab.hf.adapter import ATTN_NAME
 
@@ -58,9 +59,7 @@ def compile_prefill(model, mode: str = "default", backend: str = "inductor", mas
     if not mask_while_tracing:
         from transformers.masking_utils import AttentionMaskInterface
         AttentionMaskInterface.register(ATTN_NAME, causal_skip_while_compiling)
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
+    raise_recompile_limit(RECOMPILE_LIMIT)
     eager = model.forward
     compiled = torch.compile(eager, mode=mode, backend=backend, dynamic=False)
 

@@ -16,12 +16,14 @@ from gatelab.hf.graphed import fixed_greedy
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int, graphs: bool = False) -> torch.Tensor:
+def greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int, graphs: bool = False,
+           compiled: bool = False) -> torch.Tensor:
     """The greedy continuation (max_new_tokens token ids, (B, N)) of ids (B, T) under routing, through the model's
-    own generate(), with a key/value cache that appends in place (hf/cache.py); graphs: instead over a cache of fixed
-    size, each step replayed from a CUDA graph (hf/graphed.py: dense and block-gate routings, CUDA)."""
-    if graphs:
-        return fixed_greedy(model, ids, routing, max_new_tokens, graphs=True)
+    own generate(), with a key/value cache that appends in place (hf/cache.py). graphs / compiled: instead over a
+    cache of fixed size (hf/graphed.py: dense and block-gate routings), each step replayed from a CUDA graph (CUDA)
+    and / or run through torch.compile."""
+    if graphs or compiled:
+        return fixed_greedy(model, ids, routing, max_new_tokens, graphs=graphs, compiled=compiled)
     ctl = getattr(model, "gatelab", None)
     if ctl is None:
         raise GatelabError("attach_gates or attach_block_gates (or load_gates) first")
@@ -45,12 +47,13 @@ def continuation_nll(model, ids: torch.Tensor, continuation: torch.Tensor) -> fl
     return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), continuation.flatten()))
 
 
-def compare_with_dense(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int, graphs: bool = False) -> dict:
+def compare_with_dense(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int, graphs: bool = False,
+                       compiled: bool = False) -> dict:
     """Greedy continuations under routing and dense: the routed text's agreement with dense (share of positions with
     the same token, and the first position where they differ), and both continuations' perplexity under the dense
     model."""
-    dense = greedy(model, ids, Routing(), max_new_tokens, graphs)
-    routed = greedy(model, ids, routing, max_new_tokens, graphs)
+    dense = greedy(model, ids, Routing(), max_new_tokens, graphs, compiled)
+    routed = greedy(model, ids, routing, max_new_tokens, graphs, compiled)
     same = (routed == dense)
     first = int(same.all(0).logical_not().nonzero()[0]) if not bool(same.all()) else max_new_tokens
     return dict(routing=routing.label(), new_tokens=max_new_tokens, agreement=float(same.float().mean()),

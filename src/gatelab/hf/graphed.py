@@ -16,31 +16,46 @@ from contextlib import contextmanager
 
 import torch
 
+from gatelab.attention.compiled import compile_once, raise_recompile_limit
 from gatelab.attention.fixed_decode import FixedDecode, check_fixed_routing
 from gatelab.config import GatelabError, Routing
 from gatelab.hf.cache import cache_keyword, fixed_kv_cache
 
 
+def decode_step(forward, tok: torch.Tensor, position: torch.Tensor, where: dict, cache_kw: dict) -> torch.Tensor:
+    """One greedy step: the model's forward of tok (B, 1) at position, the next token written back into tok and the
+    position advanced, in place; returns the next token (B,)."""
+    logits = forward(tok, use_cache=True, **where, **cache_kw).logits
+    nxt = logits[:, -1].argmax(-1)
+    tok.copy_(nxt[:, None])
+    position.add_(1)
+    return nxt
+
+
+RECOMPILE_LIMIT = 64  # compiled steps: one graph per routing, batch and kind of step
+
+
 class _Steps:
     """One decoding step of `model` (input ids `tok` (B, 1) at fixed.position; the next token written back into
-    `tok` and the position advanced, on the device), eager or from a CUDA graph per kind of step."""
+    `tok` and the position advanced, on the device), eager or from a CUDA graph per kind of step; compiled: the step
+    through torch.compile (its small kernels fused), compiled once per process and kind of step."""
 
-    def __init__(self, model, cache, fixed: FixedDecode, tok: torch.Tensor, graphs: bool):
+    def __init__(self, model, cache, fixed: FixedDecode, tok: torch.Tensor, graphs: bool, compiled: bool = False):
         self.model, self.cache, self.fixed, self.tok, self.graphs = model, cache, fixed, tok, graphs
-        self.kw = cache_keyword(model)
+        self.kw = {cache_keyword(model): cache}
         self.where = dict(position_ids=fixed.position.view(1, 1))
         if "cache_position" in inspect.signature(type(model).forward).parameters:  # transformers before 5.2x
             self.where["cache_position"] = fixed.position
+        if compiled:
+            raise_recompile_limit(RECOMPILE_LIMIT)
+        self.step = compile_once("decode_step", decode_step) if compiled else decode_step
         self.seen: dict[bool, int] = {}
         self.recorded: dict[bool, tuple] = {}
         self.pool = None
 
     def forward(self) -> torch.Tensor:
-        logits = self.model(self.tok, use_cache=True, **self.where, **{self.kw: self.cache}).logits
-        nxt = logits[:, -1].argmax(-1)
-        self.tok.copy_(nxt[:, None])
-        self.fixed.position.add_(1)
-        return nxt
+        forward = getattr(self.model, "gatelab_eager_forward", None) or self.model.forward
+        return self.step(forward, self.tok, self.fixed.position, self.where, self.kw)
 
     def __call__(self, selecting: bool) -> torch.Tensor:
         self.fixed.selecting = selecting
@@ -77,8 +92,8 @@ class FixedDecoder:
     token, then each step() the next, (B,) on the model's device (a replayed graph's output: copy it to keep it).
     Use through fixed_decoding(...), which sets the routing and clears the decoding state afterwards."""
 
-    def __init__(self, model, routing: Routing, capacity: int, graphs: bool):
-        self.model, self.routing, self.graphs = model, routing, graphs
+    def __init__(self, model, routing: Routing, capacity: int, graphs: bool, compiled: bool = False):
+        self.model, self.routing, self.graphs, self.compiled = model, routing, graphs, compiled
         self.capacity, self.position, self.steps = capacity, 0, None
         self.fixed: FixedDecode | None = None
 
@@ -97,7 +112,7 @@ class FixedDecoder:
         self.fixed.position.fill_(T)
         self.fixed.stepping = True
         self.position = T
-        self.steps = _Steps(self.model, cache, self.fixed, tok, self.graphs)
+        self.steps = _Steps(self.model, cache, self.fixed, tok, self.graphs, self.compiled)
         return tok[:, 0]
 
     def step(self) -> torch.Tensor:
@@ -112,9 +127,10 @@ class FixedDecoder:
 
 
 @contextmanager
-def fixed_decoding(model, routing: Routing, capacity: int, graphs: bool = False):
+def fixed_decoding(model, routing: Routing, capacity: int, graphs: bool = False, compiled: bool = False):
     """A FixedDecoder for `model` (gatelab attached) under a dense or block-gate routing, with a cache of `capacity`
-    positions (the prompt and every new token); graphs: replay the steps from CUDA graphs."""
+    positions (the prompt and every new token); graphs: replay the steps from CUDA graphs; compiled: each step
+    through torch.compile (recorded compiled, with graphs)."""
     ctl = getattr(model, "gatelab", None)
     if ctl is None:
         raise GatelabError("attach_gates or attach_block_gates (or load_gates) first")
@@ -122,19 +138,20 @@ def fixed_decoding(model, routing: Routing, capacity: int, graphs: bool = False)
     check_fixed_routing(routing)
     try:
         with torch.no_grad(), ctl.routing(routing):
-            yield FixedDecoder(model, routing, capacity, graphs)
+            yield FixedDecoder(model, routing, capacity, graphs, compiled)
     finally:
         ctl.fixed = None
 
 
 def fixed_greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int,
-                 graphs: bool | None = None) -> torch.Tensor:
+                 graphs: bool | None = None, compiled: bool = False) -> torch.Tensor:
     """The greedy continuation (B, max_new_tokens) of ids (B, T) under a dense or block-gate routing, decoding over a
-    cache of T + max_new_tokens positions; graphs: replay the steps from CUDA graphs (default: on CUDA)."""
+    cache of T + max_new_tokens positions; graphs: replay the steps from CUDA graphs (default: on CUDA); compiled:
+    the steps through torch.compile."""
     B, T = ids.shape
     graphs = ids.is_cuda if graphs is None else graphs
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=ids.device)
-    with fixed_decoding(model, routing, T + max_new_tokens, graphs) as decoder:
+    with fixed_decoding(model, routing, T + max_new_tokens, graphs, compiled) as decoder:
         out[:, 0] = decoder.prefill(ids)
         for n in range(1, max_new_tokens):
             out[:, n] = decoder.step()

@@ -121,13 +121,14 @@ def run_generate(args) -> None:
     if args.cuda_graphs and not ids.is_cuda:
         raise GatelabError("--cuda-graphs needs a CUDA device (--device cuda)")
     if args.compare:
-        result = compare_with_dense(model, ids, routing, args.max_new_tokens, args.cuda_graphs)
+        result = compare_with_dense(model, ids, routing, args.max_new_tokens, args.cuda_graphs,
+                                    args.compile)
         tokens = result["tokens"][0]
         print(f"{routing.label()}: agreement with dense greedy {result['agreement']:.3f} (first difference at token "
               f"{result['first_difference']}), perplexity under the dense model {result['ppl_routed']:.3f} "
               f"(dense's own continuation {result['ppl_dense']:.3f})", file=sys.stderr)
     else:
-        tokens = greedy(model, ids, routing, args.max_new_tokens, args.cuda_graphs)[0].tolist()
+        tokens = greedy(model, ids, routing, args.max_new_tokens, args.cuda_graphs, args.compile)[0].tolist()
         result = dict(routing=routing.label(), new_tokens=args.max_new_tokens, tokens=[tokens])
     text = tok.decode(tokens, skip_special_tokens=True)
     print(text)

@@ -104,6 +104,8 @@ def add_generate(sub) -> None:
     p.add_argument("--compare", action="store_true", help="also generate densely: agreement and perplexities")
     p.add_argument("--cuda-graphs", action="store_true", help="decode over a cache of fixed size, each step replayed "
                    "from a CUDA graph (dense and block-gate routings; CUDA): no per-kernel host launches")
+    p.add_argument("--compile", action="store_true", help="decode over a cache of fixed size, each step through "
+                   "torch.compile (dense and block-gate routings; with --cuda-graphs, the compiled step is replayed)")
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the result here")
