@@ -802,7 +802,8 @@ def legend(data: dict) -> list[str]:
         "which concatenates each step onto the whole cache, and its *vs dense* is against the in-place dense row.",
         "- rows marked *fixed, CUDA graphs* decode over a cache of fixed size with every step replayed from a CUDA "
         "graph (`gatelab.hf.graphed`; *fixed, eager*: the same steps without CUDA; *compiled*: each step through "
-        "`torch.compile` (mode default), then recorded; compiled once per kind of step): "
+        "`torch.compile` (mode default; the steps that start a query block, one in block_size, uncompiled), then "
+        "recorded): "
         f"{data.get('graph_steps', '-')} steps, the first {GRAPH_WARM_STEPS} (each kind of step's eager warm-up and "
         "its recording) untimed; *vs dense* and *same tokens*: a graphed block row against the graphed dense row, the "
         "graphed dense row against the in-place dense row (compiled rows: against the compiled graphed dense row).",

@@ -118,7 +118,8 @@ def test_fixed_decoding_refuses_other_routings_and_sliding_windows():
 
 
 def test_compiled_steps_decode_the_eager_steps_tokens(monkeypatch):
-    """The steps through torch.compile (one graph per kind of step, no graph break) give the eager steps' tokens.
+    """The steps through torch.compile (one graph, no graph break; steps that start a query block run uncompiled)
+    give the eager steps' tokens.
     Compiled here with the aot_eager backend (tracing and functionalization, no code generation, which takes half a
     minute on CPU); the CUDA tests compile with inductor."""
     import functools

@@ -32,13 +32,14 @@ def decode_step(forward, tok: torch.Tensor, position: torch.Tensor, where: dict,
     return nxt
 
 
-RECOMPILE_LIMIT = 64  # compiled steps: one graph per routing, batch and kind of step
+RECOMPILE_LIMIT = 64  # compiled steps: one graph per routing and batch
 
 
 class _Steps:
     """One decoding step of `model` (input ids `tok` (B, 1) at fixed.position; the next token written back into
-    `tok` and the position advanced, on the device), eager or from a CUDA graph per kind of step; compiled: the step
-    through torch.compile (its small kernels fused), compiled once per process and kind of step."""
+    `tok` and the position advanced, on the device), eager or from a CUDA graph per kind of step; compiled: the steps
+    that do not start a query block through torch.compile (their small kernels fused), compiled once per process,
+    routing and batch."""
 
     def __init__(self, model, cache, fixed: FixedDecode, tok: torch.Tensor, graphs: bool, compiled: bool = False):
         self.model, self.cache, self.fixed, self.tok, self.graphs = model, cache, fixed, tok, graphs
@@ -48,14 +49,16 @@ class _Steps:
             self.where["cache_position"] = fixed.position
         if compiled:
             raise_recompile_limit(RECOMPILE_LIMIT)
-        self.step = compile_once("decode_step", decode_step) if compiled else decode_step
+        self.compiled_step = compile_once("decode_step", decode_step) if compiled else decode_step
         self.seen: dict[bool, int] = {}
         self.recorded: dict[bool, tuple] = {}
         self.pool = None
 
     def forward(self) -> torch.Tensor:
+        """One step; compiled unless it starts a query block (one step in block_size: not worth a compilation)."""
         forward = getattr(self.model, "gatelab_eager_forward", None) or self.model.forward
-        return self.step(forward, self.tok, self.fixed.position, self.where, self.kw)
+        step = decode_step if self.fixed.selecting else self.compiled_step
+        return step(forward, self.tok, self.fixed.position, self.where, self.kw)
 
     def __call__(self, selecting: bool) -> torch.Tensor:
         self.fixed.selecting = selecting
@@ -129,8 +132,8 @@ class FixedDecoder:
 @contextmanager
 def fixed_decoding(model, routing: Routing, capacity: int, graphs: bool = False, compiled: bool = False):
     """A FixedDecoder for `model` (gatelab attached) under a dense or block-gate routing, with a cache of `capacity`
-    positions (the prompt and every new token); graphs: replay the steps from CUDA graphs; compiled: each step
-    through torch.compile (recorded compiled, with graphs)."""
+    positions (the prompt and every new token); graphs: replay the steps from CUDA graphs; compiled: the steps through
+    torch.compile (but those that start a query block), recorded compiled with graphs."""
     ctl = getattr(model, "gatelab", None)
     if ctl is None:
         raise GatelabError("attach_gates or attach_block_gates (or load_gates) first")
