@@ -225,3 +225,20 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
         print("ok")
     """)
     assert out.strip().endswith("ok")
+
+
+def test_a_compiled_function_keeps_the_selection_in_its_graph():
+    """block_select is one custom operator: torch.compile traces it without a graph break (the compiled block prefill
+    stays one graph) and gives the eager lists."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from gatelab.kernels.block_select import block_select
+    g = torch.Generator().manual_seed(2)
+    gq, gk = (torch.randint(-2, 3, (2, 3, 9, 8), generator=g).float() for _ in range(2))
+    counters.clear()
+    compiled = torch.compile(lambda a, b: [t + 0 for t in block_select(a * 1, b, 3)], backend="aot_eager",
+                             fullgraph=True)
+    for a, b in zip(compiled(gq, gk), block_select(gq, gk, 3)):
+        assert torch.equal(a, b)
+    assert not counters["graph_break"]

@@ -84,7 +84,7 @@ def gatelab_attention(module, query, key, value, attention_mask, scaling=None, d
     if routing.is_block and ctl.fixed is not None:  # a prompt before decoding over a cache of fixed size
         block_fixed_prefill(ctl.fixed, state["layer"], block_gate(state, routing), routing, query, key, state["x"])
     elif routing.is_block and kwargs.get("use_cache"):  # a prompt before generation: remember its queries
-        state.setdefault("decode", BlockDecodeCache()).extend(query, state["x"], 0)
+        state.setdefault("decode", BlockDecodeCache()).extend(query, decode_inputs(state, routing), 0)
     gate = layer_gate(ctl, state, routing, query, key, allowed)
     if kwargs.get("output_attentions") and routing.mode != "dense":  # the weights: attend over identity values
         weights = attention_weights(query, key, routing, gate, allowed, scaling, state["layer"], ctl)
@@ -115,7 +115,7 @@ def decode_block_layer(ctl, state: dict, routing: Routing, query, key, value, al
         raise GatelabError("block routings decode unpadded sequences only (generate one prompt at a time, or "
                            "prompts of one length)")
     cache = state.setdefault("decode", BlockDecodeCache())
-    cache.extend(query, state["x"], S - T)
+    cache.extend(query, decode_inputs(state, routing), S - T)
     scores = None
     if routing.needs_block_gate:
         gate = block_gate(state, routing)
@@ -123,6 +123,13 @@ def decode_block_layer(ctl, state: dict, routing: Routing, query, key, value, al
                               compiled=ctl.backend.compile_blocks).float()
     return block_decode_attention(query, key, value, routing, cache, gate_scores=scores, layer=state["layer"],
                                   scale=scaling, kernels=ctl.backend.kernels)
+
+
+def decode_inputs(state: dict, routing: Routing):
+    """The layer inputs block decoding keeps: X for a block gate that reads it, else None (qk gates, oracle and random
+    blocks never read X)."""
+    gate = state.get("gate")
+    return state["x"] if routing.needs_block_gate and getattr(gate, "reads", "qk") == "x" else None
 
 
 def fixed_step_layer(ctl, state: dict, routing: Routing, query, key, value, scaling) -> torch.Tensor:

@@ -130,16 +130,22 @@ def block_select_reference(gq: torch.Tensor, gk: torch.Tensor, block_k: int):
 
 
 @torch.no_grad()
-@torch.compiler.disable  # one kernel launch; eager also inside a compiled region
 def block_select(gq: torch.Tensor, gk: torch.Tensor, block_k: int, tile: tuple[int, int] = SELECT_TILE):
     """attention.blocks.block_lists(previous_block_rows(gq @ gk^T), block_k) from the factors, in one kernel launch:
     (kv_num (B, H, nb), kv_idx (B, H, nb, nb), full_num (B, H, nb), full_idx (B, H, nb, nb)), all int32, ready for
     BlockMask.from_kv_blocks. gq (B, H, nb, d_gate) already divided by sqrt(d_gate), gk (B, H, nb, d_gate); any
     strides. tile: (query blocks per program, a power of two >= 16; coarse bits, 1..32). Where the kernel does not
-    serve (block_select_fits), block_select_reference, which gives the same tensors."""
+    serve (block_select_fits), block_select_reference, which gives the same tensors. One custom operator
+    (gatelab::block_select), so that a compiled forward keeps the selection inside its graph (no graph break) and a
+    CUDA graph can record it."""
+    return _block_select_op(gq.detach(), gk.detach(), block_k, tile[0], tile[1])
+
+
+@torch.library.custom_op("gatelab::block_select", mutates_args=())
+def _block_select_op(gq: torch.Tensor, gk: torch.Tensor, block_k: int, rows: int,
+                     coarse: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if not block_select_fits(gq, gk):
         return block_select_reference(gq, gk, block_k)
-    rows, coarse = tile
     B, H, nb, DG = gq.shape
     dev = gq.device
     kv_num = torch.empty(B, H, nb, dtype=torch.int32, device=dev)
@@ -156,3 +162,11 @@ def block_select(gq: torch.Tensor, gk: torch.Tensor, block_k: int, tile: tuple[i
         *gk.stride(), UPCAST=upcast, DC=dc, BLOCK_M=rows, BLOCK_N=block_n, COARSE=coarse,
         num_warps=4 if block_n <= 256 else 8, num_stages=1)  # pipelining the d loop: over the H200's shared memory
     return kv_num, kv_idx, full_num, full_idx
+
+
+@_block_select_op.register_fake
+def _(gq, gk, block_k, rows, coarse):
+    B, H, nb, _ = gq.shape
+    lists = dict(dtype=torch.int32, device=gq.device)
+    return (torch.empty(B, H, nb, **lists), torch.empty(B, H, nb, nb, **lists), torch.empty(B, H, nb, **lists),
+            torch.empty(B, H, nb, nb, **lists))
