@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile-blocks", action="store_true", help="Backend.compile_blocks: the gate's scores and "
                     "block lists from compiled graphs in the eager forward")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: prefill, decode, ppl, "
-                    "dynamic-cache (the dense decode row with transformers' DynamicCache), graphs (the decode rows "
+                    "dynamic-cache (the dense decode row with transformers' DynamicCache), eager-decode (the decode "
+                    "rows with eager steps), graphs (the decode rows "
                     "over a cache of fixed size with CUDA-graphed steps), selection-compiled")
     ap.add_argument("--profile", action="store_true", help="also profile each row once (torch.profiler): the GPU's "
                     "busy share of the wall time and the top kernels (one prefill call; --profile-steps decode steps)")
@@ -654,8 +655,9 @@ def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
                                      sparsity=setting[2], skipped="budget"))
             write(b)
             continue
-        rows = [make(b, T, B, ids, setting, dense)]
-        if not r.is_block:
+        eager = kind == "prefill" or "eager-decode" not in b.args.skip.split(",")
+        rows = [make(b, T, B, ids, setting, dense)] if eager else []
+        if not r.is_block and eager:
             dense = rows[0]
             if kind == "decode" and "dynamic-cache" not in b.args.skip.split(","):
                 rows.append(decode_row(b, T, B, ids, setting, dense, dynamic=True))

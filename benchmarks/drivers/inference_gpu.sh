@@ -6,7 +6,7 @@
 #              0 / 50 / 75 / 87.5% block sparsity, profiled; each also with CUDA-graphed steps over a cache of fixed
 #              size (320 steps)
 #   decode-compiled  8 x 32K at 87.5%: the same rows for dense and block-gate, plus CUDA-graphed steps compiled
-#              (torch.compile) for both
+#              (torch.compile) for both (SKIP=eager-decode: the graphed rows alone; GRAPH_STEPS=N)
 #   prefill8k  8 x 8K: eager prefill, the selection and one layer's attention (the selection target), profiled
 #   prefill32k 1 x 32K: eager and compiled prefill, the selection and attention, profiled
 #   real8k     the real SmolLM2-135M at 8K, batch 1 and 8: eager and compiled prefill with perplexity beside each
@@ -29,7 +29,8 @@ for part in "${@:-decode prefill8k prefill32k}"; do
       decode) "${B[@]}" --tag decode --contexts 32768 --batches 8 --skip prefill --profile \
                 --budget-minutes "${DECODE_MINUTES:-4}" || status=1;;
       decode-compiled) "${B[@]}" --tag decode-compiled --contexts 32768 --batches 8 --sparsities 0.875 \
-                         --skip prefill,dynamic-cache --graph-compile --budget-minutes "${DECODE_MINUTES:-3}" || status=1;;
+                         --skip prefill,dynamic-cache${SKIP:+,$SKIP} --graph-compile --graph-steps "${GRAPH_STEPS:-320}" \
+                         --budget-minutes "${DECODE_MINUTES:-3}" || status=1;;
       prefill8k) "${B[@]}" --tag prefill8k --contexts 8192 --batches 8 --skip decode --sparsities 0.5,0.75,0.875 --profile \
                    --budget-minutes "${PREFILL8K_MINUTES:-2}" || status=1;;
       prefill32k) "${B[@]}" --tag prefill32k --contexts 32768 --batches 1 --skip decode,selection-compiled \
