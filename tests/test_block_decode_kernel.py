@@ -72,3 +72,31 @@ def test_block_decode_reference_reads_only_the_kept_blocks_up_to_the_query():
     ref1 = torch.nn.functional.scaled_dot_product_attention(q[:, 1:], k[:, :, 12:14], v[:, :, 12:14])
     torch.testing.assert_close(out[:, 1:], ref1)
     assert torch.equal(block_decode(q, k, v, idx, 13, 4), out)  # CPU without the interpreter: the reference
+
+
+@pytest.mark.parametrize("scale_type", ["fp32", "fp64"])
+def test_block_decode_kernel_builds_with_a_float64_scale(scale_type):
+    """torch.compile passes a Python float to a user Triton kernel as float64; the kernel's running maxima must stay
+    float32 (a float64 scale once made Triton refuse the loop). Builds the kernel's Triton IR with Triton's own front
+    end for an sm90 target: no GPU needed."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    import gatelab.kernels.block_decode as kb
+    fn = kb._block_decode_kernel
+    pointers = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i32", OUT="*bf16", PM="*fp32", PL="*fp32", PACC="*fp32",
+                    POS="*i64")
+    const = dict(BS=128, D=64, SPLIT=True, POS_IN_MEMORY=True)
+    sig = {n: pointers.get(n, scale_type if n == "scale" else "constexpr" if n in const else "i32")
+           for n in fn.arg_names}
+    target = GPUTarget("cuda", 90, 32)
+    backend = CUDABackend(target)
+    options = backend.parse_options({})
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
+    assert src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)

@@ -98,7 +98,8 @@ if triton is not None:
         b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
         hk = h // G
         d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + d * sqd).to(tl.float32) * scale
+        # float32 whatever the scale's type: torch.compile passes a Python float to a kernel as float64
+        q = (tl.load(Q + b * sqb + h * sqh + d * sqd).to(tl.float32) * scale).to(tl.float32)
         m_i = tl.zeros([1], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([D], dtype=tl.float32)
