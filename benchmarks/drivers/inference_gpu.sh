@@ -9,12 +9,14 @@
 #              (torch.compile) for both (SKIP=eager-decode: the graphed rows alone; GRAPH_STEPS=N)
 #   prefill8k  8 x 8K: eager prefill, the selection and one layer's attention (the selection target), profiled
 #   prefill32k 1 x 32K: eager and compiled prefill, the selection and attention, profiled
+#   prefill-long  1 x 16K, 64K and 128K (RoPE extended): eager and compiled prefill, dense and block-gate at 50 / 87.5%
 #   real8k     the real SmolLM2-135M at 8K, batch 1 and 8: eager and compiled prefill with perplexity beside each
 #              row (the real-model target), after benchmarks/drivers/smollm2_parts.sh (model in /tmp/smollm2) and a
 #              qk block gate distilled there (GATES=DIR, e.g. from `DISTILL_ARGS="--position qk"
 #              bash benchmarks/drivers/block_gpu.sh smollm2`)
 # SmolLM2-135M-shaped random weights but for real8k; MODEL_ARGS="--model DIR --gguf FILE --gate GATES" puts a real
-# model under the other parts.
+# model under the other parts. COMPILE_MODE=reduce-overhead compiles the prefill parts with CUDA graphs (default:
+# torch.compile's default mode).
 #
 #   bash benchmarks/drivers/inference_gpu.sh [decode prefill8k prefill32k]   # GATES=DIR ... real8k
 set -uo pipefail
@@ -34,14 +36,18 @@ for part in "${@:-decode prefill8k prefill32k}"; do
       prefill8k) "${B[@]}" --tag prefill8k --contexts 8192 --batches 8 --skip decode --sparsities 0.5,0.75,0.875 --profile \
                    --budget-minutes "${PREFILL8K_MINUTES:-2}" || status=1;;
       prefill32k) "${B[@]}" --tag prefill32k --contexts 32768 --batches 1 --skip decode,selection-compiled \
-                    --sparsities 0.5,0.75,0.875 --compile --profile --budget-minutes "${PREFILL32K_MINUTES:-4}" \
-                    || status=1;;
+                    --sparsities 0.5,0.75,0.875 --compile --compile-mode "${COMPILE_MODE:-default}" --profile \
+                    --budget-minutes "${PREFILL32K_MINUTES:-4}" || status=1;;
+      prefill-long) "${B[@]}" --tag prefill-long --contexts 16384,65536,131072 --batches 1 --sparsities 0.5,0.875 \
+                      --skip decode,selection-compiled --compile --compile-mode "${COMPILE_MODE:-default}" --iters 5 \
+                      --budget-minutes "${LONG_MINUTES:-6}" || status=1;;
       real8k) [ -n "${GATES:-}" ] || { echo "real8k needs GATES=DIR (a qk block gate for /tmp/smollm2)" >&2; exit 2; }
               PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/bench_inference.py --out "$OUT" --tag real8k \
                 --model /tmp/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --gate "$GATES" --contexts 8192 \
-                --batches 1,8 --sparsities 0.5,0.75,0.875 --compile --profile --skip decode,selection-compiled \
+                --batches 1,8 --sparsities 0.5,0.75,0.875 --compile --compile-mode "${COMPILE_MODE:-default}" --profile \
+                --skip decode,selection-compiled \
                 --budget-minutes "${REAL8K_MINUTES:-6}" || status=1;;
-      *) echo "unknown part $p (decode, decode-compiled, prefill8k, prefill32k, real8k)" >&2; exit 2;;
+      *) echo "unknown part $p (decode, decode-compiled, prefill8k, prefill32k, prefill-long, real8k)" >&2; exit 2;;
     esac
   done
 done
