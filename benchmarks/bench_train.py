@@ -244,7 +244,7 @@ def bench_eval(mcfg: dict, batch: int, device, steps: int, warmup: int) -> dict:
                 step_ms=1000 * med)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="paper")
     ap.add_argument("--batches", default="16,64")
@@ -278,91 +278,102 @@ def main() -> None:
     ap.add_argument("--compiled-modes", default="dense",
                     help="modes also timed compiled without CUDA graphs, to show what the graphs buy")
     ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def show(r: dict) -> None:
+    """One progress line per timed row."""
+    print(f"{r['variant']:10s} {r['routing']:40s} batch {r['batch']:3d}: {r['tokens_per_s']:12,.0f} tok/s "
+          f"{r['step_ms']:8.2f} ms ({r.get('vs_reference', 1):.2f}x the reference) first step "
+          f"{r['first_step_s']:.1f} s", flush=True)
+
+
+def write(args, name: str, rows: list, checks: list, failures: list) -> str:
+    """Writes the JSON and markdown of every row so far (after each row: a killed run keeps what it measured)."""
+    peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
+    for r in rows:
+        if r["kind"] == "train" and peak:
+            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=name, torch=torch.__version__, command=" ".join(sys.argv), model=args.model,
+                peak_bf16_tflops=peak, checks=checks, rows=rows, failures=failures)
+    slug += f"-{args.tag}" if args.tag else ""
+    (out / f"{slug}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
+             "Step = gatelab's training step (loss, backward, gradient clipping, AdamW) on random tokens; median of "
+             f"{args.steps} steps after {args.warmup} warm-up steps. *reference*: eager fp32 with full logits; "
+             "*eager-bf16*: bf16 autocast, eager; *compiled*: bf16, torch.compile (default mode), fused "
+             "output-head loss; *fast*: the default on one GPU, as *compiled* plus CUDA graphs (mode "
+             "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
+             f"({peak} TFLOP/s). *fast-sort*: *fast* without the Triton kernels (the row sort, the scattered mask, the "
+             "explicit soft gate: the fast path before the selection kernel); *fast-flexhard*: *fast* with the keep-mask applied "
+             "by flex_attention instead of SDPA's boolean mask; *fast-chunk8k*: *fast* with the fused loss over "
+             "8,192 rows of logits at once (default 2,048); *fast-explicit* / *fast-fused*: *fast* with the soft gate's "
+             "explicit path (G, S and the mask in memory) / its fused flash-style kernel "
+             "(kernels/soft_gate.py); *fast-threshold*: *fast* with topk-sigmoid's other threshold "
+             f"source than the default's ({default_backend().topk_threshold}: factors = G in registers from the gate's "
+             "projections, scores = G in memory); *fast-padvocab*: *fast* with the fused loss's other vocabulary "
+             f"padding than the default's ({default_backend().loss_vocab_multiple}); *fast-headkernel*: *fast* with "
+             "the output head on the Triton kernels (kernels/head_loss.py). *step / dense*: the step time over "
+             "*fast* dense's.",
+             "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
+             "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    for r in rows:
+        rate = fmt(r.get("tokens_per_s"), ",.0f") if "tokens_per_s" in r else f"{r['steps_per_s']:.1f} steps/s"
+        ratio = fmt(r.get("vs_reference", 1.0), ".2f") + "x" if r["kind"] == "train" else "-"
+        vs_dense = fmt(r.get("vs_dense_fast"), ".2f") + ("x" if r.get("vs_dense_fast") else "")
+        lines.append(f"| {r['kind']} | {r.get('variant', '-')} | {r['routing']} | {r['batch']} | {rate} | "
+                     f"{r['step_ms']:.2f} | {vs_dense} | {ratio} | {r.get('compile', '-')} | "
+                     f"{fmt(r.get('first_step_s'), '.1f')} | {fmt(r.get('peak_mem_gib'), '.2f')} | "
+                     f"{fmt(r.get('mfu'), '.1%')} |")
+    lines += ["", "Each fast variant against the plain path (eager bf16, no Triton kernels) on the same weights and batch: "
+              "the first loss (within 2%) and the whole gradient (relative error < 0.1, cosine > 0.99; not for "
+              "stochastic, whose two paths draw different subsets). *compile s*: the variant's first call.", "",
+              "| variant | routing | batch | fast loss | plain loss | grad rel. err | grad cosine | compile s | ok |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['variant']} | {c['routing']} | {c['batch']} | {c['fast']:.5f} | {c['plain']:.5f} | "
+              f"{fmt(c['grad_rel_err'], '.4f')} | {fmt(c['grad_cos'], '.5f')} | {c['compile_s']:.1f} | {c['ok']} |"
+              for c in checks]
+    lines += [f"\nFAILED: {f['variant']} {f['routing']} batch {f['batch']}: {f['error']}" for f in failures]
+    (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def variants(text: str, args, cuda: bool) -> list[str]:
+    """The variants timed for one routing mode: fast, and each extra one whose --*-modes list names the mode."""
+    def named(option: str, gpu_only: bool = True) -> bool:
+        return text in getattr(args, option).split(",") and (cuda or not gpu_only)
+    soft = [v for v in ("fast-explicit", "fast-fused") if v != f"fast-{default_backend().soft_attention}"]
+    return (["fast"] + (["eager-bf16"] if named("eager_modes", False) else [])
+            + (["compiled"] if named("compiled_modes") else [])
+            + (["fast-sort"] if named("sort_modes", False) else [])
+            + (["fast-flexhard"] if named("flexhard_modes", False) else [])
+            + (["fast-chunk8k"] if named("chunk_modes") else [])
+            + (["fast-threshold"] if named("threshold_modes") else [])
+            + (["fast-padvocab"] if named("padvocab_modes") else [])
+            + (["fast-headkernel"] if named("headkernel_modes") else [])
+            + (soft if named("soft_modes") else []))  # the other soft-gate path(s) than fast's
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     mcfg = MODELS[args.model]
     k = min(args.k, ModelConfig(**mcfg).context)
     rows, checks, failures = [], [], []
-    batches = [int(b) for b in args.batches.split(",")]
-
-    def show(r):
-        print(f"{r['variant']:10s} {r['routing']:40s} batch {r['batch']:3d}: {r['tokens_per_s']:12,.0f} tok/s "
-              f"{r['step_ms']:8.2f} ms ({r.get('vs_reference', 1):.2f}x the reference) first step "
-              f"{r['first_step_s']:.1f} s", flush=True)
-    def write() -> str:
-        """Writes the JSON and markdown of every row so far (after each row: a killed run keeps what it measured)."""
-        peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
-        for r in rows:
-            if r["kind"] == "train" and peak:
-                r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = dict(device=name, torch=torch.__version__, command=" ".join(sys.argv), model=args.model,
-                        peak_bf16_tflops=peak, checks=checks, rows=rows, failures=failures)
-        slug += f"-{args.tag}" if args.tag else ""
-        (out / f"{slug}.json").write_text(json.dumps(meta, indent=1) + "\n")
-        lines = [f"# gatelab benchmark on {name} (torch {torch.__version__})", "", f"`{meta['command']}`", "",
-                 "Step = gatelab's training step (loss, backward, gradient clipping, AdamW) on random tokens; median of "
-                 f"{args.steps} steps after {args.warmup} warm-up steps. *reference*: eager fp32 with full logits; "
-                 "*eager-bf16*: bf16 autocast, eager; *compiled*: bf16, torch.compile (default mode), fused "
-                 "output-head loss; *fast*: the default on one GPU, as *compiled* plus CUDA graphs (mode "
-                 "reduce-overhead). MFU: FLOPs/token = 6N + 12LTd against the chip's dense bf16 peak "
-                 f"({peak} TFLOP/s). *fast-sort*: *fast* without the Triton kernels (the row sort, the scattered mask, the "
-                 "explicit soft gate: the fast path before the selection kernel); *fast-flexhard*: *fast* with the keep-mask applied "
-                 "by flex_attention instead of SDPA's boolean mask; *fast-chunk8k*: *fast* with the fused loss over "
-                 "8,192 rows of logits at once (default 2,048); *fast-explicit* / *fast-fused*: *fast* with the soft gate's "
-                 "explicit path (G, S and the mask in memory) / its fused flash-style kernel "
-                 "(kernels/soft_gate.py); *fast-threshold*: *fast* with topk-sigmoid's other threshold "
-                 f"source than the default's ({default_backend().topk_threshold}: factors = G in registers from the gate's "
-                 "projections, scores = G in memory); *fast-padvocab*: *fast* with the fused loss's other vocabulary "
-                 f"padding than the default's ({default_backend().loss_vocab_multiple}); *fast-headkernel*: *fast* with "
-                 "the output head on the Triton kernels (kernels/head_loss.py). *step / dense*: the step time over "
-                 "*fast* dense's.",
-                 "", "| kind | variant | routing | batch | tokens/s | step ms | step / dense | vs eager fp32 | compile | "
-                 "first step s | peak GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-        def fmt(v, spec):
-            return "-" if v is None else format(v, spec)
-        for r in rows:
-            rate = fmt(r.get("tokens_per_s"), ",.0f") if "tokens_per_s" in r else f"{r['steps_per_s']:.1f} steps/s"
-            ratio = fmt(r.get("vs_reference", 1.0), ".2f") + "x" if r["kind"] == "train" else "-"
-            vs_dense = fmt(r.get("vs_dense_fast"), ".2f") + ("x" if r.get("vs_dense_fast") else "")
-            lines.append(f"| {r['kind']} | {r.get('variant', '-')} | {r['routing']} | {r['batch']} | {rate} | "
-                         f"{r['step_ms']:.2f} | {vs_dense} | {ratio} | {r.get('compile', '-')} | "
-                         f"{fmt(r.get('first_step_s'), '.1f')} | {fmt(r.get('peak_mem_gib'), '.2f')} | "
-                         f"{fmt(r.get('mfu'), '.1%')} |")
-        lines += ["", "Each fast variant against the plain path (eager bf16, no Triton kernels) on the same weights and batch: "
-                  "the first loss (within 2%) and the whole gradient (relative error < 0.1, cosine > 0.99; not for "
-                  "stochastic, whose two paths draw different subsets). *compile s*: the variant's first call.", "",
-                  "| variant | routing | batch | fast loss | plain loss | grad rel. err | grad cosine | compile s | ok |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {c['variant']} | {c['routing']} | {c['batch']} | {c['fast']:.5f} | {c['plain']:.5f} | "
-                  f"{fmt(c['grad_rel_err'], '.4f')} | {fmt(c['grad_cos'], '.5f')} | {c['compile_s']:.1f} | {c['ok']} |"
-                  for c in checks]
-        lines += [f"\nFAILED: {f['variant']} {f['routing']} batch {f['batch']}: {f['error']}" for f in failures]
-        (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
-        return "\n".join(lines)
-
-    for batch in batches:
+    for batch in [int(b) for b in args.batches.split(",")]:
         ref = bench_train(mcfg, Routing(), batch, device, "reference", args.steps, args.warmup)
         rows.append(ref)
         show(ref)
         for text in args.modes.split(","):
             routing = parse_mode(text, k)
-            cuda = device.type == "cuda"
-            variants = ["fast"] + (["eager-bf16"] if text in args.eager_modes.split(",") else []) + \
-                (["compiled"] if text in args.compiled_modes.split(",") and cuda else []) + \
-                (["fast-sort"] if text in args.sort_modes.split(",") else []) + \
-                (["fast-flexhard"] if text in args.flexhard_modes.split(",") else []) + \
-                (["fast-chunk8k"] if text in args.chunk_modes.split(",") and cuda else []) + \
-                (["fast-threshold"] if text in args.threshold_modes.split(",") and cuda else []) + \
-                (["fast-padvocab"] if text in args.padvocab_modes.split(",") and cuda else []) + \
-                (["fast-headkernel"] if text in args.headkernel_modes.split(",") and cuda else []) + \
-                ([v for v in ("fast-explicit", "fast-fused") if v != f"fast-{default_backend().soft_attention}"]
-                 if text in args.soft_modes.split(",") and cuda else [])  # the other soft-gate path(s) than fast's
-            for variant in variants:
+            for variant in variants(text, args, device.type == "cuda"):
                 check = variant.startswith("fast") and not args.no_check
                 try:
                     r = bench_train(mcfg, routing, batch, device, variant, args.steps, args.warmup,
@@ -378,16 +389,15 @@ def main() -> None:
                 r["vs_dense_fast"] = r["step_ms"] / dense["step_ms"] if dense else None
                 rows.append(r)
                 show(r)
-                write()
+                write(args, name, rows, checks, failures)
     if not args.skip_extra:
         rows.append(bench_distill(mcfg, k, 16, device, args.steps, args.warmup))
         rows.append(bench_eval(mcfg, 16, device, args.steps, args.warmup))
-    print(write())
+    print(write(args, name, rows, checks, failures))
     if failures:
         sys.exit(f"{len(failures)} variant(s) failed (listed above)")
     if not all(c["ok"] for c in checks):
         sys.exit("fast path disagrees with the plain path (see the table above)")
-
 
 if __name__ == "__main__":
     main()
