@@ -45,7 +45,7 @@ class _Steps:
         self.model, self.cache, self.fixed, self.tok, self.graphs = model, cache, fixed, tok, graphs
         self.kw = {cache_keyword(model): cache}
         self.where = dict(position_ids=fixed.position.view(1, 1))
-        if "cache_position" in inspect.signature(type(model).forward).parameters:  # transformers before 5.2x
+        if "cache_position" in inspect.signature(type(model).forward).parameters:  # older transformers also take it
             self.where["cache_position"] = fixed.position
         if compiled:
             raise_recompile_limit(RECOMPILE_LIMIT)
