@@ -112,6 +112,15 @@ def test_generate_command_decodes_and_compares_with_dense(tmp_path, monkeypatch,
     sparse = json.loads((tmp_path / "sparse.json").read_text())
     assert sparse["dense_tokens"] == full["dense_tokens"] and 0.0 <= sparse["agreement"] <= 1.0
     assert "agreement with dense greedy" in capsys.readouterr().err
+    import functools
+
+    import gatelab.attention.compiled as compiled_fns
+    monkeypatch.setattr(compiled_fns, "_COMPILED", {})  # compiled with aot_eager: inductor's code generation is slow
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    main(base + ["--block-k", "1", "--compile", "--json", str(tmp_path / "compiled.json")])  # fixed cache, compiled
+    compiled = json.loads((tmp_path / "compiled.json").read_text())
+    assert compiled["tokens"] == sparse["tokens"] and compiled["seconds"] > 0
+    assert "9 new tokens after 19 in" in capsys.readouterr().err
     assert main(base[:6] + [str(tmp_path / "missing.txt"), "--device", "cpu"]) == 2
     assert "gatelab: error: --prompt-file" in capsys.readouterr().err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -128,8 +129,13 @@ def run_generate(args) -> None:
               f"{result['first_difference']}), perplexity under the dense model {result['ppl_routed']:.3f} "
               f"(dense's own continuation {result['ppl_dense']:.3f})", file=sys.stderr)
     else:
+        start = time.perf_counter()
         tokens = greedy(model, ids, routing, args.max_new_tokens, args.cuda_graphs, args.compile)[0].tolist()
-        result = dict(routing=routing.label(), new_tokens=args.max_new_tokens, tokens=[tokens])
+        seconds = time.perf_counter() - start  # after .tolist(), which waits for the device
+        result = dict(routing=routing.label(), new_tokens=args.max_new_tokens, tokens=[tokens], seconds=seconds)
+        print(f"{routing.label()}: {args.max_new_tokens} new tokens after {ids.shape[1]} in {seconds:.2f} s "
+              f"({args.max_new_tokens / seconds:.1f} tokens/s, the prefill, warm-up and any compilation included)",
+              file=sys.stderr)
     text = tok.decode(tokens, skip_special_tokens=True)
     print(text)
     if args.json:
