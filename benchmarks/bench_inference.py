@@ -508,9 +508,9 @@ def profile(fn, dev, calls: int, top: int = 10) -> dict:
                 top=[dict(name=n[:90], ms=ms, launches=c // calls) for n, (ms, c) in tops])
 
 
-def graph_ms(fn, replays: int = 100) -> float:
-    """GPU time of one call of fn: fn captured once in a CUDA graph, then the mean over `replays` back-to-back replays
-    (no host launch or synchronisation per call)."""
+def graph_ms(fn, replays: int = 100, calls: int = 1) -> float:
+    """GPU time of one call of fn: `calls` calls captured once in a CUDA graph, then the mean over `replays`
+    back-to-back replays (no host launch or synchronisation per call)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -519,7 +519,8 @@ def graph_ms(fn, replays: int = 100) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -528,7 +529,7 @@ def graph_ms(fn, replays: int = 100) -> float:
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / replays
+    return start.elapsed_time(end) / (replays * calls)
 
 
 def decode_attention(b: Bench, routing: Routing, B: int, T: int) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,26 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gatelab.kernels.block_decode import block_decode
 
-
-def graph_ms(fn, calls: int = 30, replays: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (replays * calls)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_inference import graph_ms  # noqa: E402
 
 
 def candidates(q, kbuf, vbuf, pos, length: int, bs: int):
@@ -137,7 +120,7 @@ def main(argv=None) -> int:
             o = fn()
             ref = o.float() if ref is None else ref
             row["max_abs_diff"] = float((o.float() - ref).abs().max()) if "87.5" not in name else None
-            row["gpu_ms"] = graph_ms(fn)
+            row["gpu_ms"] = graph_ms(fn, replays=20, calls=30)
         except Exception as e:  # a candidate this torch cannot run: reported, the others go on
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         rows.append(row)
