@@ -55,14 +55,34 @@ def test_block_gate_steps_keep_the_blocks_of_the_whole_sequence_pass():
 def test_dense_fixed_step_ignores_the_cache_past_the_position():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
-    pos = torch.tensor([6])
-    out = dense_fixed_step(q, k, v, pos)
+    fixed = FixedDecode(torch.zeros(1, dtype=torch.long), 12)
+    fixed.set_position(6)
+    out = dense_fixed_step(q, k, v, fixed.valid)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 7:], v2[:, :, 7:] = 1e4, -1e4
-    assert torch.equal(dense_fixed_step(q, k2, v2, pos), out)
+    assert torch.equal(dense_fixed_step(q, k2, v2, fixed.valid), out)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :7].repeat_interleave(3, 1),
                                                            v[:, :, :7].repeat_interleave(3, 1))
     torch.testing.assert_close(out, ref)
+
+
+def test_the_per_step_values_follow_the_position():
+    """valid and offset, computed once per step for every layer, are those of the current position after each move."""
+    fixed = FixedDecode(torch.zeros(1, dtype=torch.long), 10, 4)
+    fixed.set_position(5)
+    for p in range(5, 10):
+        assert fixed.valid.tolist() == [i <= p for i in range(10)] and int(fixed.offset) == p % 4
+        fixed.advance()
+    assert int(fixed.position) == 10
+
+
+def test_block_prefill_refuses_a_state_counting_other_blocks():
+    from gatelab.attention.gates import BlockGate
+    gate = BlockGate(16, 2, 4, reads="qk", head_dim=8)
+    q, k = torch.randn(1, 2, 8, 8), torch.randn(1, 1, 8, 8)
+    with pytest.raises(GatelabError, match="blocks of 1 positions"):
+        block_fixed_prefill(FixedDecode(torch.zeros(1, dtype=torch.long), 16), 0, gate,
+                            Routing(mode="block-gate", block_size=4, block_k=1), q, k, None)
 
 
 def test_select_kept_is_the_whole_sequence_rule_with_ties_to_the_lower_block():
@@ -92,7 +112,7 @@ def test_prefill_sets_up_the_first_steps_block():
     r = Routing(mode="block-gate", block_size=4, block_k=1)
     for P in (10, 8):
         q, k = torch.randn(1, 2, P, 8), torch.randn(1, 1, P, 8)
-        fixed = FixedDecode(torch.zeros(1, dtype=torch.long), 16)
+        fixed = FixedDecode(torch.zeros(1, dtype=torch.long), 16, 4)
         block_fixed_prefill(fixed, 0, gate, r, q, k, None)
         layer = fixed.layers[0]
         gq, gk = gate.factors(None, 4, None, q=q[:, :, :8], k=k[:, :, :8])

@@ -9,6 +9,8 @@
 #              (torch.compile) for both (SKIP=eager-decode: the graphed rows alone; GRAPH_STEPS=N)
 #   prefill8k  8 x 8K: eager prefill, the selection and one layer's attention (the selection target), profiled
 #   prefill32k 1 x 32K: eager and compiled prefill, the selection and attention, profiled
+#   prefill8k-compiled  1 x 8K at 50 / 87.5%: eager and compiled prefill (the selection inside the compiled graph),
+#              the selection eager and compiled (the real-model target's shape, on random weights)
 #   prefill-long  1 x 16K, 64K and 128K (RoPE extended): eager and compiled prefill, dense and block-gate at 50 / 87.5%
 #   real8k     the real SmolLM2-135M at 8K, batch 1 and 8: eager and compiled prefill with perplexity beside each
 #              row (the real-model target), after benchmarks/drivers/smollm2_parts.sh (model in /tmp/smollm2) and a
@@ -38,6 +40,9 @@ for part in "${@:-decode prefill8k prefill32k}"; do
       prefill32k) "${B[@]}" --tag prefill32k --contexts 32768 --batches 1 --skip decode,selection-compiled \
                     --sparsities 0.5,0.75,0.875 --compile --compile-mode "${COMPILE_MODE:-default}" --profile \
                     --budget-minutes "${PREFILL32K_MINUTES:-4}" || status=1;;
+      prefill8k-compiled) "${B[@]}" --tag prefill8k-compiled --contexts 8192 --batches 1 --sparsities 0.5,0.875 \
+                            --skip decode --compile --compile-mode "${COMPILE_MODE:-default}" \
+                            --budget-minutes "${PREFILL8K_MINUTES:-3}" || status=1;;
       prefill-long) "${B[@]}" --tag prefill-long --contexts 16384,65536,131072 --batches 1 --sparsities 0.5,0.875 \
                       --skip decode,selection-compiled --compile --compile-mode "${COMPILE_MODE:-default}" --iters 5 \
                       --budget-minutes "${LONG_MINUTES:-6}" || status=1;;
@@ -47,7 +52,7 @@ for part in "${@:-decode prefill8k prefill32k}"; do
                 --batches 1,8 --sparsities 0.5,0.75,0.875 --compile --compile-mode "${COMPILE_MODE:-default}" --profile \
                 --skip decode,selection-compiled \
                 --budget-minutes "${REAL8K_MINUTES:-6}" || status=1;;
-      *) echo "unknown part $p (decode, decode-compiled, prefill8k, prefill32k, prefill-long, real8k)" >&2; exit 2;;
+      *) echo "unknown part $p (decode, decode-compiled, prefill8k, prefill8k-compiled, prefill32k, prefill-long, real8k)" >&2; exit 2;;
     esac
   done
 done

@@ -37,15 +37,39 @@ FIXED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SD
 @dataclass
 class FixedDecode:
     """The decoding state every layer shares: the new token's position (a (1,) int64 tensor on the model's device,
-    advanced on the device), the cache's capacity, whether this step starts a query block (the block layers then
-    select its kept blocks), and whether the model is decoding (stepping) or reading the prompt. `layers`: each
-    layer's FixedBlockLayer."""
+    advanced on the device), the cache's capacity, the routing's block size, whether this step starts a query block
+    (the block layers then select its kept blocks), and whether the model is decoding (stepping) or reading the
+    prompt. `layers`: each layer's FixedBlockLayer.
+
+    What every layer of a step derives from the position is computed once per step, when the position moves
+    (set_position, advance), not once per layer: `valid` (capacity,) bool, the cache slots at or before the position
+    (dense attention's mask), and `offset` (1,), the position within its block (the block ring's slot)."""
 
     position: torch.Tensor
     capacity: int
+    block_size: int = 1
     selecting: bool = False
     stepping: bool = False
     layers: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.slots = torch.arange(self.capacity, device=self.position.device)
+        self.valid = torch.zeros(self.capacity, dtype=torch.bool, device=self.position.device)
+        self.offset = torch.zeros_like(self.position)
+        self._derive()
+
+    def _derive(self) -> None:
+        self.valid.copy_(self.slots <= self.position)
+        self.offset.copy_(self.position % self.block_size)
+
+    def set_position(self, position: int) -> None:
+        self.position.fill_(position)
+        self._derive()
+
+    def advance(self) -> None:
+        """The next position, on the device (inside a recorded step)."""
+        self.position.add_(1)
+        self._derive()
 
 
 @dataclass
@@ -59,11 +83,11 @@ class FixedBlockLayer:
     kept: torch.Tensor
 
 
-def dense_fixed_step(q, k, v, position: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """One new query per sequence, q (B, H, 1, D), over the whole cache k, v (B, Hk, capacity, D) up to position."""
-    valid = (torch.arange(k.shape[2], device=q.device) <= position).view(1, 1, 1, -1)
+def dense_fixed_step(q, k, v, valid: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """One new query per sequence, q (B, H, 1, D), over the cache slots k, v (B, Hk, capacity, D) where valid
+    (capacity,) bool is set (FixedDecode.valid: those at or before the position)."""
     with sdpa_kernel(FIXED_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=scale,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid.view(1, 1, 1, -1), scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -100,6 +124,8 @@ def block_fixed_prefill(fixed: FixedDecode, layer_index: int, gate, routing: Rou
     block."""
     B, H, P, D = q.shape
     bs = routing.block_size
+    if fixed.block_size != bs:
+        raise GatelabError(f"the decoding state counts blocks of {fixed.block_size} positions, the routing {bs}")
     nb = -(-fixed.capacity // bs)
     kk = max(0, min(routing.block_k, nb - 1))
     reads_qk = gate.reads == "qk"
@@ -142,8 +168,8 @@ def block_fixed_step(fixed: FixedDecode, layer_index: int, gate, routing: Routin
         layer.gk.index_copy_(2, prev, gk.float()[:, :, None])
         select_kept(layer, gq, prev + 1, routing.block_k)
     if reads_qk:
-        layer.ring.index_copy_(2, pos % bs, q)
+        layer.ring.index_copy_(2, fixed.offset, q)
     else:
-        layer.ring.index_copy_(1, pos % bs, x)
+        layer.ring.index_copy_(1, fixed.offset, x)
     attend_kept = block_decode if kernels else block_decode_reference
     return attend_kept(q, k, v, layer.kept, pos, bs, scale)

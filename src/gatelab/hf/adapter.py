@@ -136,7 +136,7 @@ def fixed_step_layer(ctl, state: dict, routing: Routing, query, key, value, scal
     """One decoding step over a cache of fixed size (attention/fixed_decode.py): dense, or the kept blocks of a
     block-gate routing."""
     if routing.mode == "dense":
-        return dense_fixed_step(query, key, value, ctl.fixed.position, scaling)
+        return dense_fixed_step(query, key, value, ctl.fixed.valid, scaling)
     return block_fixed_step(ctl.fixed, state["layer"], block_gate(state, routing), routing, query, key, value,
                             state["x"], scaling, kernels=ctl.backend.kernels)
 

@@ -22,13 +22,13 @@ from gatelab.config import GatelabError, Routing
 from gatelab.hf.cache import cache_keyword, fixed_kv_cache
 
 
-def decode_step(forward, tok: torch.Tensor, position: torch.Tensor, where: dict, cache_kw: dict) -> torch.Tensor:
-    """One greedy step: the model's forward of tok (B, 1) at position, the next token written back into tok and the
-    position advanced, in place; returns the next token (B,)."""
+def decode_step(forward, tok: torch.Tensor, fixed: FixedDecode, where: dict, cache_kw: dict) -> torch.Tensor:
+    """One greedy step: the model's forward of tok (B, 1) at fixed.position, the next token written back into tok and
+    the position advanced, in place; returns the next token (B,)."""
     logits = forward(tok, use_cache=True, **where, **cache_kw).logits
     nxt = logits[:, -1].argmax(-1)
     tok.copy_(nxt[:, None])
-    position.add_(1)
+    fixed.advance()
     return nxt
 
 
@@ -58,7 +58,7 @@ class _Steps:
         """One step; compiled unless it starts a query block (one step in block_size: not worth a compilation)."""
         forward = getattr(self.model, "gatelab_eager_forward", None) or self.model.forward
         step = decode_step if self.fixed.selecting else self.compiled_step
-        return step(forward, self.tok, self.fixed.position, self.where, self.kw)
+        return step(forward, self.tok, self.fixed, self.where, self.kw)
 
     def __call__(self, selecting: bool) -> torch.Tensor:
         self.fixed.selecting = selecting
@@ -106,13 +106,14 @@ class FixedDecoder:
         B, T = ids.shape
         if T + 1 > self.capacity:
             raise GatelabError(f"a prompt of {T} tokens leaves no room in a cache of {self.capacity} positions")
-        self.fixed = FixedDecode(torch.zeros(1, dtype=torch.long, device=ids.device), self.capacity)
+        self.fixed = FixedDecode(torch.zeros(1, dtype=torch.long, device=ids.device), self.capacity,
+                                 self.routing.block_size if self.routing.is_block else 1)
         cache = fixed_kv_cache(self.model, self.fixed)
         self.model.gatelab.fixed = self.fixed
         logits = self.model(ids, use_cache=True, position_ids=torch.arange(T, device=ids.device)[None],
                             **{cache_keyword(self.model): cache}).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)
-        self.fixed.position.fill_(T)
+        self.fixed.set_position(T)
         self.fixed.stepping = True
         self.position = T
         self.steps = _Steps(self.model, cache, self.fixed, tok, self.graphs, self.compiled)
