@@ -53,16 +53,18 @@ def block_decode_fits(q, k, idx: torch.Tensor, block_size: int) -> bool:
 
 
 def block_decode(q, k, v, idx: torch.Tensor, position: int | torch.Tensor, block_size: int,
-                 scale: float | None = None) -> torch.Tensor:
+                 scale: float | None = None, *, target_programs: int = TARGET_PROGRAMS, num_warps: int = 4,
+                 num_stages: int = 3) -> torch.Tensor:
     """block_decode_reference in one kernel launch (two when the kept blocks are split over programs). A tensor
-    position is read by the kernel on the device, so that a CUDA graph of the call serves every position."""
+    position is read by the kernel on the device, so that a CUDA graph of the call serves every position.
+    target_programs, num_warps, num_stages: the launch (benchmarks/drivers/block_decode_tuning.py compares them)."""
     if not block_decode_fits(q, k, idx, block_size):
         return block_decode_reference(q, k, v, idx, position, block_size, scale)
     B, H, _, D = q.shape
     n = idx.shape[-1]
     idx = idx.to(torch.int32).contiguous()
     scale = D ** -0.5 if scale is None else scale
-    splits = max(1, min(n, MAX_SPLITS, -(-TARGET_PROGRAMS // (B * H))))
+    splits = max(1, min(n, MAX_SPLITS, -(-target_programs // (B * H))))
     per_split = -(-n // splits)
     splits = -(-n // per_split)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
@@ -75,7 +77,8 @@ def block_decode(q, k, v, idx: torch.Tensor, position: int | torch.Tensor, block
         q, k, v, idx, out, part_m, part_l, part_acc, H, H // k.shape[1], n, per_split, position, scale,
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3), out.stride(0), out.stride(1), out.stride(3),
-        BS=block_size, D=D, SPLIT=splits > 1, POS_IN_MEMORY=isinstance(position, torch.Tensor))
+        BS=block_size, D=D, SPLIT=splits > 1, POS_IN_MEMORY=isinstance(position, torch.Tensor),
+        num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _combine_kernel[(B * H,)](part_m, part_l, part_acc, out, H, splits, out.stride(0), out.stride(1),
                                   out.stride(3), D=D, NS=triton.next_power_of_2(splits))
