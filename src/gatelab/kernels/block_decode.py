@@ -23,8 +23,9 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 from gatelab.kernels.triton_support import _pow2, available
 
-TARGET_PROGRAMS = 2048  # programs per launch to aim for (about 16 per SM of an H100 / H200): a decoding step reads
-# little, so its time is the latency of each program's loop over its blocks, which more, shorter shares cut
+TARGET_PROGRAMS = 4096  # programs per launch to aim for (about 30 per SM of an H100 / H200): a decoding step reads
+# little, so its time is the latency of each program's loop over its blocks; at SmolLM2's 72 heads of 8 sequences and
+# 33 kept blocks this gives each program one block (benchmarks/drivers/block_decode_tuning.py)
 MAX_SPLITS = 64  # shares per (batch, query head): the combine holds them all in registers
 
 
