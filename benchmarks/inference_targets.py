@@ -44,6 +44,12 @@ it judges:
   graph is what remains, fusing the elementwise work (norms, rotary embedding, activations, residuals) cuts about the
   same time from both steps and the ratio rises (at 1.5 ms cut from each: 3.27 / 2.27 = 1.44; at 2 ms: 1.6); if the
   matrix products and the attention dominate what remains, the ratio stays near run 4's 1.27.
+  Its first run (benchmarks/results/inference/inference-nvidia-h200-decode-compiled-run1.*): dense 2.84 ms per
+  step, block 2.02 ms, 1.409, missed; that verdict stands. The criterion is unchanged for the next run, on a changed
+  kernel launch (one kept block per program, 25.3 against 36.4 us per layer in block_decode_tuning.py). What it
+  predicts, written before that run: about 30 x 11 us = 0.33 ms off the block step and nothing off dense, so about
+  2.84 / 1.69 = 1.68; at or below 1.5 if the saving inside the whole step is under half the isolated one (the
+  kernel's share of the step's memory traffic and its neighbours' overlap differ from the isolated calls).
 """
 from __future__ import annotations
 
