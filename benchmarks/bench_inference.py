@@ -87,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, help="decode steps after the prefill (default 64)")
     ap.add_argument("--graph-compile", action="store_true", help="also decode rows whose CUDA-graphed steps run "
                     "through torch.compile (kv_cache 'fixed, CUDA graphs, compiled')")
-    ap.add_argument("--graph-steps", type=int, default=320, help="decode steps of the CUDA-graphed rows (more than "
-                    "two query blocks, so that steps starting a block replay their graph too; the first %d are "
-                    "warm-up and recording, untimed)" % GRAPH_WARM_STEPS)
+    ap.add_argument("--graph-steps", type=int, default=320, help="decode steps of the CUDA-graphed rows (at "
+                    "least three query blocks from a block edge: timed from the step after the graph of the steps "
+                    "that start a block is recorded, over whole blocks; dense from step %d)" % GRAPH_WARM_STEPS)
     ap.add_argument("--iters", type=int, help="timed calls per prefill measurement (median; default 10)")
     ap.add_argument("--warmup", type=int, help="untimed calls before them (default 3)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the model's forward (CUDA)")
@@ -591,28 +591,43 @@ def decode_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None
     return row
 
 
+def steady_window(T: int, steps: int, routing: Routing) -> tuple[int, int]:
+    """The steps (start, stop) timed in a graphed decoding of `steps` steps after a prompt of T tokens: from the first
+    step after every kind of step has been recorded (dense: GRAPH_WARM_STEPS; block: the step after the second one
+    that starts a query block, the one whose graph is recorded), over whole query blocks for a block routing, so that
+    the steps starting a block weigh as in a long decoding (one in block_size)."""
+    if not routing.is_block:
+        return GRAPH_WARM_STEPS, steps
+    bs = routing.block_size
+    start = max(GRAPH_WARM_STEPS, (-T) % bs + bs + 1)
+    stop = start + (steps - start) // bs * bs
+    if stop <= start:
+        raise ValueError(f"{steps} graphed steps leave no whole query block of {bs} after the {start} warm-up steps")
+    return start, stop
+
+
 def graphed_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int, compiled: bool = False) -> dict:
     """Greedy decoding over a cache of fixed size with CUDA-graphed steps (hf/graphed.py; eager steps without CUDA):
-    the prefill, then `steps` steps, the first GRAPH_WARM_STEPS untimed."""
+    the prefill, then `steps` steps, of which steady_window's are timed (warm_ms: the steps before them, with each
+    kind of step's eager warm-up, recording and any compilation)."""
     dev = b.device
+    start, stop = steady_window(ids.shape[1], steps, routing)
     if b.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     with fixed_decoding(b.model, routing, ids.shape[1] + steps + 1, graphs=b.cuda, compiled=compiled) as decoder:
         sync(dev)
-        t0 = time.perf_counter()
+        clock = [time.perf_counter()]
         new = [decoder.prefill(ids).clone()]
-        sync(dev)
-        t1 = time.perf_counter()
-        for i in range(steps):
-            if i == GRAPH_WARM_STEPS:
+        for i in range(steps + 1):
+            if i in (0, start, stop):
                 sync(dev)
-                t2 = time.perf_counter()
-            new.append(decoder.step().clone())
-        sync(dev)
-        t3 = time.perf_counter()
+                clock.append(time.perf_counter())
+            if i < steps:
+                new.append(decoder.step().clone())
     peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if b.cuda else None
-    return dict(prefill_ms=1000 * (t1 - t0), decode_ms=1000 * (t3 - t2), timed_steps=steps - GRAPH_WARM_STEPS,
-                tokens=torch.stack(new, 1).cpu(), peak_mib=peak)
+    t0, t1, t2, t3 = clock
+    return dict(prefill_ms=1000 * (t1 - t0), warm_ms=1000 * (t2 - t1), decode_ms=1000 * (t3 - t2),
+                timed_steps=stop - start, window=[start, stop], tokens=torch.stack(new, 1).cpu(), peak_mib=peak)
 
 
 def graphed_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None, compiled: bool = False) -> dict:
@@ -807,8 +822,10 @@ def legend(data: dict) -> list[str]:
         "graph (`gatelab.hf.graphed`; *fixed, eager*: the same steps without CUDA; *compiled*: each step through "
         "`torch.compile` (mode default; the steps that start a query block, one in block_size, uncompiled), then "
         "recorded): "
-        f"{data.get('graph_steps', '-')} steps, the first {GRAPH_WARM_STEPS} (each kind of step's eager warm-up and "
-        "its recording) untimed; *vs dense* and *same tokens*: a graphed block row against the graphed dense row, the "
+        f"{data.get('graph_steps', '-')} steps, timed once every kind of step has been recorded: dense from step "
+        f"{GRAPH_WARM_STEPS} on; block from the step after the second that starts a query block (its graph recorded "
+        "then) over whole query blocks, so one step in block_size selects (`steady_window`); the steps before, "
+        "with each kind's eager warm-up, recording and compilation, are the row's *warm_ms* in the JSON; *vs dense* and *same tokens*: a graphed block row against the graphed dense row, the "
         "graphed dense row against the in-place dense row (compiled rows: against the compiled graphed dense row).",
         "- *Profiles* (--profile): one prefill call (the compiled one when measured), the selection of every layer "
         "(as in *selection ms*) and a few decode steps under "

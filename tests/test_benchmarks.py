@@ -76,6 +76,10 @@ def test_bench_inference_tiny_runs_on_cpu(tmp_path):
     assert len(fixed) == len(dynamic) + len(eager_block)  # beside the dense and every block-gate row, per batch
     assert all(len(row["tokens"][0]) == data["graph_steps"] + 1 and row["tokens_per_s"] > 0 for row in fixed)
     assert all(row["same_tokens_as_dense"] for row in fixed if row["sparsity"] == 0.0)
+    # timed from the step after the block-starting steps' graph is recorded (step 16 of a prompt of 256), one block
+    assert {tuple(row["window"]) for row in fixed if row["block_k"] is not None} == {(17, 33)}
+    assert {tuple(row["window"]) for row in fixed if row["block_k"] is None} == {(3, 40)}
+    assert all(row["timed_steps"] == row["window"][1] - row["window"][0] and row["warm_ms"] > 0 for row in fixed)
     md = (tmp_path / "inference-cpu.md").read_text()
     assert "## Prefill" in md and "## Decode" in md and "bench_inference.py --tiny" in md
     assert "| decode tokens/s 8x32768 at 87.5% | - | >= 1.5 | not measured |" in md
