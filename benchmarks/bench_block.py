@@ -128,9 +128,84 @@ class Budget:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, checks: list) -> None:
+def attention_inputs(B: int, T: int, dims: dict, device, dtype) -> dict:
+    """Random queries, keys, values and layer inputs of one shape (seeded), a block gate, and the keys and values
+    repeated to every query head."""
     H, Hk, D, C = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["hidden"]
-    bs = args.block_size
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g)
+    k = torch.randn(B, Hk, T, D, device=device, dtype=dtype, generator=g)
+    v = torch.randn(B, Hk, T, D, device=device, dtype=dtype, generator=g)
+    x = torch.randn(B, T, C, device=device, dtype=dtype, generator=g)
+    torch.manual_seed(0)
+    gate = BlockGate(C, H, 32).to(device)
+    return dict(q=q, k=k, v=v, x=x, gate=gate, kr=k.repeat_interleave(H // Hk, 1), vr=v.repeat_interleave(H // Hk, 1))
+
+
+def dense_timings(args, device, t: dict, with_bwd: bool) -> tuple:
+    """Dense causal SDPA's (ms, MiB, kind), the faster of grouped heads and repeated key/value heads; with_bwd: also
+    forward + backward (ms, MiB) and the output gradient it used."""
+    q, k, v, kr, vr = t["q"], t["k"], t["v"], t["kr"], t["vr"]
+    with torch.no_grad():
+        dense = best_of(
+            lambda: timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device,
+                          args.iters, args.warmup) + ("gqa",),
+            lambda: timed(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), device, args.iters,
+                          args.warmup) + ("repeated kv",))
+    if not with_bwd:
+        return dense, None, None
+    qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    krg, vrg = (x.detach().clone().requires_grad_(True) for x in (kr, vr))
+    dout = torch.randn_like(q)
+    dense_bwd = best_of(
+        lambda: timed(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True,
+                                                             enable_gqa=True).backward(dout),
+                      device, args.iters, args.warmup),
+        lambda: timed(lambda: F.scaled_dot_product_attention(qg, krg, vrg, is_causal=True).backward(dout),
+                      device, args.iters, args.warmup))
+    return dense, dense_bwd, dout
+
+
+def sparsity_row(args, device, dtype, flex, t: dict, target: float, dense: tuple, checks: list) -> dict:
+    """One target sparsity at one shape: the gate and BlockMask build, flex over it (and over the keep-mask's
+    BlockMask, the first measurement), checked against the masked path where it fits."""
+    q, k, v, x, gate = t["q"], t["k"], t["v"], t["x"], t["gate"]
+    B, _, T, _ = q.shape
+    bs, nb, name = args.block_size, T // args.block_size, f"{B}x{T}"
+    bk, achieved = block_k_for(nb, target)
+    with torch.no_grad():
+        scores = previous_block_rows(gate(x, bs).float())
+        keep = select_blocks(scores, bk)
+        # what a routing builds (attention/flex.py's block_mask_from_scores: top-k indices, causal mask_mod, no
+        # query-side lists without a backward pass), and the keep-mask build before it (the first measurement:
+        # select_blocks, argsort, a mask_mod that reads the keep-mask)
+        bm = block_mask_from_scores(scores, bk, bs, T, backward=False)
+        bm_keep = build_block_mask(keep, bs, T, mask_mod="selection")
+        mask_ms = timed(lambda: block_mask_from_scores(previous_block_rows(gate(x, bs).float()), bk, bs, T,
+                                                       backward=False), device, args.iters, args.warmup)[0]
+        mask_keep_ms = timed(lambda: build_block_mask(select_blocks(previous_block_rows(gate(x, bs).float()), bk),
+                                                      bs, T, mask_mod="selection"), device, args.iters, args.warmup)[0]
+        fwd_ms, fwd_mib = timed(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), device, args.iters,
+                                args.warmup)
+        fwd_keep_ms = timed(lambda: flex(q, k, v, block_mask=bm_keep, enable_gqa=True), device, args.iters,
+                            args.warmup)[0]
+        if B * q.shape[1] * T * T <= 2 ** 31:  # the flex output against the masked path on the same selection
+            ref = block_sparse_attention(q, k, v, keep, bs, backend="masked").float()
+            err = float((flex(q, k, v, block_mask=bm, enable_gqa=True).float() - ref).abs().max())
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+            checks.append(dict(shape=name, block_k=bk, max_abs_err=err, tol=tol, ok=err <= tol))
+    return dict(shape=name, batch=B, tokens=T, block_size=bs, n_blocks=nb, block_k=bk,
+                target_sparsity=target, sparsity=round(achieved, 4),
+                ideal_speedup=round(nb * (nb + 1) / 2 / kept_tiles(nb, bk), 2),
+                dense_ms=dense[0], dense_kind=dense[2], dense_mib=dense[1], flex_ms=fwd_ms, flex_mib=fwd_mib,
+                gate_and_mask_ms=mask_ms, speedup=dense[0] / fwd_ms,
+                speedup_with_gate=dense[0] / (fwd_ms + mask_ms),
+                flex_selection_mod_ms=fwd_keep_ms, gate_and_keep_mask_ms=mask_keep_ms, scores=scores)
+
+
+def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, checks: list) -> None:
+    """Dense SDPA against flex over a block gate's selection, per shape and target sparsity (forward; forward +
+    backward at --backward-shapes), priority shapes (the targets') first."""
     backward = {s for s in parse_shapes(args.backward_shapes)} if args.backward_shapes else set()
     shapes = parse_shapes(args.shapes)
     priority = [s for s in shapes if f"{s[0]}x{s[1]}" in {t[0] for t in TARGETS}]
@@ -140,79 +215,26 @@ def bench_attention(args, dims, device, dtype, budget: Budget, rows: list, check
         if budget.over():
             rows.append(dict(shape=name, skipped="budget"))
             continue
-        g = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g)
-        k = torch.randn(B, Hk, T, D, device=device, dtype=dtype, generator=g)
-        v = torch.randn(B, Hk, T, D, device=device, dtype=dtype, generator=g)
-        x = torch.randn(B, T, C, device=device, dtype=dtype, generator=g)
-        torch.manual_seed(0)
-        gate = BlockGate(C, H, 32).to(device)
-        kr, vr = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
-        with torch.no_grad():
-            dense_gqa = lambda: timed(  # noqa: E731
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device, args.iters,
-                args.warmup) + ("gqa",)
-            dense_rep = lambda: timed(  # noqa: E731
-                lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), device, args.iters,
-                args.warmup) + ("repeated kv",)
-            dense = best_of(dense_gqa, dense_rep)
-        dense_kind = dense[2]
-        nb = T // bs
+        t = attention_inputs(B, T, dims, device, dtype)
         with_bwd = (B, T) in backward and device.type == "cuda"
-        if with_bwd:
-            qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-            krg, vrg = (t.detach().clone().requires_grad_(True) for t in (kr, vr))
-            dout = torch.randn_like(q)
-            dense_bwd = best_of(
-                lambda: timed(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True,
-                                                                     enable_gqa=True).backward(dout),
-                              device, args.iters, args.warmup),
-                lambda: timed(lambda: F.scaled_dot_product_attention(qg, krg, vrg, is_causal=True).backward(dout),
-                              device, args.iters, args.warmup))
+        dense, dense_bwd, dout = dense_timings(args, device, t, with_bwd)
         for target in args.sparsities:
             if budget.over():
                 rows.append(dict(shape=name, target_sparsity=target, skipped="budget"))
                 continue
-            bk, achieved = block_k_for(nb, target)
-            with torch.no_grad():
-                scores = previous_block_rows(gate(x, bs).float())
-                keep = select_blocks(scores, bk)
-                # what a routing builds (attention/flex.py's block_mask_from_scores: top-k indices, causal mask_mod, no
-                # query-side lists without a backward pass), and the keep-mask build before it (the first
-                # measurement: select_blocks, argsort, a mask_mod that reads the keep-mask)
-                bm = block_mask_from_scores(scores, bk, bs, T, backward=False)
-                bm_keep = build_block_mask(keep, bs, T, mask_mod="selection")
-                mask_ms = timed(lambda: block_mask_from_scores(previous_block_rows(gate(x, bs).float()), bk, bs, T,
-                                                               backward=False), device, args.iters, args.warmup)[0]
-                mask_keep_ms = timed(lambda: build_block_mask(select_blocks(previous_block_rows(gate(x, bs).float()),
-                                                                            bk), bs, T, mask_mod="selection"),
-                                     device, args.iters, args.warmup)[0]
-                fwd_ms, fwd_mib = timed(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), device, args.iters,
-                                        args.warmup)
-                fwd_keep_ms = timed(lambda: flex(q, k, v, block_mask=bm_keep, enable_gqa=True), device, args.iters,
-                                    args.warmup)[0]
-                if B * H * T * T <= 2 ** 31:  # the flex output against the masked path on the same selection
-                    ref = block_sparse_attention(q, k, v, keep, bs, backend="masked").float()
-                    err = float((flex(q, k, v, block_mask=bm, enable_gqa=True).float() - ref).abs().max())
-                    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-                    checks.append(dict(shape=name, block_k=bk, max_abs_err=err, tol=tol, ok=err <= tol))
-            row = dict(shape=name, batch=B, tokens=T, block_size=bs, n_blocks=nb, block_k=bk,
-                       target_sparsity=target, sparsity=round(achieved, 4),
-                       ideal_speedup=round(nb * (nb + 1) / 2 / kept_tiles(nb, bk), 2),
-                       dense_ms=dense[0], dense_kind=dense_kind, dense_mib=dense[1], flex_ms=fwd_ms, flex_mib=fwd_mib,
-                       gate_and_mask_ms=mask_ms, speedup=dense[0] / fwd_ms,
-                       speedup_with_gate=dense[0] / (fwd_ms + mask_ms),
-                       flex_selection_mod_ms=fwd_keep_ms, gate_and_keep_mask_ms=mask_keep_ms)
+            row = sparsity_row(args, device, dtype, flex, t, target, dense, checks)
+            scores = row.pop("scores")
             if with_bwd:
-                bm = block_mask_from_scores(scores, bk, bs, T, backward=True)
-                qg2, kg2, vg2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+                bm = block_mask_from_scores(scores, row["block_k"], args.block_size, T, backward=True)
+                qg2, kg2, vg2 = (x.detach().clone().requires_grad_(True) for x in (t["q"], t["k"], t["v"]))
                 fb_ms, fb_mib = timed(lambda: flex(qg2, kg2, vg2, block_mask=bm, enable_gqa=True).backward(dout),
                                       device, args.iters, args.warmup)
                 row.update(dense_fwd_bwd_ms=dense_bwd[0], flex_fwd_bwd_ms=fb_ms, flex_fwd_bwd_mib=fb_mib,
                            dense_fwd_bwd_mib=dense_bwd[1], speedup_fwd_bwd=dense_bwd[0] / fb_ms)
             rows.append(row)
-            print(f"[attention] {name} s={achieved:.3f} (k={bk}): dense {dense[0]:.3f} ms, flex {fwd_ms:.3f} ms "
-                  f"({dense[0] / fwd_ms:.2f}x), gate+mask {mask_ms:.3f} ms", flush=True)
+            print(f"[attention] {name} s={row['sparsity']:.3f} (k={row['block_k']}): dense {dense[0]:.3f} ms, flex "
+                  f"{row['flex_ms']:.3f} ms ({dense[0] / row['flex_ms']:.2f}x), "
+                  f"gate+mask {row['gate_and_mask_ms']:.3f} ms", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
