@@ -54,7 +54,7 @@ from gatelab.config import COMPILE_MODES, GatelabError, Routing, atomic_path  # 
 from inference_targets import COMPILED_GRAPHED_CACHE, GRAPHED_CACHE  # noqa: E402
 from gatelab.hf.adapter import ATTN_NAME, attach_block_gates, gatelab_attention, layer_gate  # noqa: E402
 from gatelab.hf.cache import cache_keyword, kv_cache  # noqa: E402
-from gatelab.hf.graphed import fixed_decoding  # noqa: E402
+from gatelab.hf.graphed import GRAPH_WARM_STEPS, fixed_greedy, steady_window  # noqa: E402
 from gatelab.hf.compile import compile_prefill  # noqa: E402
 from gatelab.hf.corpus import encode_long_documents  # noqa: E402
 from gatelab.hf.evaluate import hf_perplexity_docs  # noqa: E402
@@ -63,7 +63,6 @@ from gatelab.kernels.triton_support import available  # noqa: E402
 # bf16 dense (no structured sparsity) tensor-core peaks, TFLOP/s, by a part of the device name; first match wins
 PEAK_BF16_TFLOPS = (("h200", 989.0), ("h100 pcie", 756.0), ("h100", 989.0), ("a100", 312.0))
 ROPE_THETA = 1_000_000.0  # random weights: a RoPE base for 32K-128K positions
-GRAPH_WARM_STEPS = 3  # a graphed decoding's first steps: each kind's eager warm-up and its recording
 TINY_PRESET = dict(contexts=[256], batches=[1, 2], block_size=16, new_tokens=16, iters=2, warmup=1)
 FULL_PRESET = dict(contexts=[8192, 32768], batches=[1, 8], block_size=128, new_tokens=64, iters=10, warmup=3)
 
@@ -591,43 +590,19 @@ def decode_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None
     return row
 
 
-def steady_window(T: int, steps: int, routing: Routing) -> tuple[int, int]:
-    """The steps (start, stop) timed in a graphed decoding of `steps` steps after a prompt of T tokens: from the first
-    step after every kind of step has been recorded (dense: GRAPH_WARM_STEPS; block: the step after the second one
-    that starts a query block, the one whose graph is recorded), over whole query blocks for a block routing, so that
-    the steps starting a block weigh as in a long decoding (one in block_size)."""
-    if not routing.is_block:
-        return GRAPH_WARM_STEPS, steps
-    bs = routing.block_size
-    start = max(GRAPH_WARM_STEPS, (-T) % bs + bs + 1)
-    stop = start + (steps - start) // bs * bs
-    if stop <= start:
-        raise ValueError(f"{steps} graphed steps leave no whole query block of {bs} after the {start} warm-up steps")
-    return start, stop
-
-
 def graphed_once(b: Bench, routing: Routing, ids: torch.Tensor, steps: int, compiled: bool = False) -> dict:
     """Greedy decoding over a cache of fixed size with CUDA-graphed steps (hf/graphed.py; eager steps without CUDA):
     the prefill, then `steps` steps, of which steady_window's are timed (warm_ms: the steps before them, with each
     kind of step's eager warm-up, recording and any compilation)."""
-    dev = b.device
-    start, stop = steady_window(ids.shape[1], steps, routing)
+    if steady_window(ids.shape[1], steps, routing) is None:
+        raise ValueError(f"{steps} graphed steps leave no steady window (whole query blocks after the warm-up)")
     if b.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-    with fixed_decoding(b.model, routing, ids.shape[1] + steps + 1, graphs=b.cuda, compiled=compiled) as decoder:
-        sync(dev)
-        clock = [time.perf_counter()]
-        new = [decoder.prefill(ids).clone()]
-        for i in range(steps + 1):
-            if i in (0, start, stop):
-                sync(dev)
-                clock.append(time.perf_counter())
-            if i < steps:
-                new.append(decoder.step().clone())
-    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if b.cuda else None
-    t0, t1, t2, t3 = clock
-    return dict(prefill_ms=1000 * (t1 - t0), warm_ms=1000 * (t2 - t1), decode_ms=1000 * (t3 - t2),
-                timed_steps=stop - start, window=[start, stop], tokens=torch.stack(new, 1).cpu(), peak_mib=peak)
+        torch.cuda.reset_peak_memory_stats(b.device)
+    t: dict = {}
+    tokens = fixed_greedy(b.model, ids, routing, steps + 1, graphs=b.cuda, compiled=compiled, timings=t)
+    peak = torch.cuda.max_memory_allocated(b.device) / 2 ** 20 if b.cuda else None
+    return dict(prefill_ms=1000 * t["prefill_s"], warm_ms=1000 * t["warm_s"], decode_ms=1000 * t["steady_s"],
+                timed_steps=t["steady_steps"], window=t["window"], tokens=tokens.cpu(), peak_mib=peak)
 
 
 def graphed_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | None, compiled: bool = False) -> dict:

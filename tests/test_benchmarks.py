@@ -128,18 +128,3 @@ def test_inference_targets_read_their_rows_and_judge_them():
     assert c["met"] is True
     assert {t["target"]: t for t in it.evaluate(data)}["decode tokens/s 8x32768 at 87.5%"]["value"] == pytest.approx(1.6)
 
-
-def test_graphed_decoding_is_timed_over_whole_blocks_after_every_recording():
-    """steady_window: dense from the step after its recording; block from the step after the second step that starts
-    a query block (the one recorded), over whole blocks, for prompts ending on and inside a block; too few steps is
-    an error, not a shorter window."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_inference import GRAPH_WARM_STEPS, steady_window
-
-    from gatelab.config import Routing
-    block = Routing(mode="block-gate", block_size=16, block_k=2)
-    assert steady_window(256, 40, Routing()) == (GRAPH_WARM_STEPS, 40)
-    assert steady_window(256, 40, block) == (17, 33)  # block-starting steps 0 (warm-up), 16 (recorded), 32
-    assert steady_window(250, 60, block) == (23, 55)  # they are steps 6, 22, 38, 54: two whole blocks from 23
-    with pytest.raises(ValueError, match="no whole query block"):
-        steady_window(250, 38, block)

@@ -121,6 +121,11 @@ def test_generate_command_decodes_and_compares_with_dense(tmp_path, monkeypatch,
     compiled = json.loads((tmp_path / "compiled.json").read_text())
     assert compiled["tokens"] == sparse["tokens"] and compiled["seconds"] > 0
     assert "9 new tokens after 19 in" in capsys.readouterr().err
+    main(base[:-4] + ["20", "--device", "cpu", "--allow-other-base", "--block-k", "1", "--compile", "--json",
+                      str(tmp_path / "long.json")])  # long enough for a steady window: whole blocks after step 6
+    long = json.loads((tmp_path / "long.json").read_text())
+    assert long["tokens"][0][:9] == compiled["tokens"][0] and long["window"] == [6, 18] and long["steady_s"] > 0
+    assert "steady decoding: " in capsys.readouterr().err
     assert main(base[:6] + [str(tmp_path / "missing.txt"), "--device", "cpu"]) == 2
     assert "gatelab: error: --prompt-file" in capsys.readouterr().err
 

@@ -14,7 +14,7 @@ from gatelab.attention.blocks import block_lists, previous_block_rows  # noqa: E
 from gatelab.config import GatelabError, Routing  # noqa: E402
 from gatelab.hf.adapter import attach_block_gates  # noqa: E402
 from gatelab.hf.generate import greedy  # noqa: E402
-from gatelab.hf.graphed import fixed_greedy  # noqa: E402
+from gatelab.hf.graphed import GRAPH_WARM_STEPS, fixed_greedy, steady_window  # noqa: E402
 
 from .test_hf import tiny  # noqa: E402
 
@@ -155,3 +155,31 @@ def test_compiled_steps_decode_the_eager_steps_tokens(monkeypatch):
     counters.clear()
     assert torch.equal(fixed_greedy(model, ids, r, 8, compiled=True), fixed_greedy(model, ids, r, 8))
     assert not counters["graph_break"]
+
+
+def test_steady_window_is_whole_blocks_after_every_recording():
+    """Dense from the step after its recording; block from the step after the second step that starts a query block
+    (the one recorded), over whole blocks, for prompts ending on and inside a block; None when the decoding ends
+    before such a window."""
+    block = Routing(mode="block-gate", block_size=16, block_k=2)
+    assert steady_window(256, 40, Routing()) == (GRAPH_WARM_STEPS, 40)
+    assert steady_window(256, 40, block) == (17, 33)  # block-starting steps 0 (warm-up), 16 (recorded), 32
+    assert steady_window(250, 60, block) == (23, 55)  # they are steps 6, 22, 38, 54: two whole blocks from 23
+    assert steady_window(250, 38, block) is None and steady_window(256, GRAPH_WARM_STEPS, Routing()) is None
+
+
+@pytest.mark.parametrize("routing", [Routing(), Routing(mode="block-gate", block_size=BS, block_k=1)],
+                         ids=["dense", "block"])
+def test_fixed_greedy_reports_the_steady_windows_time_and_the_same_tokens(routing):
+    model = tiny("llama", seed=2)
+    attach_block_gates(model, d_gate=8, gate="random", block_size=BS, position="qk")
+    ids = prompt(9)
+    t: dict = {}
+    new = fixed_greedy(model, ids, routing, 20, timings=t)
+    assert torch.equal(new, fixed_greedy(model, ids, routing, 20))
+    window = steady_window(9, 19, routing)
+    assert t["window"] == list(window) and t["steady_steps"] == window[1] - window[0] > 0
+    assert all(t[k] > 0 for k in ("prefill_s", "warm_s", "steady_s"))
+    short: dict = {}
+    fixed_greedy(model, ids, routing, 3, timings=short)  # ends before any steady window
+    assert short["steady_steps"] == 0 and short["warm_s"] > 0

@@ -17,13 +17,13 @@ from gatelab.hf.graphed import fixed_greedy
 
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int, graphs: bool = False,
-           compiled: bool = False) -> torch.Tensor:
+           compiled: bool = False, timings: dict | None = None) -> torch.Tensor:
     """The greedy continuation (max_new_tokens token ids, (B, N)) of ids (B, T) under routing, through the model's
     own generate(), with a key/value cache that appends in place (hf/cache.py). graphs / compiled: instead over a
     cache of fixed size (hf/graphed.py: dense and block-gate routings), each step replayed from a CUDA graph (CUDA)
-    and / or run through torch.compile."""
+    and / or run through torch.compile; then `timings` receives fixed_greedy's (untouched otherwise)."""
     if graphs or compiled:
-        return fixed_greedy(model, ids, routing, max_new_tokens, graphs=graphs, compiled=compiled)
+        return fixed_greedy(model, ids, routing, max_new_tokens, graphs=graphs, compiled=compiled, timings=timings)
     ctl = getattr(model, "gatelab", None)
     if ctl is None:
         raise GatelabError("attach_gates or attach_block_gates (or load_gates) first")

@@ -12,6 +12,7 @@ which is how the CPU tests check the tokens.
 from __future__ import annotations
 
 import inspect
+import time
 from contextlib import contextmanager
 
 import torch
@@ -147,16 +148,52 @@ def fixed_decoding(model, routing: Routing, capacity: int, graphs: bool = False,
         ctl.fixed = None
 
 
+GRAPH_WARM_STEPS = 3  # the first steps of a dense decoding: the eager warm-up, the recording, the first replay
+
+
+def steady_window(prompt_len: int, steps: int, routing: Routing) -> tuple[int, int] | None:
+    """The steps (start, stop) of a decoding of `steps` steps after a prompt of prompt_len tokens that run as every
+    later one does: from the first step after each kind of step has been recorded (dense: GRAPH_WARM_STEPS; block:
+    the step after the second one that starts a query block, whose graph is recorded then), over whole query blocks
+    for a block routing, so that the steps starting a block weigh as in a long decoding (one in block_size). None
+    when the decoding ends before such a window."""
+    if not routing.is_block:
+        return (GRAPH_WARM_STEPS, steps) if steps > GRAPH_WARM_STEPS else None
+    bs = routing.block_size
+    start = max(GRAPH_WARM_STEPS, (-prompt_len) % bs + bs + 1)
+    stop = start + (steps - start) // bs * bs
+    return (start, stop) if stop > start else None
+
+
 def fixed_greedy(model, ids: torch.Tensor, routing: Routing, max_new_tokens: int,
-                 graphs: bool | None = None, compiled: bool = False) -> torch.Tensor:
+                 graphs: bool | None = None, compiled: bool = False, timings: dict | None = None) -> torch.Tensor:
     """The greedy continuation (B, max_new_tokens) of ids (B, T) under a dense or block-gate routing, decoding over a
     cache of T + max_new_tokens positions; graphs: replay the steps from CUDA graphs (default: on CUDA); compiled:
-    the steps through torch.compile."""
+    the steps through torch.compile. timings: a dict that receives the wall seconds of the prefill (prefill_s), of
+    the steps before steady_window's (warm_s: warm-ups, recordings, compilation) and of the steady_steps steps in it
+    (steady_s; 0 steps when the decoding ends before it), the device synchronised at those points only."""
     B, T = ids.shape
     graphs = ids.is_cuda if graphs is None else graphs
+    steps = max_new_tokens - 1
+    start, stop = steady_window(T, steps, routing) or (steps, steps)
+
+    def now() -> float:
+        if timings is not None and ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        return time.perf_counter()
+
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=ids.device)
     with fixed_decoding(model, routing, T + max_new_tokens, graphs, compiled) as decoder:
+        clock = [now()]
         out[:, 0] = decoder.prefill(ids)
-        for n in range(1, max_new_tokens):
-            out[:, n] = decoder.step()
+        clock.append(now())
+        for i in range(steps):  # step i decodes token i + 1
+            if timings is not None and i in (start, stop):
+                clock.append(now())
+            out[:, i + 1] = decoder.step()
+        while timings is not None and len(clock) < 4:  # the window ends with the decoding, or there is none
+            clock.append(now())
+    if timings is not None:
+        timings.update(prefill_s=clock[1] - clock[0], warm_s=clock[2] - clock[1], steady_s=clock[3] - clock[2],
+                       steady_steps=stop - start, window=[start, stop])
     return out

@@ -129,13 +129,19 @@ def run_generate(args) -> None:
               f"{result['first_difference']}), perplexity under the dense model {result['ppl_routed']:.3f} "
               f"(dense's own continuation {result['ppl_dense']:.3f})", file=sys.stderr)
     else:
-        start = time.perf_counter()
-        tokens = greedy(model, ids, routing, args.max_new_tokens, args.cuda_graphs, args.compile)[0].tolist()
+        start, timings = time.perf_counter(), {}
+        tokens = greedy(model, ids, routing, args.max_new_tokens, args.cuda_graphs, args.compile, timings)[0].tolist()
         seconds = time.perf_counter() - start  # after .tolist(), which waits for the device
-        result = dict(routing=routing.label(), new_tokens=args.max_new_tokens, tokens=[tokens], seconds=seconds)
+        result = dict(routing=routing.label(), new_tokens=args.max_new_tokens, tokens=[tokens], seconds=seconds,
+                      **timings)
         print(f"{routing.label()}: {args.max_new_tokens} new tokens after {ids.shape[1]} in {seconds:.2f} s "
               f"({args.max_new_tokens / seconds:.1f} tokens/s, the prefill, warm-up and any compilation included)",
               file=sys.stderr)
+        if timings.get("steady_steps"):
+            a, b = timings["window"]
+            rate = ids.shape[0] * timings["steady_steps"] / timings["steady_s"]
+            print(f"steady decoding: {rate:.1f} tokens/s over steps {a}-{b - 1} (after the warm-up, recordings "
+                  f"and compilation: {timings['warm_s']:.2f} s)", file=sys.stderr)
     text = tok.decode(tokens, skip_special_tokens=True)
     print(text)
     if args.json:
