@@ -784,7 +784,8 @@ def legend(data: dict) -> list[str]:
         "that routing, so with any first-call compilation and kernel loading: not a prefill measurement); *decode ms "
         f"/ step*: one forward of one token per sequence, mean of {data['new_tokens']} steps; *tokens/s*: batch x "
         "steps / their time; *same tokens as dense*: the greedy tokens (the prefill's and each step's) against "
-        "dense's, with the share that agree (bf16 on random weights: nearly flat logits, so a rounding difference can flip a token).",
+        "dense's, with the share that agree (bf16 on random weights: nearly flat logits, so a rounding difference "
+        "can flip a token).",
         "- *attention ms / step, one layer*: one new token per sequence over a cache of context + 1 positions "
         "(random values of the model's shapes): gatelab's dense path (SDPA over the cache's key/value heads, "
         "grouped-query, what the dense rows run), or `block_decode_attention` (the kept blocks read from the "
