@@ -798,12 +798,12 @@ def legend(data: dict) -> list[str]:
         "- rows marked *fixed, CUDA graphs* decode over a cache of fixed size with every step replayed from a CUDA "
         "graph (`gatelab.hf.graphed`; *fixed, eager*: the same steps without CUDA; *compiled*: each step through "
         "`torch.compile` (mode default; the steps that start a query block, one in block_size, uncompiled), then "
-        "recorded): "
-        f"{data.get('graph_steps', '-')} steps, timed once every kind of step has been recorded: dense from step "
-        f"{GRAPH_WARM_STEPS} on; block from the step after the second that starts a query block (its graph recorded "
-        "then) over whole query blocks, so one step in block_size selects (`steady_window`); the steps before, "
-        "with each kind's eager warm-up, recording and compilation, are the row's *warm_ms* in the JSON; *vs dense* and *same tokens*: a graphed block row against the graphed dense row, the "
-        "graphed dense row against the in-place dense row (compiled rows: against the compiled graphed dense row).",
+        f"recorded): {data.get('graph_steps', '-')} steps, timed once every kind of step has been recorded: dense "
+        f"from step {GRAPH_WARM_STEPS} on; block from the step after the second that starts a query block (its graph "
+        "recorded then) over whole query blocks, so one step in block_size selects (`steady_window`); the steps "
+        "before, with each kind's eager warm-up, recording and compilation, are the row's *warm_ms* in the JSON; "
+        "*vs dense* and *same tokens*: a graphed block row against the graphed dense row, the graphed dense row "
+        "against the in-place dense row (compiled rows: against the compiled graphed dense row).",
         "- *Profiles* (--profile): one prefill call (the compiled one when measured), the selection of every layer "
         "(as in *selection ms*) and a few decode steps under "
         "torch.profiler: wall ms per call, the sum of GPU kernel times per call (below the wall time when the GPU "

@@ -4,10 +4,10 @@ kept blocks are split), warps and pipeline stages per program.
 Shapes: SmolLM2-135M's attention (9 query heads, 3 key/value heads, head size 64), bf16, batch 8, a 32K cache,
 block size 128, each query head keeping its own random 32 earlier blocks and its own (what a step at 32K reads in
 the decode benchmark's 75% row, whose sparsity counts the causal tiles of the whole sequence; --kept 16: the 87.5%
-row; per head, as a block gate selects, so the three heads of a group read different blocks). Each setting: GPU time per call, 30
-calls captured in one CUDA graph and replayed (the gaps between a step's layers included), the bytes of keys and
-values read per call over that time, and the largest difference from the torch reference. Dense attention over the
-same cache (SDPA with a mask, as dense decoding runs it) for scale.
+row; per head, as a block gate selects, so the three heads of a group read different blocks). Each setting: GPU
+time per call, 30 calls captured in one CUDA graph and replayed (the gaps between a step's layers included), the
+bytes of keys and values read per call over that time, and the largest difference from the torch reference. Dense
+attention over the same cache (SDPA with a mask, as dense decoding runs it) for scale.
 
     PYTHONPATH=src python benchmarks/drivers/block_decode_tuning.py [--json FILE]
 """
