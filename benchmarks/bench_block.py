@@ -53,9 +53,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, iters: int, warmup: int, absolute_peak: bool = False) -> tuple[float, float]:
+def timed(fn, device, iters: int, warmup: int, absolute_peak: bool = False,
+          spread: dict | None = None) -> tuple[float, float]:
     """(median ms, peak MiB allocated during the timed calls: above what was allocated before them, or with
-    absolute_peak everything, weights and caches included; None off CUDA)."""
+    absolute_peak everything, weights and caches included; None off CUDA). A dict given as spread receives the
+    fastest and slowest call (min_ms, max_ms)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -69,6 +71,8 @@ def timed(fn, device, iters: int, warmup: int, absolute_peak: bool = False) -> t
         sync(device)
         times.append(1000 * (time.perf_counter() - t0))
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device.type == "cuda" else None
+    if spread is not None:
+        spread.update(min_ms=min(times), max_ms=max(times))
     return statistics.median(times), peak
 
 

@@ -412,14 +412,19 @@ def prefill_row(b: Bench, T: int, B: int, ids, setting: tuple, dense: dict | Non
     row = dict(kind="prefill", context=T, batch=B, routing=r.label(), block_k=bk, target_sparsity=target,
                sparsity=achieved if r.is_block else 0.0)
     release(model)
+    spread = {}
     eager = attempt(row, "eager", lambda: timed(lambda: prefill_forward(b.eager, ctl, r, ids), b.device,
-                                                  args.iters, args.warmup, absolute_peak=True))
+                                                  args.iters, args.warmup, absolute_peak=True, spread=spread))
     row["eager_ms"], row["peak_mib"] = eager if eager else (None, None)
+    row.update({f"eager_{k}": v for k, v in spread.items()})
     if b.compiled is not None:
         release(model)
+        spread = {}
         comp = attempt(row, "compiled", lambda: timed(lambda: prefill_forward(b.compiled, ctl, r, ids), b.device,
-                                                        args.iters, max(args.warmup, 3), absolute_peak=True))
+                                                        args.iters, max(args.warmup, 3), absolute_peak=True,
+                                                        spread=spread))
         row["compiled_ms"], row["compiled_peak_mib"] = comp if comp else (None, None)
+        row.update({f"compiled_{k}": v for k, v in spread.items()})
     if args.profile:
         release(model)
         fn = b.compiled if row.get("compiled_ms") else b.eager
@@ -703,6 +708,13 @@ def times(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def timing_cell(r: dict, kind: str) -> str:
+    """A prefill time: the median, with the fastest and slowest timed call where the row has them."""
+    lo, hi = r.get(f"{kind}_min_ms"), r.get(f"{kind}_max_ms")
+    spread = "" if lo is None or hi is None else f" ({lo:.2f}-{hi:.2f})"
+    return fmt(r.get(f"{kind}_ms"), 2) + spread
+
+
 def setting_cell(r: dict) -> str:
     return "-" if r.get("block_k") is None else f"{r['sparsity']:.3f} ({r['block_k']})"
 
@@ -721,8 +733,8 @@ def prefill_table(data: dict) -> list[str]:
         tf_cell = "-" if tf is None else f"{tf:.1f}" + (f" ({100 * tf / peak:.1f}%)" if peak else "")
         sel = ("-" if r.get("block_k") is None else
                f"{fmt(r.get('selection_ms'), 2)} / {fmt(r.get('selection_compiled_ms'), 2)}")
-        lines.append(f"{head} {fmt(r.get('eager_ms'), 2)} | {times(r.get('eager_speedup'))} | "
-                     f"{fmt(r.get('compiled_ms'), 2)} | {times(r.get('compiled_speedup'))} | {sel} | "
+        lines.append(f"{head} {timing_cell(r, 'eager')} | {times(r.get('eager_speedup'))} | "
+                     f"{timing_cell(r, 'compiled')} | {times(r.get('compiled_speedup'))} | {sel} | "
                      f"{gib(r.get('peak_mib'))} | {fmt(r.get('attention_ms'), 3)} ({r.get('attention_path', '-')}) | "
                      f"{tf_cell} | {fmt(r.get('ppl'), 3)} |")
     return lines
@@ -759,7 +771,7 @@ def legend(data: dict) -> list[str]:
         "with the number of earlier blocks each query block keeps (its own block is always kept); block_k is chosen "
         "per context to come closest to each target (0: every block kept, which must give dense's output).",
         "- *eager ms* / *compiled ms*: median time of one forward over the whole context (logits of the last "
-        "position only), eager, and through one `torch.compile` of the model's forward shared by dense and sparse "
+        "position only; in brackets the fastest and slowest timed call), eager, and through one `torch.compile` of the model's forward shared by dense and sparse "
         f"(mode {data.get('compile_mode') or '-'}; causal mask: {data.get('compile_mask') or '-'}); *vs dense*: "
         "dense time / this time.",
         "- *selection ms*: the block selection alone, every layer: each layer's gate (pooling, projections, scores or "

@@ -63,6 +63,7 @@ def test_bench_inference_tiny_runs_on_cpu(tmp_path):
         assert all(math.isfinite(row[key]) and row[key] > 0 for row in rows), kind
         assert all(row["peak_mib"] is None for row in rows), kind  # CUDA only
     assert all(math.isfinite(row["attention_ms"]) for row in data["prefill"])
+    assert all(row["eager_min_ms"] <= row["eager_ms"] <= row["eager_max_ms"] for row in data["prefill"])
     assert all(row["selection_ms"] > 0 for row in data["prefill"] if row["block_k"] is not None)
     assert all(row.get("compiled_ms") is None and row.get("attention_tflops") is None for row in data["prefill"])
     full = [row for row in data["decode"] if row["sparsity"] == 0.0 and row["block_k"] is not None]
@@ -82,6 +83,8 @@ def test_bench_inference_tiny_runs_on_cpu(tmp_path):
     assert all(row["timed_steps"] == row["window"][1] - row["window"][0] and row["warm_ms"] > 0 for row in fixed)
     md = (tmp_path / "inference-cpu.md").read_text()
     assert "## Prefill" in md and "## Decode" in md and "bench_inference.py --tiny" in md
+    first = data["prefill"][0]  # the median with the fastest and slowest call beside it
+    assert f"| {first['eager_ms']:.2f} ({first['eager_min_ms']:.2f}-{first['eager_max_ms']:.2f}) |" in md
     assert "| decode tokens/s 8x32768 at 87.5% | - | >= 1.5 | not measured |" in md
 
 
