@@ -70,6 +70,17 @@ tokenizer's prompts add work to the block path alone, it stays below 1. The perp
 gave 27.715 / 27.441 = 1.00998 against <= 1.01, and a distillation on the GPU is not bitwise repeatable, so a
 ratio from about 1.005 to 1.015 is expected, either side of the bound. At 2K and 4K (no target) the gate's fixed
 cost weighs more against a cheaper dense attention: speed-ups at or below the 8K row's.
+Run R2 (benchmarks/results/inference/inference-nvidia-h200-real8k.*): compiled dense 20.36 ms, block-gate at 50%
+34.24 ms, 0.595, missed; perplexity ratio 1.0099 (met). The speed prediction was wrong: one profiled call is
+11.34 ms of GPU kernels for dense and 9.54 ms for block at 50%, so both sides wait on the host at batch 1, and the
+wall time varies between runs and rows by more than the GPU saving. The 4K rows were 1.24-1.32x, not at or below
+the 8K row's. The distillation repeated run R's gate exactly.
+
+Before a run with the whole prefill replayed from a CUDA graph (COMPILE_MODE=reduce-overhead, both rows; the
+criterion unchanged, its verdict shown beside run R2's): if the host is what separates the rows, each approaches
+its GPU kernel time and the ratio at 1 x 8K, 50% approaches run R2's 11.34 / 9.54 = 1.19 (met); if the block path's
+BlockMask or selection cannot be captured (a graph break leaves them outside), the block row keeps its host cost
+and stays below 1.
 """
 from __future__ import annotations
 
