@@ -106,7 +106,6 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, allo
     Computed in chunks of whole query blocks of about chunk_elements attention weights each."""
     B, H, T, D = q.shape
     scale = scale if scale is not None else D ** -0.5
-    pass  # REMOVED-MODULE-IMPORT
     if block_mass_fits(q, k, block_size) and _plain_causal(allowed, T):  # one Triton kernel on CUDA
         count = torch.full((n_blocks(T, block_size), 1), float(block_size), device=q.device)
         count[-1] = T - (count.shape[0] - 1) * block_size

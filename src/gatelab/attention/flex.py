@@ -2,10 +2,9 @@
 built from the selected blocks' index lists (no T x T tensor)."""
 from __future__ import annotations
 
-import torch
-
-pass  # REMOVED-MODULE-IMPORT
 import inspect
+
+import torch
 
 from gatelab.attention.blocks import _diagonal_blocks, block_lists
 from gatelab.attention.compiled import compile_once, compiled_if, wants_grad

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-pass  # REMOVED-MODULE-IMPORT
 from gatelab.config import GatelabError
 
 _M32 = 0xFFFFFFFF

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-pass  # REMOVED-MODULE-IMPORT
 try:  # Triton ships with CUDA builds of torch; CPU builds run the torch reference
     import triton
     import triton.language as tl
