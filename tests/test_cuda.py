@@ -69,6 +69,28 @@ def test_factor_threshold_matches_the_threshold_of_formed_scores_at_the_training
     torch.testing.assert_close(tau[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pool", ["mean", "max-min"])
+def test_block_factors_kernel_at_prefill_shapes(pool):
+    """A block gate's factors in one kernel against its torch reference at SmolLM2's shapes (bf16, 128-token blocks):
+    a qk gate over 8 x 8K (9 query heads on 3 key heads, queries through a transposed view) and an X gate over
+    1 x 32K (576 features); each factor within one bf16 rounding of float32 sums that differ in their last bits."""
+    from gatelab.kernels.block_factors import block_factors, block_factors_fits, block_factors_reference
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = [(8, 9, 3, 8192, 64), (1, 1, 1, 32768, 576)]
+    for B, HQ, HK, T, C in cases:
+        q = torch.randn(B, T, HQ, C, device="cuda", generator=g).bfloat16().transpose(1, 2)
+        k = torch.randn(B, HK, T, C, device="cuda", generator=g).bfloat16()
+        wq = torch.randn(9, C, 32, device="cuda", generator=g) / C ** 0.5
+        wk = torch.randn(9, C * (2 if pool == "max-min" else 1), 32, device="cuda", generator=g) / C ** 0.5
+        assert block_factors_fits(q, k, wq, wk, 128)
+        got = block_factors(q, k, wq, wk, 128, pool)
+        want = block_factors_reference(q, k, wq, wk, 128, pool)
+        torch.cuda.synchronize()
+        for a, b in zip(got, want):
+            ulp = 2.0 ** (torch.floor(torch.log2(b.float().abs().clamp_min(2 ** -100))) - 7)
+            assert ((a.float() - b.float()).abs() <= ulp).all(), (B, HQ, T, C, pool)
+
+
 @pytest.mark.parametrize("B, H, Hk, S, n", [(8, 9, 3, 32769, 17), (1, 32, 8, 8193, 5), (2, 9, 3, 4097, 33)])
 def test_block_decode_kernel_at_decoding_shapes(B, H, Hk, S, n):
     """The block-decoding kernel against its torch reference at SmolLM2 and Llama-like decoding shapes (128-token

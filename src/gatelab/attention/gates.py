@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-pass  # REMOVED-MODULE-IMPORT
 from gatelab.attention.compiled import compiled_if, wants_grad
 from gatelab.attention.masks import repeat_kv
 from gatelab.config import GatelabError
+from gatelab.kernels.block_factors import block_factors, block_factors_fits
 
 
 class BilinearGate(nn.Module):
@@ -129,10 +129,16 @@ class BlockGate(nn.Module):
                 q: torch.Tensor | None = None, k: torch.Tensor | None = None,
                 compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """forward's arguments -> its pooled, projected factors (gq, gk), each (B, H, nb, d_gate), gq divided by
-        sqrt(d_gate): G = gq gk^T without forming it (what the fused block selection, kernels.block_select, takes)."""
+        sqrt(d_gate): G = gq gk^T without forming it (what the fused block selection, kernels.block_select, takes).
+        Whole blocks at inference, eager, not `compiled`: one Triton launch (kernels.block_factors) where it serves."""
         if self.reads == "qk":
-            fn = compiled_if(self._qk_inference(q, k) and compiled, "qk_block_factors", qk_block_factors)
+            inference = self._qk_inference(q, k)
+            if not compiled and block_factors_fits(q, k, self.wq, self.wk, block_size, valid):
+                return block_factors(q, k, self.wq, self.wk, block_size, self.pool)
+            fn = compiled_if(inference and compiled, "qk_block_factors", qk_block_factors)
             return fn(q, k, self.wq, self.wk, block_size, self.pool, valid)
+        if x.dim() == 3 and block_factors_fits(x[:, None], x[:, None], self.wq, self.wk, block_size, valid):
+            return block_factors(x[:, None], x[:, None], self.wq, self.wk, block_size, self.pool)
         gq, gk = self._x_factors(x, block_size, valid)
         return gq / math.sqrt(self.d_gate), gk
 
