@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the block path's attention (Backend.block_attention)")
     ap.add_argument("--compile-blocks", action="store_true", help="Backend.compile_blocks: the gate's scores and "
                     "block lists from compiled graphs in the eager forward")
+    ap.add_argument("--block-factors-kernel", action="store_true", help="Backend.block_factors_kernel: the gate's "
+                    "factors in one Triton launch in the eager forward")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: prefill, decode, ppl, "
                     "dynamic-cache (the dense decode row with transformers' DynamicCache), eager-decode (the decode "
                     "rows with eager steps), graphs (the decode rows "
@@ -178,7 +180,8 @@ def build(args) -> Bench:
     else:
         model, tok, ctl = random_model(args, dims, device, dtype)
     ctl.backend = replace(ctl.backend, block_attention=args.block_attention,
-                          compile_blocks=args.compile_blocks or ctl.backend.compile_blocks)
+                          compile_blocks=args.compile_blocks or ctl.backend.compile_blocks,
+                          block_factors_kernel=args.block_factors_kernel or ctl.backend.block_factors_kernel)
     for name in ("recompile_limit", "cache_size_limit", "accumulated_cache_size_limit"):  # a graph per shape, routing
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 512)
@@ -849,7 +852,8 @@ def markdown(data: dict) -> str:
              f"torch {data['torch']}, transformers {data['transformers']}; command: `{data['command']}`; "
              f"{data['model_note']}; dtype {data['dtype']}; routing block size {data['block_size']}; prefill times are "
              f"medians of {data['iters']} calls after {data['warmup']}; backend: "
-             + ", ".join(f"{k} {data['backend'][k]}" for k in ("kernels", "block_attention", "compile_blocks")) + "."
+             + ", ".join(f"{k} {data['backend'].get(k, False)}" for k in
+                         ("kernels", "block_attention", "compile_blocks", "block_factors_kernel")) + "."
              + (f" {data['compile_note']}." if data.get("compile_note") else "")
              + ("" if data.get("finished") else " **Run not finished: the rows so far.**"),
              "", "## Prefill", ""] + prefill_table(data) + ["", "## Decode", ""] + decode_table(data)

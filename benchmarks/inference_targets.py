@@ -82,9 +82,10 @@ its GPU kernel time and the ratio at 1 x 8K, 50% approaches run R2's 11.34 / 9.5
 BlockMask or selection cannot be captured (a graph break leaves them outside), the block row keeps its host cost
 and stays below 1.
 
-Before the selection's next run (the criterion selection unchanged): at eager inference a block gate's factors are
-now one Triton launch (kernels/block_factors.py) instead of about nine operator calls, so a layer's selection is two
-kernel launches (factors, block lists) and the BlockMask, which launches nothing. Run 3 measured 0.33-0.55 ms per
+Before the selection's next run (the criterion selection unchanged), with --block-factors-kernel (opt-in,
+Backend.block_factors_kernel) beside the default: a block gate's factors at eager inference are then one Triton
+launch (kernels/block_factors.py) instead of about nine operator calls, so a layer's selection is two kernel
+launches (factors, block lists) and the BlockMask, which launches nothing. Run 3 measured 0.33-0.55 ms per
 layer for 11 launches (30-50 us each). If each launch's host time is what remains, a layer's selection drops to
 about 0.1-0.2 ms, and the ratios become, at 50 / 75 / 87.5%: 8 x 8K about 0.11-0.21 / 0.14-0.28 / 0.3-0.6, 1 x 32K
 about 0.06-0.12 / 0.1-0.2 / 0.19-0.38: still missed at 87.5% in both shapes (the target takes the worst of the

@@ -46,7 +46,7 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int, num_st
 def kernel_grid():
     """(kernel, shape note, signature, constexprs, warps, stages) for each config gatelab launches on the GPU, at the
     paper's GPT shapes (T = 512, head dim 64, d_gate 32, d_model 256) and SmolLM2's block shapes (block 128)."""
-    from gatelab.kernels import block_mass, head_loss, soft_gate
+    from gatelab.kernels import block_factors, block_mass, head_loss, soft_gate
     from gatelab.kernels import topk as topk_kernels
     bf16, f32 = "*bf16", "*fp32"
     rows = []
@@ -73,6 +73,13 @@ def kernel_grid():
                  dict(Q=bf16, K=bf16, OUT=f32, sqb="i32", sqh="i32", sqt="i32", skb="i32", skh="i32", skt="i32",
                       H="i32", T="i32", nb="i32", group="i32", qk_scale="fp32"),
                  dict(BLOCK=128, TILE_N=64, D=64), 8, 3))
+    factors = dict(SQ=bf16, SK=bf16, WQ=f32, WK=f32, GQ=bf16, GK=bf16, **{n: "i32" for n in (
+        "H", "nb", "C", "DG", "q_group", "k_group", "block_size")}, q_scale="fp32", **{n: "i32" for n in (
+        "sq_b", "sq_h", "sq_t", "sq_c", "sk_b", "sk_h", "sk_t", "sk_c", "wq_h", "wq_c", "wq_d", "wk_h", "wk_c", "wk_d")})
+    for maxmin in (False, True):
+        rows.append((block_factors._block_factors_kernel, f"block 128, head dim 64, d_gate 32, max-min keys {maxmin}",
+                     factors, dict(K_MAXMIN=maxmin, BLOCK_T=block_factors.TOKEN_TILE,
+                                   BLOCK_C=block_factors.FEATURE_TILE, BLOCK_D=32), 4, 3))
     lse = dict(H=bf16, W=bf16, TGT="*i64", MAX=f32, SUM=f32, PICK=f32, N="i32", V="i32", cols_per_split="i32")
     for m, v, w, st in head_loss.LCE_LSE_TILES:
         rows.append((head_loss._lce_lse_kernel, f"{m} x {v}, C 256", lse, dict(C=256, BLOCK_M=m, BLOCK_V=v), w, st))

@@ -62,9 +62,10 @@ def test_the_kernel_gives_the_reference_factors():
     assert out.strip().endswith("ok")
 
 
-def test_the_gate_uses_the_kernel_only_where_it_serves():
-    """BlockGate.factors (qk and X gates) runs the kernel at eager inference on whole blocks and gives its factors;
-    a padding mask, a gradient, torch.compile's tracing or Backend.compile_blocks keep the torch path."""
+def test_the_gate_uses_the_kernel_only_when_asked_and_where_it_serves():
+    """BlockGate.factors (qk and X gates) runs the kernel when asked (Backend.block_factors_kernel) at eager inference
+    on whole blocks and gives its factors; not asked, a padding mask, a gradient or Backend.compile_blocks keep the
+    torch path (the wiring into the models: tests/test_block_select.py)."""
     out = run_python("""
         import torch
         from gatelab.attention.gates import BlockGate
@@ -85,22 +86,26 @@ def test_the_gate_uses_the_kernel_only_where_it_serves():
         qk = BlockGate(24, H, 8, pool="max-min", reads="qk", head_dim=D)
         xg = BlockGate(24, H, 8)
         with torch.no_grad():
-            got = qk.factors(x, BS, q=q, k=k)
+            qk.factors(x, BS, q=q, k=k)
+            assert len(launches) == 0  # not asked
+            got = qk.factors(x, BS, q=q, k=k, kernel=True)
             assert len(launches) == 1
             for a, b in zip(got, bf.block_factors(q, k, qk.wq, qk.wk, BS, "max-min")):
                 assert torch.equal(a, b)
-            got = xg.factors(x, BS)
+            got = xg.factors(x, BS, kernel=True)
             assert len(launches) == 3
             for a, b in zip(got, bf.block_factors(x[:, None], x[:, None], xg.wq, xg.wk, BS, "mean")):
                 assert torch.equal(a, b)
-            qk.factors(x, BS, torch.ones(1, T, dtype=torch.bool), q=q, k=k)  # a padding mask
-            qk.factors(x[:, :30], BS, q=q[:, :, :30], k=k[:, :, :30])  # a partial last block
+            qk.factors(x, BS, torch.ones(1, T, dtype=torch.bool), q=q, k=k, kernel=True)  # a padding mask
+            qk.factors(x[:, :30], BS, q=q[:, :, :30], k=k[:, :, :30], kernel=True)  # a partial last block
+            qk.factors(x, BS, q=q, k=k, compiled=True, kernel=True)  # Backend.compile_blocks
             assert len(launches) == 4
             assert not bf.block_factors_fits(q, k, torch.randn(3, D, 8), qk.wk, BS)  # 3 heads over 4 query heads
             assert not bf.block_factors_fits(q, k, qk.wq, torch.randn(H, 3 * D, 8), BS)
             assert not bf.block_factors_fits(q, k.half(), qk.wq, qk.wk, BS)
-        qk.factors(x, BS, q=q, k=k)  # the gate's weights want a gradient
+        qk.factors(x, BS, q=q, k=k, kernel=True)  # the gate's weights want a gradient
         assert len(launches) == 4
+
         print("ok")
     """)
     assert out.strip().endswith("ok")

@@ -163,8 +163,9 @@ def test_fits_and_the_fallback_without_triton_running():
 def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
     """The BlockMask built from the kernel's lists (flex.block_mask_from_factors) is block_mask_from_scores' on the
     same scores and covers exactly select_blocks' blocks; the wired block-gate path (factors + Backend.kernels, no
-    grad, flex) calls the kernel once per layer and gives the masked path's attention, on a bare attention call and
-    on gatelab's GPT with a block gate."""
+    grad, flex) calls the kernel once per layer and gives the masked path's attention, on a bare attention call,
+    on gatelab's GPT with a block gate and on a Hugging Face model with block gates, with the gate's factors from
+    torch or from their kernel (Backend.block_factors_kernel)."""
     out = run_python("""
         import dataclasses
         import torch
@@ -173,7 +174,10 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
         from gatelab.attention.block_attention import block_routed_attention
         from gatelab.attention.blocks import previous_block_rows, select_blocks
         from gatelab.config import ModelConfig, Routing
+        from gatelab.hf.adapter import attach_block_gates
+        from gatelab.kernels import block_factors as bf
         from gatelab.model import GPT
+        from tests.test_hf import tiny
 
         calls = []
         kernel = flex.block_select
@@ -207,21 +211,38 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
             torch.testing.assert_close(fused, masked, rtol=0, atol=1e-5)
             torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-5)
 
-        # gatelab's GPT with a learned block gate: kernels on (one selection kernel per layer) and off agree
+        # gatelab's GPT with a learned block gate, and a Hugging Face model with block gates: kernels on (one
+        # selection kernel per layer; with block_factors_kernel also one factors kernel per layer) and off agree
+        factor_launches = []
+        factors_kernel = bf._block_factors_kernel
+
+        class Spy:
+            def __getitem__(self, grid):
+                factor_launches.append(grid)
+                return factors_kernel[grid]
+
+        bf._block_factors_kernel = Spy()
         cfg = ModelConfig(n_layer=2, d_model=32, n_head=4, d_mlp=64, context=64, vocab_size=97, d_gate=8,
                           block_gate="learned")
         torch.manual_seed(0)
         model = GPT(cfg).eval()
-        idx = torch.randint(0, 97, (2, 64), generator=g)
+        hf = tiny("llama")
+        ctl = attach_block_gates(hf, d_gate=8, gate="random", block_size=BS)
+        layers = cfg.n_layer + hf.config.num_hidden_layers
+        idx = torch.randint(1, 97, (2, 64), generator=g)
         r = Routing(mode="block-gate", block_size=BS, block_k=1)
         outs = {}
-        for kernels in (True, False):
-            model.backend = dataclasses.replace(Backend(), block_attention="flex", kernels=kernels)
-            n = len(calls)
-            with torch.no_grad():
-                outs[kernels] = model(idx, routing=r)[0]
-            assert len(calls) - n == (cfg.n_layer if kernels else 0), (kernels, len(calls) - n)
-        torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-4)
+        for kernels, factors in ((True, True), (True, False), (False, False)):
+            backend = dataclasses.replace(Backend(), block_attention="flex", kernels=kernels,
+                                          block_factors_kernel=factors)
+            model.backend, ctl.backend = backend, backend
+            n, m = len(calls), len(factor_launches)
+            with torch.no_grad(), ctl.routing(r):
+                outs[kernels, factors] = (model(idx, routing=r)[0], hf(idx, use_cache=False).logits)
+            assert len(calls) - n == (layers if kernels else 0), (kernels, len(calls) - n)
+            assert len(factor_launches) - m == (layers if factors else 0), (factors, len(factor_launches) - m)
+        for a, b in zip(outs[True, True] + outs[True, False], outs[False, False] * 2):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
         print("ok")
     """)
     assert out.strip().endswith("ok")

@@ -38,19 +38,19 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         return [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
 
-    def gate_for(self, x: torch.Tensor, routing: Routing) -> GateScores | None:
+    def gate_for(self, x: torch.Tensor, routing: Routing, backend: Backend) -> GateScores | None:
         """This layer's gate on input x, for attend: the block gate under block routings, else the token gate."""
         if routing.is_block:
             g = self.block_gate
-            return None if g is None else GateScores(lambda: g(x, routing.block_size),
-                                                     lambda: g.factors(x, routing.block_size))
+            return None if g is None else GateScores(lambda: g(x, routing.block_size), lambda: g.factors(
+                x, routing.block_size, kernel=backend.block_factors_kernel))
         g = self.gate
         return None if g is None else GateScores(lambda: g(x), lambda: g.factors(x, scaled=True))
 
     def forward(self, x: torch.Tensor, routing: Routing, backend: Backend) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv_heads(x)
-        y = attend(q, k, v, routing, gate=self.gate_for(x, routing), layer=self.layer, backend=backend,
+        y = attend(q, k, v, routing, gate=self.gate_for(x, routing, backend), layer=self.layer, backend=backend,
                    random_masks=self.random_masks)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 

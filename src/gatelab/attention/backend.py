@@ -39,6 +39,8 @@ class Backend:
     masked (a token mask to SDPA).
     compile_blocks: block routing's inference path (gate scores, block lists) compiled on CUDA
     (GATELAB_COMPILE_BLOCKS=1).
+    block_factors_kernel: a block gate's factors at eager inference in one Triton launch (kernels.block_factors)
+    instead of the torch pooling and projections (GATELAB_BLOCK_FACTORS_KERNEL=1; opt-in until timed).
     loss_kernel: the output head's loss in chunked torch products, or Triton kernels (GATELAB_LOSS_KERNEL).
     loss_vocab_multiple: the fused loss pads the vocabulary with zero rows to a multiple of this
     (GATELAB_LOSS_VOCAB_MULTIPLE)."""
@@ -51,6 +53,7 @@ class Backend:
     soft_spill_free_tiles: bool = False
     block_attention: str = "auto"
     compile_blocks: bool = False
+    block_factors_kernel: bool = False
     loss_kernel: str = "torch"
     loss_vocab_multiple: int = 64
 
@@ -90,6 +93,7 @@ class Backend:
                                      lambda t: tuple(int(v) for v in t.split(",", 2))),
                    soft_spill_free_tiles=env.get("GATELAB_SOFT_SPILL_FREE_TILES", "0") == "1",
                    compile_blocks=env.get("GATELAB_COMPILE_BLOCKS", "0") == "1",
+                   block_factors_kernel=env.get("GATELAB_BLOCK_FACTORS_KERNEL", "0") == "1",
                    loss_kernel=env.get("GATELAB_LOSS_KERNEL", d.loss_kernel),
                    loss_vocab_multiple=parsed("GATELAB_LOSS_VOCAB_MULTIPLE", d.loss_vocab_multiple, int))
 

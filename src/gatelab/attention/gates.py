@@ -126,18 +126,20 @@ class BlockGate(nn.Module):
         return gq @ gk.transpose(-1, -2) / math.sqrt(self.d_gate)
 
     def factors(self, x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None,
-                q: torch.Tensor | None = None, k: torch.Tensor | None = None,
-                compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                q: torch.Tensor | None = None, k: torch.Tensor | None = None, compiled: bool = False,
+                kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """forward's arguments -> its pooled, projected factors (gq, gk), each (B, H, nb, d_gate), gq divided by
         sqrt(d_gate): G = gq gk^T without forming it (what the fused block selection, kernels.block_select, takes).
-        Whole blocks at inference, eager, not `compiled`: one Triton launch (kernels.block_factors) where it serves."""
+        kernel (Backend.block_factors_kernel), not compiled: one Triton launch (kernels.block_factors) where it
+        serves (eager inference on whole blocks)."""
         if self.reads == "qk":
             inference = self._qk_inference(q, k)
-            if not compiled and block_factors_fits(q, k, self.wq, self.wk, block_size, valid):
+            if kernel and not compiled and block_factors_fits(q, k, self.wq, self.wk, block_size, valid):
                 return block_factors(q, k, self.wq, self.wk, block_size, self.pool)
             fn = compiled_if(inference and compiled, "qk_block_factors", qk_block_factors)
             return fn(q, k, self.wq, self.wk, block_size, self.pool, valid)
-        if x.dim() == 3 and block_factors_fits(x[:, None], x[:, None], self.wq, self.wk, block_size, valid):
+        if kernel and x.dim() == 3 and block_factors_fits(x[:, None], x[:, None], self.wq, self.wk, block_size,
+                                                          valid):
             return block_factors(x[:, None], x[:, None], self.wq, self.wk, block_size, self.pool)
         gq, gk = self._x_factors(x, block_size, valid)
         return gq / math.sqrt(self.d_gate), gk

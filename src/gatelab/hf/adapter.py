@@ -161,7 +161,8 @@ def layer_gate(ctl, state: dict, routing: Routing, query, key, allowed) -> GateS
         return GateScores(lambda: gate(state["x"], routing.block_size, valid, q=query, k=key,
                                        compiled=ctl.backend.compile_blocks).float(),
                           lambda: gate.factors(state["x"], routing.block_size, valid, q=query, k=key,
-                                               compiled=ctl.backend.compile_blocks))
+                                               compiled=ctl.backend.compile_blocks,
+                                               kernel=ctl.backend.block_factors_kernel))
     if not routing.needs_gate:
         return None
     if gate is None:
