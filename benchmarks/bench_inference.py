@@ -22,7 +22,7 @@ the block path keeping every block, which must reproduce dense):
            sequence; tokens/s, whether the tokens are dense's, one layer's attention per step alone, peak memory
 
 Writes <out>/inference-<device>.{json,md} after every row (a stopped run keeps its rows), with the device, torch
-version and command. A measurement that fails (a compile error, out of memory) is recorded in its row and the run
+version and command; each row also records the wall seconds it took to measure (row_s), for budgeting a run. A measurement that fails (a compile error, out of memory) is recorded in its row and the run
 goes on; the exit status is then 1.
 """
 from __future__ import annotations
@@ -655,16 +655,17 @@ def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
             write(b)
             continue
         eager = kind == "prefill" or "eager-decode" not in b.args.skip.split(",")
-        rows = [make(b, T, B, ids, setting, dense)] if eager else []
+        rows = [seconds_taken(make, b, T, B, ids, setting, dense)] if eager else []
         if not r.is_block and eager:
             dense = rows[0]
             if kind == "decode" and "dynamic-cache" not in b.args.skip.split(","):
-                rows.append(decode_row(b, T, B, ids, setting, dense, dynamic=True))
+                rows.append(seconds_taken(decode_row, b, T, B, ids, setting, dense, dynamic=True))
         if kind == "decode" and "graphs" not in b.args.skip.split(",") and r.mode in ("dense", "block-gate"):
-            rows.append(graphed_row(b, T, B, ids, setting, dense_graphed if r.is_block else dense))
+            rows.append(seconds_taken(graphed_row, b, T, B, ids, setting, dense_graphed if r.is_block else dense))
             dense_graphed = dense_graphed or (None if r.is_block else rows[-1])
             if b.args.graph_compile:
-                rows.append(graphed_row(b, T, B, ids, setting, dense_compiled if r.is_block else dense, True))
+                rows.append(seconds_taken(graphed_row, b, T, B, ids, setting,
+                                          dense_compiled if r.is_block else dense, True))
                 dense_compiled = dense_compiled or (None if r.is_block else rows[-1])
         for row in rows:
             b.data[kind].append(row)
@@ -672,9 +673,19 @@ def run_rows(b: Bench, kind: str, T: int, B: int, ids) -> None:
             print(progress_line(row), flush=True)
 
 
+def seconds_taken(row_fn, *args, **kwargs) -> dict:
+    """row_fn's row with the wall seconds it took to measure (row_s: compilation, profiles and perplexity included),
+    what a run's --budget-minutes has to cover."""
+    t0 = time.perf_counter()
+    row = row_fn(*args, **kwargs)
+    row["row_s"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
 def progress_line(row: dict) -> str:
     cache = "" if row.get("kv_cache", "in-place") == "in-place" else f" ({row['kv_cache']})"
-    head = f"[{row['kind']}] {row['context']} x{row['batch']} {row['routing']}{cache} (s={fmt(row.get('sparsity'))})"
+    head = (f"[{row['kind']}] {row['context']} x{row['batch']} {row['routing']}{cache} (s={fmt(row.get('sparsity'))}, "
+            f"{fmt(row.get('row_s'), 1)} s)")
     if row["kind"] == "prefill":
         return (f"{head}: eager {fmt(row.get('eager_ms'), 2)} ms ({fmt(row.get('eager_speedup'), 2)}x), compiled "
                 f"{fmt(row.get('compiled_ms'), 2)} ms, selection {fmt(row.get('selection_ms'), 2)} ms, attention "

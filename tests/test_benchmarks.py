@@ -64,6 +64,7 @@ def test_bench_inference_tiny_runs_on_cpu(tmp_path):
         assert all(row["peak_mib"] is None for row in rows), kind  # CUDA only
     assert all(math.isfinite(row["attention_ms"]) for row in data["prefill"])
     assert all(row["eager_min_ms"] <= row["eager_ms"] <= row["eager_max_ms"] for row in data["prefill"])
+    assert all(row["row_s"] > 0 for row in data["prefill"] + data["decode"])  # each row's own wall time
     assert all(row["selection_ms"] > 0 for row in data["prefill"] if row["block_k"] is not None)
     assert all(row.get("compiled_ms") is None and row.get("attention_tflops") is None for row in data["prefill"])
     full = [row for row in data["decode"] if row["sparsity"] == 0.0 and row["block_k"] is not None]
