@@ -43,10 +43,11 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int, num_st
                 wgmma=wgmma)
 
 
-def kernel_grid():
+def kernel_grid(long_context: bool = True):
     """(kernel, shape note, signature, constexprs, warps, stages) for each config gatelab launches on the GPU, at the
-    paper's GPT shapes (T = 512, head dim 64, d_gate 32, d_model 256) and SmolLM2's block shapes (block 128)."""
-    from gatelab.kernels import block_factors, block_mass, head_loss, soft_gate
+    paper's GPT shapes (T = 512, head dim 64, d_gate 32, d_model 256) and SmolLM2's block shapes (block 128): training
+    and inference kernels alike. long_context: also the block selection at 128K tokens (1024 blocks a row)."""
+    from gatelab.kernels import block_decode, block_factors, block_mass, block_select, head_loss, soft_gate
     from gatelab.kernels import topk as topk_kernels
     bf16, f32 = "*bf16", "*fp32"
     rows = []
@@ -80,6 +81,25 @@ def kernel_grid():
         rows.append((block_factors._block_factors_kernel, f"block 128, head dim 64, d_gate 32, max-min keys {maxmin}",
                      factors, dict(K_MAXMIN=maxmin, BLOCK_T=block_factors.TOKEN_TILE,
                                    BLOCK_C=block_factors.FEATURE_TILE, BLOCK_D=32), 4, 3))
+    i32p = "*i32"
+    select = dict(GQ=bf16, GK=bf16, KV_NUM=i32p, KV_IDX=i32p, FULL_NUM=i32p, FULL_IDX=i32p, H="i32", nb="i32",
+                  kk="i32", DG="i32", **{n: "i32" for n in ("sqb", "sqh", "sqn", "sqd", "skb", "skh", "skn", "skd")})
+    rows_per_program, coarse = block_select.SELECT_TILE
+    for nb, note in ((256, "32K tokens"), (1024, "128K tokens"))[:2 if long_context else 1]:
+        rows.append((block_select._block_select_kernel, f"{rows_per_program} query blocks x {nb} ({note}), d_gate 32",
+                     select, dict(UPCAST=False, DC=32, BLOCK_M=rows_per_program, BLOCK_N=nb, COARSE=coarse),
+                     4 if nb <= 256 else 8, 1))
+    decode = dict(Q=bf16, K=bf16, V=bf16, IDX=i32p, OUT=bf16, PM=f32, PL=f32, PACC=f32, H="i32", G="i32", n="i32",
+                  per_split="i32", POS="i32", scale="fp32", **{n: "i32" for n in (
+                      "sqb", "sqh", "sqd", "skb", "skh", "sks", "skd", "svb", "svh", "svs", "svd", "sob", "soh",
+                      "sod")})
+    for split, in_memory in ((True, True), (False, False)):
+        sig = {**decode, "POS": i32p} if in_memory else decode
+        rows.append((block_decode._block_decode_kernel, f"block 128, head dim 64, split {split}, position on the "
+                     f"device {in_memory}", sig, dict(BS=128, D=64, SPLIT=split, POS_IN_MEMORY=in_memory), 4, 3))
+    rows.append((block_decode._combine_kernel, "16 shares, head dim 64",
+                 dict(PM=f32, PL=f32, PACC=f32, OUT=bf16, H="i32", splits="i32", sob="i32", soh="i32", sod="i32"),
+                 dict(D=64, NS=16), 4, 3))
     lse = dict(H=bf16, W=bf16, TGT="*i64", MAX=f32, SUM=f32, PICK=f32, N="i32", V="i32", cols_per_split="i32")
     for m, v, w, st in head_loss.LCE_LSE_TILES:
         rows.append((head_loss._lce_lse_kernel, f"{m} x {v}, C 256", lse, dict(C=256, BLOCK_M=m, BLOCK_V=v), w, st))
