@@ -12,6 +12,7 @@
 #   prefill8k-compiled  1 x 8K at 50 / 87.5%: eager and compiled prefill (the selection inside the compiled graph),
 #              the selection eager and compiled (the real-model target's shape, on random weights)
 #   prefill-long  1 x 16K, 64K and 128K (RoPE extended): eager and compiled prefill, dense and block-gate at 50 / 87.5%
+#   prefill128k   the 128K rows of prefill-long alone
 #   real8k     the real SmolLM2-135M at 8K (REAL_CONTEXTS=2048,4096,8192: also 2K and 4K; REAL_TAG: the files'
 #              tag, default real8k), batch 1 and 8: eager and
 #              compiled prefill with perplexity beside each
@@ -45,6 +46,9 @@ for part in "${@:-decode prefill8k prefill32k}"; do
       prefill8k-compiled) "${B[@]}" --tag prefill8k-compiled --contexts 8192 --batches 1 --sparsities 0.5,0.875 \
                             --skip decode --compile --compile-mode "${COMPILE_MODE:-default}" \
                             --budget-minutes "${PREFILL8K_MINUTES:-3}" || status=1;;
+      prefill128k) "${B[@]}" --tag prefill128k --contexts 131072 --batches 1 --sparsities 0.5,0.875 \
+                     --skip decode,selection-compiled --compile --compile-mode "${COMPILE_MODE:-default}" --iters 5 \
+                     --budget-minutes "${LONG_MINUTES:-6}" || status=1;;
       prefill-long) "${B[@]}" --tag prefill-long --contexts 16384,65536,131072 --batches 1 --sparsities 0.5,0.875 \
                       --skip decode,selection-compiled --compile --compile-mode "${COMPILE_MODE:-default}" --iters 5 \
                       --budget-minutes "${LONG_MINUTES:-6}" || status=1;;
@@ -54,7 +58,8 @@ for part in "${@:-decode prefill8k prefill32k}"; do
                 --batches 1,8 --sparsities 0.5,0.75,0.875 --compile --compile-mode "${COMPILE_MODE:-default}" --profile \
                 --skip decode,selection-compiled \
                 --budget-minutes "${REAL8K_MINUTES:-6}" || status=1;;
-      *) echo "unknown part $p (decode, decode-compiled, prefill8k, prefill8k-compiled, prefill32k, prefill-long, real8k)" >&2; exit 2;;
+      *) echo "unknown part $p (decode, decode-compiled, prefill8k, prefill8k-compiled, prefill32k, prefill-long," \
+              "prefill128k, real8k)" >&2; exit 2;;
     esac
   done
 done
