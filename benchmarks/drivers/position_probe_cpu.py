@@ -9,14 +9,12 @@ import json
 import sys
 import time
 
-import numpy as np
 import torch
 
 torch.set_num_threads(2)
-from gatelab.config import Routing
 from gatelab.hf.adapter import attach_gates, set_trainable
 from gatelab.hf.corpus import encode_corpus
-from gatelab.hf.distill import _heldout_windows, heldout_objective, train_gates
+from gatelab.hf.distill import train_gates
 from gatelab.hf.gate_files import load_pretrained
 
 model, tok = load_pretrained("/tmp/smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
