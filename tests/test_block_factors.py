@@ -14,28 +14,15 @@ from gatelab.attention.gates import BlockGate, qk_block_factors
 from gatelab.config import GatelabError
 from gatelab.kernels.block_factors import block_factors, block_factors_fits, block_factors_reference
 
-from .test_block_select import run_python
+from .test_block_select import FACTORS_SPY, run_python
 
 triton = pytest.importorskip("triton")
 
 
-# The kernel's launches are counted by wrapping its launcher; each check runs in one shared child process.
-SPY = """
+# Each check runs in one shared child process, the kernel's launches counted (FACTORS_SPY: factor_launches).
+SETUP = FACTORS_SPY + """
 import torch
 from gatelab.attention.gates import BlockGate
-from gatelab.kernels import block_factors as bf
-
-launches = []
-kernel = bf._block_factors_kernel
-
-
-class Spy:
-    def __getitem__(self, grid):
-        launches.append(grid)
-        return kernel[grid]
-
-
-bf._block_factors_kernel = Spy()
 """
 
 KERNEL_CHECK = """
@@ -50,9 +37,9 @@ def kernel_check():
                 k = torch.randn(B, HK, T, C, generator=g).to(dtype)
                 wq = torch.randn(H, C, DG, generator=g) / C ** 0.5
                 wk = torch.randn(H, C * (2 if pool == "max-min" else 1), DG, generator=g) / C ** 0.5
-                n = len(launches)
+                n = len(factor_launches)
                 got = bf.block_factors(q, k, wq, wk, BS, pool)
-                assert len(launches) == n + 1 and launches[-1] == (T // BS, B * H, 2)
+                assert len(factor_launches) == n + 1 and factor_launches[-1] == (T // BS, B * H, 2)
                 want = bf.block_factors_reference(q, k, wq, wk, BS, pool)
                 for a, b in zip(got, want):
                     assert a.shape == (B, H, T // BS, DG) and a.dtype == dtype
@@ -70,27 +57,27 @@ def gate_check():
     q, k, x = torch.randn(B, H, T, D), torch.randn(B, HK, T, D), torch.randn(B, T, 24)
     qk = BlockGate(24, H, 8, pool="max-min", reads="qk", head_dim=D)
     xg = BlockGate(24, H, 8)
-    n = len(launches)
+    n = len(factor_launches)
     with torch.no_grad():
         qk.factors(x, BS, q=q, k=k)
-        assert len(launches) == n  # not asked
+        assert len(factor_launches) == n  # not asked
         got = qk.factors(x, BS, q=q, k=k, kernel=True)
-        assert len(launches) == n + 1
+        assert len(factor_launches) == n + 1
         for a, b in zip(got, bf.block_factors(q, k, qk.wq, qk.wk, BS, "max-min")):
             assert torch.equal(a, b)
         got = xg.factors(x, BS, kernel=True)
-        assert len(launches) == n + 3
+        assert len(factor_launches) == n + 3
         for a, b in zip(got, bf.block_factors(x[:, None], x[:, None], xg.wq, xg.wk, BS, "mean")):
             assert torch.equal(a, b)
         qk.factors(x, BS, torch.ones(1, T, dtype=torch.bool), q=q, k=k, kernel=True)  # a padding mask
         qk.factors(x[:, :30], BS, q=q[:, :, :30], k=k[:, :, :30], kernel=True)  # a partial last block
         qk.factors(x, BS, q=q, k=k, compiled=True, kernel=True)  # Backend.compile_blocks
-        assert len(launches) == n + 4
+        assert len(factor_launches) == n + 4
         assert not bf.block_factors_fits(q, k, torch.randn(3, D, 8), qk.wk, BS)  # 3 heads over 4 query heads
         assert not bf.block_factors_fits(q, k, qk.wq, torch.randn(H, 3 * D, 8), BS)
         assert not bf.block_factors_fits(q, k.half(), qk.wq, qk.wk, BS)
     qk.factors(x, BS, q=q, k=k, kernel=True)  # the gate's weights want a gradient
-    assert len(launches) == n + 4
+    assert len(factor_launches) == n + 4
 """
 
 RUN = """
@@ -106,7 +93,7 @@ for name, check in (("kernel", kernel_check), ("gate", gate_check)):
 
 @pytest.fixture(scope="module")
 def child_output() -> str:
-    return run_python(SPY + KERNEL_CHECK + GATE_CHECK + RUN)
+    return run_python(SETUP + KERNEL_CHECK + GATE_CHECK + RUN)
 
 
 def check_passed(output: str, name: str) -> None:

@@ -22,6 +22,24 @@ triton = pytest.importorskip("triton")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
+# Child-process code that counts the block factors kernel's launches (factor_launches) by wrapping its launcher.
+FACTORS_SPY = """
+from gatelab.kernels import block_factors as bf
+
+factor_launches = []
+_factors_kernel = bf._block_factors_kernel
+
+
+class _FactorsSpy:
+    def __getitem__(self, grid):
+        factor_launches.append(grid)
+        return _factors_kernel[grid]
+
+
+bf._block_factors_kernel = _FactorsSpy()
+"""
+
+
 def run_python(code: str, interpret: bool = True) -> str:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
@@ -166,7 +184,7 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
     grad, flex) calls the kernel once per layer and gives the masked path's attention, on a bare attention call,
     on gatelab's GPT with a block gate and on a Hugging Face model with block gates, with the gate's factors from
     torch or from their kernel (Backend.block_factors_kernel)."""
-    out = run_python("""
+    out = run_python(FACTORS_SPY + textwrap.dedent("""
         import dataclasses
         import torch
         from gatelab.attention import flex
@@ -175,7 +193,6 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
         from gatelab.attention.blocks import previous_block_rows, select_blocks
         from gatelab.config import ModelConfig, Routing
         from gatelab.hf.adapter import attach_block_gates
-        from gatelab.kernels import block_factors as bf
         from gatelab.model import GPT
         from tests.test_hf import tiny
 
@@ -213,15 +230,6 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
 
         # gatelab's GPT with a learned block gate, and a Hugging Face model with block gates: kernels on (one
         # selection kernel per layer; with block_factors_kernel also one factors kernel per layer) and off agree
-        factor_launches = []
-        factors_kernel = bf._block_factors_kernel
-
-        class Spy:
-            def __getitem__(self, grid):
-                factor_launches.append(grid)
-                return factors_kernel[grid]
-
-        bf._block_factors_kernel = Spy()
         cfg = ModelConfig(n_layer=2, d_model=32, n_head=4, d_mlp=64, context=64, vocab_size=97, d_gate=8,
                           block_gate="learned")
         torch.manual_seed(0)
@@ -244,7 +252,7 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
         for a, b in zip(outs[True, True] + outs[True, False], outs[False, False] * 2):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
         print("ok")
-    """)
+    """))
     assert out.strip().endswith("ok")
 
 
