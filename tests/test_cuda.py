@@ -73,7 +73,8 @@ def test_factor_threshold_matches_the_threshold_of_formed_scores_at_the_training
 def test_block_factors_kernel_at_prefill_shapes(pool):
     """A block gate's factors in one kernel against its torch reference at SmolLM2's shapes (bf16, 128-token blocks):
     a qk gate over 8 x 8K (9 query heads on 3 key heads, queries through a transposed view) and an X gate over
-    1 x 32K (576 features); each factor within one bf16 rounding of float32 sums that differ in their last bits."""
+    1 x 32K (576 features); each factor within one bf16 rounding plus the float32 sums' reordering error, 2^-18 of the
+    factor's largest magnitude (a near-zero factor left by cancellation carries the error of its larger terms)."""
     from gatelab.kernels.block_factors import block_factors, block_factors_fits, block_factors_reference
     g = torch.Generator(device="cuda").manual_seed(0)
     cases = [(8, 9, 3, 8192, 64), (1, 1, 1, 32768, 576)]
@@ -88,7 +89,8 @@ def test_block_factors_kernel_at_prefill_shapes(pool):
         torch.cuda.synchronize()
         for a, b in zip(got, want):
             ulp = 2.0 ** (torch.floor(torch.log2(b.float().abs().clamp_min(2 ** -100))) - 7)
-            assert ((a.float() - b.float()).abs() <= ulp).all(), (B, HQ, T, C, pool)
+            err = (a.float() - b.float()).abs() - ulp - 2.0 ** -18 * b.float().abs().amax()
+            assert (err <= 0).all(), (B, HQ, T, C, pool, float(err.max()))
 
 
 @pytest.mark.parametrize("B, H, Hk, S, n", [(8, 9, 3, 32769, 17), (1, 32, 8, 8193, 5), (2, 9, 3, 4097, 33)])

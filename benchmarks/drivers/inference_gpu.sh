@@ -21,35 +21,37 @@
 #              bash benchmarks/drivers/block_gpu.sh smollm2`)
 # SmolLM2-135M-shaped random weights but for real8k; MODEL_ARGS="--model DIR --gguf FILE --gate GATES" puts a real
 # model under the other parts. COMPILE_MODE=reduce-overhead compiles the prefill parts with CUDA graphs (default:
-# torch.compile's default mode).
+# torch.compile's default mode). FACTORS_KERNEL=1 computes a block gate's factors with the Triton kernel
+# (--block-factors-kernel); the files' tags gain -factors-kernel.
 #
 #   bash benchmarks/drivers/inference_gpu.sh [decode prefill8k prefill32k]   # GATES=DIR ... real8k
 set -uo pipefail
 OUT=${OUT:-/tmp/gatelab-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
-B=(python benchmarks/bench_inference.py --out "$OUT" ${MODEL_ARGS:-})
+S=${FACTORS_KERNEL:+-factors-kernel}  # FACTORS_KERNEL=1: --block-factors-kernel, files tagged <part>-factors-kernel
+B=(python benchmarks/bench_inference.py --out "$OUT" ${MODEL_ARGS:-} ${FACTORS_KERNEL:+--block-factors-kernel})
 status=0
 for part in "${@:-decode prefill8k prefill32k}"; do
   for p in $part; do
     case $p in
-      decode) "${B[@]}" --tag decode --contexts 32768 --batches 8 --skip prefill --profile \
+      decode) "${B[@]}" --tag decode$S --contexts 32768 --batches 8 --skip prefill --profile \
                 --budget-minutes "${DECODE_MINUTES:-4}" || status=1;;
-      decode-compiled) "${B[@]}" --tag decode-compiled --contexts 32768 --batches 8 --sparsities 0.875 \
+      decode-compiled) "${B[@]}" --tag decode-compiled$S --contexts 32768 --batches 8 --sparsities 0.875 \
                          --skip prefill,dynamic-cache${SKIP:+,$SKIP} --graph-compile --graph-steps "${GRAPH_STEPS:-320}" \
                          --budget-minutes "${DECODE_MINUTES:-3}" || status=1;;
-      prefill8k) "${B[@]}" --tag prefill8k --contexts 8192 --batches 8 --skip decode --sparsities 0.5,0.75,0.875 --profile \
+      prefill8k) "${B[@]}" --tag prefill8k$S --contexts 8192 --batches 8 --skip decode --sparsities 0.5,0.75,0.875 --profile \
                    --budget-minutes "${PREFILL8K_MINUTES:-2}" || status=1;;
-      prefill32k) "${B[@]}" --tag prefill32k --contexts 32768 --batches 1 --skip decode,selection-compiled \
+      prefill32k) "${B[@]}" --tag prefill32k$S --contexts 32768 --batches 1 --skip decode,selection-compiled \
                     --sparsities 0.5,0.75,0.875 --compile --compile-mode "${COMPILE_MODE:-default}" --profile \
                     --budget-minutes "${PREFILL32K_MINUTES:-4}" || status=1;;
-      prefill8k-compiled) "${B[@]}" --tag prefill8k-compiled --contexts 8192 --batches 1 --sparsities 0.5,0.875 \
+      prefill8k-compiled) "${B[@]}" --tag prefill8k-compiled$S --contexts 8192 --batches 1 --sparsities 0.5,0.875 \
                             --skip decode --compile --compile-mode "${COMPILE_MODE:-default}" \
                             --budget-minutes "${PREFILL8K_MINUTES:-3}" || status=1;;
-      prefill128k) "${B[@]}" --tag prefill128k --contexts 131072 --batches 1 --sparsities 0.5,0.875 \
+      prefill128k) "${B[@]}" --tag prefill128k$S --contexts 131072 --batches 1 --sparsities 0.5,0.875 \
                      --skip decode,selection-compiled --compile --compile-mode "${COMPILE_MODE:-default}" --iters 5 \
                      --budget-minutes "${LONG_MINUTES:-6}" || status=1;;
-      prefill-long) "${B[@]}" --tag prefill-long --contexts 16384,65536,131072 --batches 1 --sparsities 0.5,0.875 \
+      prefill-long) "${B[@]}" --tag prefill-long$S --contexts 16384,65536,131072 --batches 1 --sparsities 0.5,0.875 \
                       --skip decode,selection-compiled --compile --compile-mode "${COMPILE_MODE:-default}" --iters 5 \
                       --budget-minutes "${LONG_MINUTES:-6}" || status=1;;
       real8k) [ -n "${GATES:-}" ] || { echo "real8k needs GATES=DIR (a qk block gate for /tmp/smollm2)" >&2; exit 2; }
