@@ -81,6 +81,10 @@ criterion unchanged, its verdict shown beside run R2's): if the host is what sep
 its GPU kernel time and the ratio at 1 x 8K, 50% approaches run R2's 11.34 / 9.54 = 1.19 (met); if the block path's
 BlockMask or selection cannot be captured (a graph break leaves them outside), the block row keeps its host cost
 and stays below 1.
+Run R3 (inference-nvidia-h200-real8k-graphs.*, the gate distilled again by run R's command, same final loss): with
+CUDA graphs, compiled dense 13.27 ms (12.83-13.56), block-gate at 50% 11.43 ms (11.25-11.92): 1.161, met, with the
+perplexity ratio 1.0099 (met); one profiled call is 11.11 / 9.50 ms of GPU kernels (1.17). The host reading held.
+Run R2's verdict in torch.compile's default mode (0.595, missed) stands beside it.
 
 Before the selection's next run (the criterion selection unchanged), with --block-factors-kernel (opt-in,
 Backend.block_factors_kernel) beside the default: a block gate's factors at eager inference are then one Triton
@@ -90,6 +94,10 @@ layer for 11 launches (30-50 us each). If each launch's host time is what remain
 about 0.1-0.2 ms, and the ratios become, at 50 / 75 / 87.5%: 8 x 8K about 0.11-0.21 / 0.14-0.28 / 0.3-0.6, 1 x 32K
 about 0.06-0.12 / 0.1-0.2 / 0.19-0.38: still missed at 87.5% in both shapes (the target takes the worst of the
 three), met at 50% at 1 x 32K. If a Triton launch costs the host more than a torch operator's, less is gained.
+Run F (inference-nvidia-h200-{prefill8k,prefill32k}-factors-kernel.*, beside -runF.* without it): 8 x 8K 0.177 /
+0.281 / 0.475, 1 x 32K 0.091 / 0.190 / 0.336: inside the predicted ranges, missed in both shapes (met at 50% at
+1 x 32K). The selection of every layer took 4.67-4.98 ms against 22.66-26.47 ms without the kernel at 8 x 8K (the
+two on different machines of one kind), and 4.59-5.24 ms against 10.38-11.36 ms at 1 x 32K (one machine, one call).
 """
 from __future__ import annotations
 
