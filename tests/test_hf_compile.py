@@ -82,7 +82,8 @@ def test_compile_prefill_refuses_a_model_without_gatelab_and_an_unknown_mode():
 
 
 def test_cli_hf_eval_compile(tmp_path, monkeypatch, capsys):
-    """`hf-eval --compile` gives the eager perplexities (the compile backend replaced by the counting one)."""
+    """`hf-eval --compile --compile-mode reduce-overhead` passes its mode to compile_prefill and gives the eager
+    perplexities (the compile backend replaced by the counting one, which takes no mode)."""
     import gatelab.hf.corpus as hf_corpus
     import gatelab.hf.gate_files as hf_gate_files
     from gatelab.cli.main import main
@@ -95,12 +96,14 @@ def test_cli_hf_eval_compile(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(hf_corpus, "encode_corpus", lambda *a, **kw: ids)
     backend = CountingBackend()
     real = hf_compile.compile_prefill
-    monkeypatch.setattr(hf_compile, "compile_prefill", lambda model, mode: real(model, mode, backend=backend))
+    modes = []
+    monkeypatch.setattr(hf_compile, "compile_prefill",
+                        lambda model, mode: (modes.append(mode), real(model, backend=backend))[1])
     monkeypatch.setattr("gatelab.cli.commands.hf.compile_prefill", hf_compile.compile_prefill)
     torch._dynamo.reset()
     cmd = ["hf-eval", "--model", str(tmp_path), "--routing", "block-random", "--block-size", "4", "--block-k", "1",
            "--context", "32", "--batch-size", "4", "--max-tokens", "256", "--device", "cpu", "--quiet"]
     assert main(cmd) == 0
     eager = capsys.readouterr().out
-    assert main(cmd + ["--compile"]) == 0
-    assert capsys.readouterr().out == eager and backend.graphs >= 1
+    assert main(cmd + ["--compile", "--compile-mode", "reduce-overhead"]) == 0
+    assert capsys.readouterr().out == eager and backend.graphs >= 1 and modes == ["reduce-overhead"]
