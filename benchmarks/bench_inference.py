@@ -100,8 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the block path's attention (Backend.block_attention)")
     ap.add_argument("--compile-blocks", action="store_true", help="Backend.compile_blocks: the gate's scores and "
                     "block lists from compiled graphs in the eager forward")
-    ap.add_argument("--block-factors-kernel", action="store_true", help="Backend.block_factors_kernel: the gate's "
-                    "factors in one Triton launch in the eager forward")
+    ap.add_argument("--block-factors-kernel", action=argparse.BooleanOptionalAction, default=None,
+                    help="Backend.block_factors_kernel: the gate's factors in one Triton launch in the eager forward "
+                    "(default: the backend's, on unless GATELAB_BLOCK_FACTORS_KERNEL=0)")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: prefill, decode, ppl, "
                     "dynamic-cache (the dense decode row with transformers' DynamicCache), eager-decode (the decode "
                     "rows with eager steps), graphs (the decode rows "
@@ -181,7 +182,8 @@ def build(args) -> Bench:
         model, tok, ctl = random_model(args, dims, device, dtype)
     ctl.backend = replace(ctl.backend, block_attention=args.block_attention,
                           compile_blocks=args.compile_blocks or ctl.backend.compile_blocks,
-                          block_factors_kernel=args.block_factors_kernel or ctl.backend.block_factors_kernel)
+                          block_factors_kernel=ctl.backend.block_factors_kernel if args.block_factors_kernel is None
+                          else args.block_factors_kernel)
     for name in ("recompile_limit", "cache_size_limit", "accumulated_cache_size_limit"):  # a graph per shape, routing
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 512)

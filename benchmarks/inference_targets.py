@@ -98,6 +98,17 @@ Run F (inference-nvidia-h200-{prefill8k,prefill32k}-factors-kernel.*, beside -ru
 0.281 / 0.475, 1 x 32K 0.091 / 0.190 / 0.336: inside the predicted ranges but for 8 x 8K at 75% (0.2806, just
 above 0.28), missed in both shapes (met at 50% at 1 x 32K). The selection of every layer took 4.67-4.98 ms against 22.66-26.47 ms without the kernel at 8 x 8K (the
 two on different machines of one kind), and 4.59-5.24 ms against 10.38-11.36 ms at 1 x 32K (one machine, one process after the other).
+Before the runs that follow run F (no criterion changes; the factors kernel is now the default, so their eager rows
+use it):
+- 1 x 128K (prefill128k; no target at this length, the prefill-32k criterion's shape extended): the dense attention
+  grows as T^2 and the rest of the model as T. From run L's 64K rows (attention 10.9 ms of 365 ms per compiled call)
+  the compiled dense call takes about 1.3-1.5 s, and the ratios rise above 64K's: about 1.6-1.9x at 50% and 4.5-6x at
+  87.5%. If the selection kernel's register spills at 1,024 blocks (kernel-resources-sm90.md) cost more than the
+  attention saves, the 87.5% row falls below 64K's 4.13x instead.
+- The real SmolLM2 with CUDA graphs (COMPILE_MODE=reduce-overhead) at 8 x 8K and 1 x 2K (no target; the
+  prefill-real-8k criterion reads 1 x 8K only): at 8 x 8K the GPU is busy without graphs too, so the ratio at 50%
+  stays near run R's default-mode 1.26 (about 1.15-1.35); at 1 x 2K attention is a small share of the model's time
+  and the block path adds its selection kernels, so about 0.9-1.1.
 """
 from __future__ import annotations
 

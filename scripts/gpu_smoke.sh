@@ -95,7 +95,7 @@ hf_lane() {  # 4. Hugging Face adapter on a tiny random Llama with its own token
     echo "hf-eval-block ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block --routing dense,block-gate,block-oracle,block-random,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
     echo "hf-eval-block-qk ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate,block-soft --block-k 1,2 --max-tokens 4096 --quiet"
     echo "hf-eval-block-qk-compiled env GATELAB_COMPILE_BLOCKS=1 ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate --block-k 1,2 --max-tokens 4096 --quiet"
-    echo "hf-eval-block-qk-factors-kernel env GATELAB_BLOCK_FACTORS_KERNEL=1 ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate --block-k 1,2 --max-tokens 4096 --quiet"
+    echo "hf-eval-block-qk-torch-factors env GATELAB_BLOCK_FACTORS_KERNEL=0 ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing block-gate --block-k 1,2 --max-tokens 4096 --quiet"
     echo "hf-eval-block-qk-torch-compile ${GL[*]} hf-eval ${HF[*]} --gate $R/hf-block-qk --position qk --routing dense,block-gate --block-k 1,2 --max-tokens 4096 --compile --quiet"
     for bk in 1 64; do  # generation with the KV cache reading each query block's kept blocks; 64: every block
       echo "hf-generate-block-k$bk ${GL[*]} generate --model $R/tiny-llama --gate $R/hf-block-qk --prompt-file $R/prompt.txt --max-new-tokens 40 --block-k $bk --compare --json $R/hf-generate-k$bk.json"
@@ -168,7 +168,7 @@ BASE=$R/train-fast-dense/checkpoint
     echo "eval-gate-$loss ${GL[*]} eval $BASE --gate $R/distill-fast-$loss --routing dense,oracle-topk,gate-topk --k 8,16,32 --max-tokens 4096 --quiet"
   done
   echo "eval-block-gate ${GL[*]} eval $BASE --gate $R/distill-block-kl --routing dense,block-gate,block-oracle,block-random --block-k 1,2 --max-tokens 4096 --quiet"
-  echo "eval-block-gate-factors-kernel env GATELAB_BLOCK_FACTORS_KERNEL=1 ${GL[*]} eval $BASE --gate $R/distill-block-kl --routing block-gate --block-k 1,2 --max-tokens 4096 --quiet"
+  echo "eval-block-gate-torch-factors env GATELAB_BLOCK_FACTORS_KERNEL=0 ${GL[*]} eval $BASE --gate $R/distill-block-kl --routing block-gate --block-k 1,2 --max-tokens 4096 --quiet"
   echo "analyze-gate ${GL[*]} analyze $BASE --gate $R/distill-fast-kl --k 8,16 --batches 2 --batch-size 4 --out $R/analyze-gate"
   echo "analyze-own ${GL[*]} analyze $R/train-fast-soft-sigmoid-learned/checkpoint --k 16 --batches 2 --batch-size 4 --out $R/analyze-own"
   echo "audit-gate ${GL[*]} audit $BASE --gate $R/distill-fast-kl --k 16 --max-tokens 4096"

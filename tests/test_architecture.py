@@ -108,6 +108,27 @@ def test_no_import_circles():
     assert cycles(import_graph(modules())) == []
 
 
+def package_graph(mods: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """Top-level package or module (gatelab.training, gatelab.model, ...) -> those it imports anywhere, inside
+    functions included."""
+    def top(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    graph = {top(name): set() for name in mods}
+    for name, tree in mods.items():
+        for node in ast.walk(tree):
+            graph[top(name)].update(top(t) for t in imported(node, name) if t in mods and top(t) != top(name))
+    return graph
+
+
+def test_no_circles_between_packages():
+    """The layers import one way: no two packages (attention, training, diagnostics, hf, ...) import each other,
+    not even inside a function."""
+    graph = package_graph(modules())
+    assert {"gatelab.training", "gatelab.diagnostics", "gatelab.hf"} <= graph.keys()
+    assert cycles(graph) == []
+
+
 def test_the_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

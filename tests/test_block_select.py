@@ -229,7 +229,8 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
             torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-5)
 
         # gatelab's GPT with a learned block gate, and a Hugging Face model with block gates: kernels on (one
-        # selection kernel per layer; with block_factors_kernel also one factors kernel per layer) and off agree
+        # selection kernel per layer; with block_factors_kernel also one factors kernel per layer) and off agree;
+        # kernels off launches neither, block_factors_kernel (the default) notwithstanding
         cfg = ModelConfig(n_layer=2, d_model=32, n_head=4, d_mlp=64, context=64, vocab_size=97, d_gate=8,
                           block_gate="learned")
         torch.manual_seed(0)
@@ -240,7 +241,7 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
         idx = torch.randint(1, 97, (2, 64), generator=g)
         r = Routing(mode="block-gate", block_size=BS, block_k=1)
         outs = {}
-        for kernels, factors in ((True, True), (True, False), (False, False)):
+        for kernels, factors in ((True, True), (True, False), (False, True)):
             backend = dataclasses.replace(Backend(), block_attention="flex", kernels=kernels,
                                           block_factors_kernel=factors)
             model.backend, ctl.backend = backend, backend
@@ -248,8 +249,8 @@ def test_block_mask_and_attention_from_the_kernel_lists_match_the_masked_path():
             with torch.no_grad(), ctl.routing(r):
                 outs[kernels, factors] = (model(idx, routing=r)[0], hf(idx, use_cache=False).logits)
             assert len(calls) - n == (layers if kernels else 0), (kernels, len(calls) - n)
-            assert len(factor_launches) - m == (layers if factors else 0), (factors, len(factor_launches) - m)
-        for a, b in zip(outs[True, True] + outs[True, False], outs[False, False] * 2):
+            assert len(factor_launches) - m == (layers if kernels and factors else 0), (factors, len(factor_launches) - m)
+        for a, b in zip(outs[True, True] + outs[True, False], outs[False, True] * 2):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
         print("ok")
     """))

@@ -11,7 +11,8 @@ from gatelab.data import TokenData
 from gatelab.diagnostics.analyze import analyze, attention_statistics, gate_gradient_norms
 from gatelab.model import GPT
 from gatelab.training.checkpoint import load_model, load_state
-from gatelab.training.distill import attention_logits, distill_config, distill_loss, gate_f1, kl_rows, layer_inputs
+from gatelab.diagnostics.probes import attention_logits, gate_f1, layer_inputs
+from gatelab.training.distill import distill_config, distill_loss, kl_rows
 from gatelab.training.gate_files import attach_gate
 from gatelab.training.train import train
 from tests.conftest import tiny_model_config, tiny_train_config

@@ -418,3 +418,14 @@ def test_factor_threshold_setting_is_parsed_or_refused_clearly(text, want):
             Backend.from_env({"GATELAB_FACTOR_TAU": text})
     else:
         assert Backend.from_env({"GATELAB_FACTOR_TAU": text}).factor_tau == want
+
+
+@pytest.mark.parametrize("env,want", [({}, True), ({"GATELAB_BLOCK_FACTORS_KERNEL": "0"}, False),
+                                      ({"GATELAB_BLOCK_FACTORS_KERNEL": "1"}, True),
+                                      ({"GATELAB_KERNELS": "0"}, False),
+                                      ({"GATELAB_KERNELS": "0", "GATELAB_BLOCK_FACTORS_KERNEL": "1"}, False)])
+def test_the_block_factors_kernel_is_on_by_default_and_off_with_the_kernels(env, want):
+    """A block gate's factors come from their kernel unless GATELAB_BLOCK_FACTORS_KERNEL=0 or GATELAB_KERNELS=0."""
+    backend = Backend.from_env(env)
+    assert backend.factors_kernel is want
+    assert backend.block_factors_kernel is (env.get("GATELAB_BLOCK_FACTORS_KERNEL", "1") == "1")

@@ -21,16 +21,21 @@
 #              bash benchmarks/drivers/block_gpu.sh smollm2`)
 # SmolLM2-135M-shaped random weights but for real8k; MODEL_ARGS="--model DIR --gguf FILE --gate GATES" puts a real
 # model under the other parts. COMPILE_MODE=reduce-overhead compiles the prefill parts with CUDA graphs (default:
-# torch.compile's default mode). FACTORS_KERNEL=1 computes a block gate's factors with the Triton kernel
-# (--block-factors-kernel); the files' tags gain -factors-kernel.
+# torch.compile's default mode). A block gate's factors at eager inference come from the Triton kernel by default
+# (Backend.block_factors_kernel); FACTORS_KERNEL=0 computes them in torch instead (--no-block-factors-kernel, the
+# files' tags gain -torch-factors), FACTORS_KERNEL=1 asks for the kernel explicitly (tags gain -factors-kernel).
 #
 #   bash benchmarks/drivers/inference_gpu.sh [decode prefill8k prefill32k]   # GATES=DIR ... real8k
 set -uo pipefail
 OUT=${OUT:-/tmp/gatelab-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
-S=${FACTORS_KERNEL:+-factors-kernel}  # FACTORS_KERNEL=1: --block-factors-kernel, files tagged <part>-factors-kernel
-B=(python benchmarks/bench_inference.py --out "$OUT" ${MODEL_ARGS:-} ${FACTORS_KERNEL:+--block-factors-kernel})
+case ${FACTORS_KERNEL:-} in
+  1) S=-factors-kernel FK=--block-factors-kernel;;
+  0) S=-torch-factors FK=--no-block-factors-kernel;;
+  *) S= FK=;;
+esac
+B=(python benchmarks/bench_inference.py --out "$OUT" ${MODEL_ARGS:-} $FK)
 status=0
 for part in "${@:-decode prefill8k prefill32k}"; do
   for p in $part; do

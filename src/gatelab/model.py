@@ -43,7 +43,7 @@ class Attention(nn.Module):
         if routing.is_block:
             g = self.block_gate
             return None if g is None else GateScores(lambda: g(x, routing.block_size), lambda: g.factors(
-                x, routing.block_size, kernel=backend.block_factors_kernel))
+                x, routing.block_size, kernel=backend.factors_kernel))
         g = self.gate
         return None if g is None else GateScores(lambda: g(x), lambda: g.factors(x, scaled=True))
 

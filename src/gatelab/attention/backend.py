@@ -40,7 +40,8 @@ class Backend:
     compile_blocks: block routing's inference path (gate scores, block lists) compiled on CUDA
     (GATELAB_COMPILE_BLOCKS=1).
     block_factors_kernel: a block gate's factors at eager inference in one Triton launch (kernels.block_factors)
-    instead of the torch pooling and projections (GATELAB_BLOCK_FACTORS_KERNEL=1; opt-in until timed).
+    instead of the torch pooling and projections, where the kernel serves (GATELAB_BLOCK_FACTORS_KERNEL=0 turns it
+    off; kernels=False does too: factors_kernel).
     loss_kernel: the output head's loss in chunked torch products, or Triton kernels (GATELAB_LOSS_KERNEL).
     loss_vocab_multiple: the fused loss pads the vocabulary with zero rows to a multiple of this
     (GATELAB_LOSS_VOCAB_MULTIPLE)."""
@@ -53,7 +54,7 @@ class Backend:
     soft_spill_free_tiles: bool = False
     block_attention: str = "auto"
     compile_blocks: bool = False
-    block_factors_kernel: bool = False
+    block_factors_kernel: bool = True
     loss_kernel: str = "torch"
     loss_vocab_multiple: int = 64
 
@@ -71,6 +72,11 @@ class Backend:
                                f"SEGMENT >= 0 and COARSE in 1..32")
         if self.loss_vocab_multiple < 1:
             raise GatelabError(f"backend loss_vocab_multiple must be >= 1, got {self.loss_vocab_multiple}")
+
+    @property
+    def factors_kernel(self) -> bool:
+        """Whether a block gate's factors may come from their Triton kernel: block_factors_kernel and kernels."""
+        return self.kernels and self.block_factors_kernel
 
     @classmethod
     def from_env(cls, env=None) -> "Backend":
@@ -93,7 +99,7 @@ class Backend:
                                      lambda t: tuple(int(v) for v in t.split(",", 2))),
                    soft_spill_free_tiles=env.get("GATELAB_SOFT_SPILL_FREE_TILES", "0") == "1",
                    compile_blocks=env.get("GATELAB_COMPILE_BLOCKS", "0") == "1",
-                   block_factors_kernel=env.get("GATELAB_BLOCK_FACTORS_KERNEL", "0") == "1",
+                   block_factors_kernel=env.get("GATELAB_BLOCK_FACTORS_KERNEL", "1") != "0",
                    loss_kernel=env.get("GATELAB_LOSS_KERNEL", d.loss_kernel),
                    loss_vocab_multiple=parsed("GATELAB_LOSS_VOCAB_MULTIPLE", d.loss_vocab_multiple, int))
 

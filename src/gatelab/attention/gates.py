@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gatelab.attention.compiled import compiled_if, wants_grad
 from gatelab.attention.masks import repeat_kv
 from gatelab.config import GatelabError
-from gatelab.kernels.block_factors import block_factors, block_factors_fits
+from gatelab.kernels.block_factors import block_factors_fits, launch_block_factors
 
 
 class BilinearGate(nn.Module):
@@ -135,12 +135,12 @@ class BlockGate(nn.Module):
         if self.reads == "qk":
             inference = self._qk_inference(q, k)
             if kernel and not compiled and block_factors_fits(q, k, self.wq, self.wk, block_size, valid):
-                return block_factors(q, k, self.wq, self.wk, block_size, self.pool)
+                return launch_block_factors(q, k, self.wq, self.wk, block_size, self.pool)
             fn = compiled_if(inference and compiled, "qk_block_factors", qk_block_factors)
             return fn(q, k, self.wq, self.wk, block_size, self.pool, valid)
         if kernel and x.dim() == 3 and block_factors_fits(x[:, None], x[:, None], self.wq, self.wk, block_size,
                                                           valid):
-            return block_factors(x[:, None], x[:, None], self.wq, self.wk, block_size, self.pool)
+            return launch_block_factors(x[:, None], x[:, None], self.wq, self.wk, block_size, self.pool)
         gq, gk = self._x_factors(x, block_size, valid)
         return gq / math.sqrt(self.d_gate), gk
 

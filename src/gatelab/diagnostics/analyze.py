@@ -22,7 +22,7 @@ from gatelab.data import TokenData
 from gatelab.devices import autocast_for
 from gatelab.diagnostics.evaluate import perplexity
 from gatelab.tables import format_table
-from gatelab.training.distill import attention_logits, gate_f1, layer_inputs
+from gatelab.diagnostics.probes import attention_logits, gate_f1, layer_inputs
 
 
 def validation_batches(data: TokenData, context: int, batches: int, batch_size: int):

@@ -162,7 +162,7 @@ def layer_gate(ctl, state: dict, routing: Routing, query, key, allowed) -> GateS
                                        compiled=ctl.backend.compile_blocks).float(),
                           lambda: gate.factors(state["x"], routing.block_size, valid, q=query, k=key,
                                                compiled=ctl.backend.compile_blocks,
-                                               kernel=ctl.backend.block_factors_kernel))
+                                               kernel=ctl.backend.factors_kernel))
     if not routing.needs_gate:
         return None
     if gate is None:

@@ -17,7 +17,8 @@ from gatelab.devices import autocast_for
 from gatelab.hf.gate_files import save_gates
 from gatelab.progress import progress_bar
 from gatelab.training.block_distill import block_gate_objective
-from gatelab.training.distill import bce_oracle, gate_f1, kl_rows
+from gatelab.diagnostics.probes import gate_f1
+from gatelab.training.distill import bce_oracle, kl_rows
 from gatelab.training.train import MetricsLog, lr_at
 
 

@@ -125,6 +125,13 @@ def block_factors(q_src: torch.Tensor, k_src: torch.Tensor, wq: torch.Tensor, wk
         raise GatelabError(f"block gate key pooling must be mean or max-min, got {key_pool!r}")
     if not block_factors_fits(q_src, k_src, wq, wk, block_size):
         return block_factors_reference(q_src, k_src, wq, wk, block_size, key_pool)
+    return launch_block_factors(q_src, k_src, wq, wk, block_size, key_pool)
+
+
+def launch_block_factors(q_src: torch.Tensor, k_src: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+                         block_size: int, key_pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_factors' kernel launch without its checks, for a caller that has asked block_factors_fits (and knows
+    key_pool) already: the checks cost host time on every layer of an eager forward."""
     B, Hq, T, C = q_src.shape
     H, _, DG = wq.shape
     nb = T // block_size

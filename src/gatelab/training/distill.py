@@ -10,7 +10,6 @@ gate alone: RUN/gate.safetensors + RUN/gate.json (base checkpoint, its sha256, d
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -21,29 +20,9 @@ from gatelab.config import (
     DEFAULT_READING, GatelabError, ModelConfig, Routing, TrainConfig, model_config_from_dict, soft_gate_routing
 )
 from gatelab.data import TokenData, check_same_data
+from gatelab.diagnostics.probes import attention_logits, gate_f1, layer_inputs
 from gatelab.kernels.topk import topk_keep_mask
 from gatelab.training.checkpoint import find_checkpoint, read_trainer
-
-
-@torch.no_grad()
-def layer_inputs(model, idx: torch.Tensor, routing: Routing | None = None) -> list[torch.Tensor]:
-    """The normed input X of every layer's attention (what Q/K/V and the gate read), under `routing`."""
-    captured = []
-    hooks = [b.attn.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
-             for b in model.blocks]
-    try:
-        model.hidden(idx, routing or Routing())
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
-
-
-@torch.no_grad()
-def attention_logits(attn, x: torch.Tensor) -> torch.Tensor:
-    """S = Q K^T / sqrt(d_head), (B, H, T, T), float32, not masked."""
-    q, k, _ = attn.qkv_heads(x)
-    return (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
 
 
 def kl_rows(S: torch.Tensor, G: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
@@ -59,16 +38,6 @@ def bce_oracle(S: torch.Tensor, G: torch.Tensor, causal: torch.Tensor, k: int) -
     target = topk_keep_mask(S, k, causal).float()
     full = causal.expand_as(G)
     return F.binary_cross_entropy_with_logits(G[full], target[full])
-
-
-def gate_f1(S: torch.Tensor, G: torch.Tensor, causal: torch.Tensor, k: int) -> torch.Tensor:
-    """|TopK(G) n TopK(S)| / k averaged over rows with more than k causal keys (precision = recall = F1).
-    Returns NaN when no row has more than k keys."""
-    T = S.shape[-1]
-    if T <= k:
-        return torch.tensor(float("nan"))
-    both = topk_keep_mask(S, k, causal) & topk_keep_mask(G, k, causal)
-    return (both[..., k:, :].sum(-1).float() / k).mean()
 
 
 def gate_objective(layers, objective: str, k: int) -> tuple[torch.Tensor, float]:

@@ -33,7 +33,8 @@ from gatelab.training.checkpoint import (
     OPTIM_FILE, build_model, find_checkpoint, load_optimizer, load_state, load_weights, read_trainer, rng_state,
     save_checkpoint, set_rng_state
 )
-from gatelab.training.distill import distill_loss, layer_inputs
+from gatelab.diagnostics.probes import layer_inputs
+from gatelab.training.distill import distill_loss
 from gatelab.training.gate_files import export_block_gate, export_gate
 
 
