@@ -109,6 +109,11 @@ use it):
   prefill-real-8k criterion reads 1 x 8K only): at 8 x 8K the GPU is busy without graphs too, so the ratio at 50%
   stays near run R's default-mode 1.26 (about 1.15-1.35); at 1 x 2K attention is a small share of the model's time
   and the block path adds its selection kernels, so about 0.9-1.1.
+Run X (inference-nvidia-h200-prefill128k.*): compiled dense 1,379.81 ms; block-gate 1.66x at 50% and 5.01x at 87.5%
+(eager 1.60x and 4.04x): all three inside their predicted ranges. Run R4 (inference-nvidia-h200-real8k-b8-graphs.*,
+the gate distilled again, metrics identical to run R's): 8 x 8K with CUDA graphs, 1.25x at 50% (inside 1.15-1.35;
+run R's default mode gave 1.26x) and 1.74x at 88%, perplexities as in runs R-R3. The 1 x 2K rows did not run (no
+device time left).
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@
 # routing, model, train, distill, hf or kernels, and commit its output.
 #
 #   bash scripts/gpu_smoke.sh [OUT_DIR]        # default /tmp/gatelab-gpu-smoke; JOBS=N checks at a time per lane (default 6)
-#   ONLY='^(prepare|hf-.*)$' bash scripts/gpu_smoke.sh   # only the checks whose names match (their inputs too)
+#   ONLY='^(prepare|hf-.*)$' bash scripts/gpu_smoke.sh   # only the checks whose names match; name the checks they
+#   read too: distill-*, eval-*, analyze-*, audit-* and exp3-* read train-fast-dense, train-fast-soft-*-learned and
+#   train-fast-soft-sigmoid-random (section 1), and the distill-* gates (section 2)
 #
 # Writes OUT_DIR/summary.md (one line per check: PASS/FAIL, seconds) and OUT_DIR/logs/<check>.log, and exits
 # non-zero if any check failed. Works on CPU too (slowly, and then it proves nothing about CUDA).

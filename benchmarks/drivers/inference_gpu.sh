@@ -14,7 +14,7 @@
 #   prefill-long  1 x 16K, 64K and 128K (RoPE extended): eager and compiled prefill, dense and block-gate at 50 / 87.5%
 #   prefill128k   the 128K rows of prefill-long alone
 #   real8k     the real SmolLM2-135M at 8K (REAL_CONTEXTS=2048,4096,8192: also 2K and 4K; REAL_TAG: the files'
-#              tag, default real8k), batch 1 and 8: eager and
+#              tag, default real8k), batch 1 and 8 (REAL_BATCHES, REAL_SPARSITIES: default 1,8 and 0.5,0.75,0.875): eager and
 #              compiled prefill with perplexity beside each
 #              row (the real-model target), after benchmarks/drivers/smollm2_parts.sh (model in /tmp/smollm2) and a
 #              qk block gate distilled there (GATES=DIR, e.g. from `DISTILL_ARGS="--position qk"
@@ -62,7 +62,8 @@ for part in "${@:-decode prefill8k prefill32k}"; do
       real8k) [ -n "${GATES:-}" ] || { echo "real8k needs GATES=DIR (a qk block gate for /tmp/smollm2)" >&2; exit 2; }
               PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/bench_inference.py --out "$OUT" --tag "${REAL_TAG:-real8k}" \
                 --model /tmp/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --gate "$GATES" --contexts "${REAL_CONTEXTS:-8192}" \
-                --batches 1,8 --sparsities 0.5,0.75,0.875 --compile --compile-mode "${COMPILE_MODE:-default}" --profile \
+                --batches "${REAL_BATCHES:-1,8}" --sparsities "${REAL_SPARSITIES:-0.5,0.75,0.875}" --compile \
+                --compile-mode "${COMPILE_MODE:-default}" --profile \
                 --skip decode,selection-compiled \
                 --budget-minutes "${REAL8K_MINUTES:-6}" || status=1;;
       *) echo "unknown part $p (decode, decode-compiled, prefill8k, prefill8k-compiled, prefill32k, prefill-long," \
