@@ -121,12 +121,19 @@ def package_graph(mods: dict[str, ast.Module]) -> dict[str, set[str]]:
     return graph
 
 
+# the layers, lowest first (README, "Layout"): each imports only those before it and the shared top-level modules
+LAYERS = ("kernels", "attention", "model", "diagnostics", "training", "hf", "reproduce", "cli")
+
+
 def test_no_circles_between_packages():
     """The layers import one way: no two packages (attention, training, diagnostics, hf, ...) import each other,
-    not even inside a function."""
+    not even inside a function, and none imports a layer above it."""
     graph = package_graph(modules())
-    assert {"gatelab.training", "gatelab.diagnostics", "gatelab.hf"} <= graph.keys()
+    layers = [f"gatelab.{name}" for name in LAYERS]
+    assert set(layers) <= graph.keys()
     assert cycles(graph) == []
+    upward = [(a, b) for i, a in enumerate(layers) for b in sorted(graph[a]) if b in layers[i + 1:]]
+    assert upward == []
 
 
 def test_the_cycle_finder_finds_a_circle():
