@@ -52,10 +52,11 @@ def test_bench_inference_tiny_runs_on_cpu(tmp_path):
     """bench_inference.py --tiny on CPU: prefill and decode rows for dense and block-gate with finite times, and the
     block routing that keeps every block decodes dense's greedy tokens."""
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_inference.py"), "--tiny", "--graph-steps",
-                        "40", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+                        "40", "--no-block-factors-kernel", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     data = json.loads((tmp_path / "inference-cpu.json").read_text())
     assert data["device"] == "cpu" and data["finished"] and data["block_size"] == 16
+    assert data["backend"]["block_factors_kernel"] is False  # the flag turns the default off
     assert not any(row.get("errors") or row.get("skipped") for row in data["prefill"] + data["decode"])
     for kind, key in (("prefill", "eager_ms"), ("decode", "tokens_per_s")):
         rows = data[kind]
