@@ -21,8 +21,8 @@ from gatelab.config import ROUTING_MODES, GatelabError, Routing, routing_from_di
 from gatelab.data import TokenData
 from gatelab.devices import autocast_for
 from gatelab.diagnostics.evaluate import perplexity
-from gatelab.tables import format_table
 from gatelab.diagnostics.probes import attention_logits, gate_f1, layer_inputs
+from gatelab.tables import format_table
 
 
 def validation_batches(data: TokenData, context: int, batches: int, batch_size: int):

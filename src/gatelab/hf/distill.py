@@ -14,10 +14,10 @@ from gatelab.attention.position_gates import gate_scores
 from gatelab.config import GatelabError, Routing, TrainConfig, atomic_path, write_json
 from gatelab.data import sample_windows
 from gatelab.devices import autocast_for
+from gatelab.diagnostics.probes import gate_f1
 from gatelab.hf.gate_files import save_gates
 from gatelab.progress import progress_bar
 from gatelab.training.block_distill import block_gate_objective
-from gatelab.diagnostics.probes import gate_f1
 from gatelab.training.distill import bce_oracle, kl_rows
 from gatelab.training.train import MetricsLog, lr_at
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from gatelab.attention.blocks import block_attention_mass, earlier_blocks, previous_block_rows
 from gatelab.config import GatelabError, Routing
-from gatelab.kernels.topk import topk_keep_mask
 from gatelab.diagnostics.probes import layer_inputs
+from gatelab.kernels.topk import topk_keep_mask
 
 
 def block_kl(mass: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
