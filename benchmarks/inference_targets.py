@@ -111,8 +111,9 @@ use it):
   and the block path adds its selection kernels, so about 0.9-1.1.
 Run X (inference-nvidia-h200-prefill128k.*): compiled dense 1,379.81 ms; block-gate 1.66x at 50% and 5.01x at 87.5%
 (eager 1.60x and 4.04x): all three inside their predicted ranges. Run R4 (inference-nvidia-h200-real8k-b8-graphs.*,
-the gate distilled again, metrics identical to run R's): 8 x 8K with CUDA graphs, 1.25x at 50% (inside 1.15-1.35;
-run R's default mode gave 1.26x) and 1.74x at 88%, perplexities as in runs R-R3. The 1 x 2K rows did not run (no
+the gate distilled again: its metrics.jsonl, not committed again, equals results/block/smollm2-8k-qk-h200/metrics.jsonl
+byte for byte): 8 x 8K with CUDA graphs, 1.25x at 50% (inside 1.15-1.35;
+run R's default mode gave 1.26x) and 1.74x at 88%, perplexities as in runs R2 and R3 (run R: 27.715 / 30.419). The 1 x 2K rows did not run (no
 device time left).
 """
 from __future__ import annotations
