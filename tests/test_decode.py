@@ -107,6 +107,7 @@ def test_generate_command_decodes_and_compares_with_dense(tmp_path, monkeypatch,
     main(base + ["--block-k", "64", "--compare", "--json", str(tmp_path / "full.json")])
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["agreement"] == 1.0 and full["first_difference"] == 9 and len(full["tokens"][0]) == 9
+    assert "agreement with dense greedy 1.000 (no difference)" in capsys.readouterr().err
     assert abs(full["ppl_routed"] - full["ppl_dense"]) < 1e-6 * full["ppl_dense"]
     main(base + ["--block-k", "1", "--compare", "--json", str(tmp_path / "sparse.json")])
     sparse = json.loads((tmp_path / "sparse.json").read_text())

@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gatelab.config import GatelabError, Routing  # noqa: E402
-from gatelab.hf.adapter import attach_gates, set_trainable
+from gatelab.hf.adapter import attach_block_gates, attach_gates, set_trainable
 from gatelab.hf.gate_files import load_gates, save_gates  # noqa: E402
 from tests.test_routing import HARD_MODES  # noqa: E402
 
@@ -109,7 +109,7 @@ def test_set_trainable_unfreezes_only_the_chosen_layers_and_gates():
         set_trainable(model, layers=[7])
 
 
-def test_gates_save_load_roundtrip_and_refuse_other_models(tmp_path):
+def test_gates_save_load_roundtrip_and_refuse_other_models(tmp_path, capsys):
     model = tiny("llama")
     gated = attach_gates(model, d_gate=8, seed=3)
     ids = torch.randint(0, 101, (1, T))
@@ -124,9 +124,10 @@ def test_gates_save_load_roundtrip_and_refuse_other_models(tmp_path):
     assert torch.equal(before, after)
     with pytest.raises(GatelabError, match="another model"):
         load_gates(tiny("qwen3"), tmp_path / "g")
-    with pytest.raises(GatelabError, match="other weights"):
+    with pytest.raises(GatelabError, match="other weights.*--allow-other-base"):
         load_gates(tiny("llama", seed=1), tmp_path / "g")
     load_gates(tiny("llama", seed=1), tmp_path / "g", allow_other_base=True)
+    assert "WARNING" in capsys.readouterr().err  # used anyway, loudly
 
 
 def test_gate_routing_without_gates_is_a_clear_error():
@@ -198,8 +199,8 @@ def test_train_gates_freezes_the_model_and_learns(tmp_path, loss):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gatelab")}
     gates_before = [p.detach().clone() for p in model.gatelab.gate_parameters()]
     ids = torch.randint(0, 101, (3000,)).tolist()
-    train_gates(model, ids, tmp_path / "g", loss=loss, k=4, steps=25, batch_size=4, context=32, lr=1e-2,
-                progress=False)
+    kw = dict(loss=loss, k=4, steps=25, batch_size=4, context=32, lr=1e-2, progress=False)
+    train_gates(model, ids, tmp_path / "g", **kw)
     ls = _losses(tmp_path / "g")
     assert len(ls) == 25
     if loss != "task":
@@ -207,7 +208,7 @@ def test_train_gates_freezes_the_model_and_learns(tmp_path, loss):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     assert not any(torch.equal(a, b) for a, b in zip(gates_before, model.gatelab.gate_parameters()))
     assert (tmp_path / "g" / "gate.json").is_file() and (tmp_path / "g" / "done.json").is_file()
-    assert train_gates(model, ids, tmp_path / "g", loss=loss, k=4, steps=25, context=32, progress=False)["skipped"]
+    assert train_gates(model, ids, tmp_path / "g", **kw)["skipped"]
 
 
 @pytest.mark.parametrize("reading", ["sigmoid-renorm", "topk-sigmoid"])
@@ -267,6 +268,61 @@ def test_train_gates_resumes_exactly_after_an_interruption(tmp_path):
     hook.remove()
     train_gates(fresh(), ids, tmp_path / "cut", **kw)
     assert _losses(tmp_path / "full") == _losses(tmp_path / "cut")
+
+
+def test_train_gates_refuses_a_folder_of_a_run_with_other_settings(tmp_path):
+    """A finished run and an interrupted one are refused when called again with other settings (steps, lr, block
+    size, the tokens), naming what differs; fresh=True starts over; a run folder from before run.json resumes."""
+    import json
+
+    from gatelab.hf.distill import RUN_FILE, train_gates
+    ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    kw = dict(loss="kl", k=2, steps=6, batch_size=2, context=32, lr=1e-2, checkpoint_every=3, progress=False)
+
+    def blocks(block_size=16):
+        model = tiny("llama")
+        attach_block_gates(model, d_gate=8, gate="learned", block_size=block_size, seed=1)
+        set_trainable(model, layers=[])
+        return model
+    train_gates(blocks(), ids, tmp_path / "g", **kw)
+    saved = json.loads((tmp_path / "g" / RUN_FILE).read_text())
+    assert saved["steps"] == 6 and saved["block_size"] == 16 and saved["tokens"] == 3000
+    assert train_gates(blocks(), ids, tmp_path / "g", **kw)["skipped"]
+    for change, model, ids_ in ((dict(steps=7), blocks(), ids), (dict(lr=2e-2), blocks(), ids),
+                                ({}, blocks(32), ids), ({}, blocks(), ids[:-1])):
+        with pytest.raises(GatelabError, match="other settings") as err:
+            train_gates(model, ids_, tmp_path / "g", **dict(kw, **change))
+        assert ("steps: 6 there, 7 here" in str(err.value)) == (change == dict(steps=7))
+    assert "block_size: 16 there, 32 here" in _refusal(lambda: train_gates(blocks(32), ids, tmp_path / "g", **kw))
+    # an interrupted run: the same refusal, and the checkpoint is left as it was
+    model = blocks()
+    calls = {"n": 0}
+
+    def die(*_):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+    hook = model.lm_head.register_forward_hook(die)
+    with pytest.raises(KeyboardInterrupt):
+        train_gates(model, ids, tmp_path / "cut", **kw)
+    hook.remove()
+    before = (tmp_path / "cut" / "checkpoint.pt").read_bytes()
+    assert "block_size" in _refusal(lambda: train_gates(blocks(32), ids, tmp_path / "cut", **kw))
+    assert (tmp_path / "cut" / "checkpoint.pt").read_bytes() == before
+    # fresh: the other settings train from step 0
+    out = train_gates(blocks(32), ids, tmp_path / "cut", **dict(kw, steps=4), fresh=True)
+    assert out["steps"] == 4 and not out.get("skipped") and len(_losses(tmp_path / "cut")) == 4
+    assert json.loads((tmp_path / "cut" / RUN_FILE).read_text())["block_size"] == 32
+    # a run folder written before run.json: resumed and skipped as before, the folder left without one
+    (tmp_path / "g" / RUN_FILE).unlink()
+    assert train_gates(blocks(), ids, tmp_path / "g", **kw)["skipped"]
+    assert not (tmp_path / "g" / RUN_FILE).exists()
+
+
+def _refusal(call) -> str:
+    with pytest.raises(GatelabError) as err:
+        call()
+    return str(err.value)
 
 
 def test_hf_audit_random_control_is_the_gates_exact_initialisation(tmp_path):

@@ -2,6 +2,7 @@
 its pooled attention mass (block gates), optionally until a held-out objective stops improving."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -123,6 +124,51 @@ def _checked_soft_routing(model, loss: str, k: int, context: int, soft_routing: 
         raise GatelabError(f"soft_routing must be a soft-gate routing, got {soft.mode}")
     soft.validate(context)
     return soft
+
+
+RUN_FILE = "run.json"  # the settings a gate run was started with; a later call into the same folder must match
+RUN_FILES = ("checkpoint.pt", "done.json", "metrics.jsonl", RUN_FILE, "gate.json", "gate.safetensors")
+
+
+def run_settings(model, ids: list[int], **objective) -> dict:
+    """What makes two train_gates calls the same run: the base model's type and shape (not its path, which may
+    move), the gates attached and what trains, the training tokens, and the objective and schedule (`objective`);
+    as JSON would give it back."""
+    ctl, cfg = model.gatelab, model.config
+    tokens = np.asarray(ids, dtype=np.int64)
+    settings = dict(model_type=cfg.model_type, n_layer=getattr(cfg, "num_hidden_layers", None),
+                    d_model=getattr(cfg, "hidden_size", None), vocab_size=getattr(cfg, "vocab_size", None),
+                    d_gate=ctl.d_gate, position=ctl.position, **getattr(ctl, "gate_meta", {}),
+                    trainable=sorted(n for n, p in model.named_parameters() if p.requires_grad),
+                    tokens=len(tokens), tokens_sha256=hashlib.sha256(tokens.tobytes()).hexdigest(), **objective)
+    return json.loads(json.dumps(settings))
+
+
+def _check_same_run(out: Path, settings: dict) -> None:
+    """Refuse a folder that holds a gate run with other settings; record the settings of a run that starts. (A run
+    written before run.json existed resumes unchecked, and its folder is left as it was.)"""
+    path = out / RUN_FILE
+    if not path.is_file():
+        if not any((out / name).is_file() for name in ("checkpoint.pt", "done.json")):
+            write_json(path, settings)
+        return
+    saved = json.loads(path.read_text())
+    differ = [k for k in sorted(saved.keys() | settings.keys()) if saved.get(k) != settings.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {_short(saved.get(k))} there, {_short(settings.get(k))} here" for k in differ[:4])
+        raise GatelabError(f"{out} holds a gate run with other settings ({shown}); choose another --out, or start "
+                           f"over with --fresh")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _clear_run(out: Path) -> None:
+    """Remove a gate run's files from out (--fresh); other files stay."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _restore_finished(model, out: Path) -> dict:
@@ -278,7 +324,7 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
                 batch_size: int = 8, context: int = 512, lr: float = 1e-3, seed: int = 0,
                 checkpoint_every: int = 100, progress: bool = True, model_lr: float | None = None,
                 soft_routing: Routing | None = None, eval_every: int = 0, patience: int = 0,
-                min_delta: float = 0.0, eval_batches: int = 2, step_f1: bool = True) -> dict:
+                min_delta: float = 0.0, eval_batches: int = 2, step_f1: bool = True, fresh: bool = False) -> dict:
     """Train the attached gates (and whatever else set_trainable unfroze) on windows of `ids`.
 
     loss: kl (KL(dense attention || softmax(G)) per row), bce (G vs the oracle top-k mask), or task (the LM
@@ -295,10 +341,19 @@ def train_gates(model, ids: list[int], out_dir: str | Path, loss: str = "kl", k:
 
     Resumes exactly from out_dir/checkpoint.pt (the stopping state included); writes out_dir/metrics.jsonl and, at
     the end, the gates (save_gates, with the steps taken) and done.json (steps taken, best step, training time).
+    A finished run is restored, not trained again. out_dir/run.json records the run's settings (run_settings): a
+    call whose settings differ is refused, unless fresh, which removes the folder's run files and starts over.
     """
     soft = _checked_soft_routing(model, loss, k, context, soft_routing, eval_every, patience, min_delta, eval_batches)
+    settings = run_settings(model, ids, loss=loss, k=k, steps=steps, batch_size=batch_size, context=context, lr=lr,
+                            seed=seed, model_lr=model_lr, soft=asdict(soft) if loss == "task" else None,
+                            eval_every=eval_every, patience=patience, min_delta=min_delta,
+                            eval_batches=eval_batches if eval_every else None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        _clear_run(out)
+    _check_same_run(out, settings)
     if (out / "done.json").is_file():
         return _restore_finished(model, out)
     tokens, heldout = _split_tokens(ids, context, eval_batches * batch_size if eval_every else None)

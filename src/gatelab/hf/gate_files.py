@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import os
 from pathlib import Path
 
@@ -80,9 +81,11 @@ def load_gates(model, path: str | Path, allow_other_base: bool = False,
     wrong = [f"{k} {meta.get(k)} vs {v}" for k, v in shape.items() if meta.get(k) != v]
     if wrong:
         raise GatelabError(f"gate {path} was made for another model ({', '.join(wrong)} here)")
-    if meta.get("base_sha256") != model_fingerprint(model) and not allow_other_base:
-        raise GatelabError(f"gate {path} was trained on other weights ({meta.get('base_model')}); "
-                           f"pass allow_other_base=True to use it anyway")
+    if meta.get("base_sha256") != model_fingerprint(model):
+        msg = f"gate {path} was trained on other weights ({meta.get('base_model')})"
+        if not allow_other_base:
+            raise GatelabError(msg + "; pass --allow-other-base (allow_other_base=True in Python) to use it anyway")
+        print(f"gatelab: WARNING: {msg}; using it anyway because --allow-other-base was given", file=sys.stderr)
     if meta.get("gate_type") == "block":
         check_block_rows(meta, path)
         ctl = attach_block_gates(model, d_gate=int(meta["d_gate"]), gate="random", pool=meta["block_pool"],

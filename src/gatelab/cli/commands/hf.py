@@ -24,18 +24,18 @@ from gatelab.tables import format_table
 
 def run_hf_eval(args) -> None:
     model, tok = hf_gate_files.load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
-    if args.long_docs:
-        tokens = hf_corpus.encode_long_documents(tok, args.context, args.corpus, args.split, args.source)
-    else:
-        tokens = hf_corpus.encode_corpus(tok, args.corpus, args.split, args.source, context=args.context,
-                                       progress=not args.quiet)
     routings = routings_from_args(args, args.context, gate_block_size(args.gate))
-    if args.gate:
+    if args.gate:  # before the corpus is tokenised (and its cache written): a refused gate writes nothing
         hf_gate_files.load_gates(model, args.gate, allow_other_base=args.allow_other_base, position=args.position)
     elif args.position:
         raise GatelabError("--position checks the variant of --gate GATES; there is no --gate")
     elif any(r.mode != "dense" for r in routings) or args.compile:
         attach_gates(model, gate="none")
+    if args.long_docs:
+        tokens = hf_corpus.encode_long_documents(tok, args.context, args.corpus, args.split, args.source)
+    else:
+        tokens = hf_corpus.encode_corpus(tok, args.corpus, args.split, args.source, context=args.context,
+                                       progress=not args.quiet)
     if args.compile:
         compile_prefill(model, mode=args.compile_mode)
     rows = []
@@ -84,7 +84,8 @@ def run_hf_distill(args) -> None:
     summary = train_gates(model, ids, args.out, loss=args.loss, k=k, steps=args.steps, batch_size=args.batch_size,
                           context=args.context, lr=args.lr, seed=args.seed, progress=not args.quiet,
                           soft_routing=soft, eval_every=args.eval_every, patience=args.patience,
-                          min_delta=args.min_delta, eval_batches=args.eval_batches, step_f1=not args.no_step_f1)
+                          min_delta=args.min_delta, eval_batches=args.eval_batches, step_f1=not args.no_step_f1,
+                          fresh=args.fresh)
     print_summary(summary, args.out)
 
 
@@ -125,8 +126,10 @@ def run_generate(args) -> None:
         result = compare_with_dense(model, ids, routing, args.max_new_tokens, args.cuda_graphs,
                                     args.compile)
         tokens = result["tokens"][0]
-        print(f"{routing.label()}: agreement with dense greedy {result['agreement']:.3f} (first difference at token "
-              f"{result['first_difference']}), perplexity under the dense model {result['ppl_routed']:.3f} "
+        first = result["first_difference"]
+        where = "no difference" if first >= args.max_new_tokens else f"first difference at token {first}"
+        print(f"{routing.label()}: agreement with dense greedy {result['agreement']:.3f} ({where}), "
+              f"perplexity under the dense model {result['ppl_routed']:.3f} "
               f"(dense's own continuation {result['ppl_dense']:.3f})", file=sys.stderr)
     else:
         start, timings = time.perf_counter(), {}

@@ -54,9 +54,10 @@ def add_hf_distill(sub) -> None:
                    help=f"--loss task: the soft-gate reading trained through (default {DEFAULT_READING})")
     p.add_argument("--position", choices=POSITIONS,
                    help=f"gate variant (default {DEFAULT_POSITION}): {POSITION_HELP}. Block gates (--block-size) "
-                        f"read none (the default: X pooled per block) or qk (the model's own post-RoPE queries and "
-                        f"keys pooled per block and head, as SeerAttention)")
-    p.add_argument("--k", type=POS_INT, default=64)
+                        f"read qk (the default: the model's own post-RoPE queries and keys pooled per block and "
+                        f"head, as SeerAttention) or none (the layer input X pooled per block)")
+    p.add_argument("--k", type=POS_INT, default=64, help="token gates: the k of the bce objective's oracle top-k "
+                   "and of the F1 logged (block gates use --block-k)")
     p.add_argument("--d-gate", type=POS_INT, default=32)
     p.add_argument("--steps", type=POS_INT, default=1000, help="training steps (with --patience: the most)")
     p.add_argument("--eval-every", type=NONNEG_INT, default=0, help="every N steps, the objective (and F1) on held-out "
@@ -79,7 +80,9 @@ def add_hf_distill(sub) -> None:
     p.add_argument("--long-docs", action="store_true", help="train on the documents longer than --context only")
     p.add_argument("--corpus", default="bundled", choices=CORPORA)
     p.add_argument("--source")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the run's folder: a run there with other settings is refused "
+                   "(OUT/run.json), a finished one is skipped, an interrupted one resumes")
+    p.add_argument("--fresh", action="store_true", help="remove the run files in --out and start over")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=f"{COMMANDS}:run_hf_distill")
@@ -95,7 +98,7 @@ def add_generate(sub) -> None:
     p.add_argument("--gguf", help="a GGUF file inside --model")
     p.add_argument("--gate", help="gates saved by `gatelab hf-distill` (block gates for block-gate)")
     p.add_argument("--prompt-file", required=True, help="a UTF-8 text file holding the prompt")
-    p.add_argument("--max-new-tokens", type=POS_INT, default=64)
+    p.add_argument("--max-new-tokens", type=POS_INT, default=64, help="tokens to generate (default 64)")
     p.add_argument("--routing", default="block-gate", help="dense, oracle-topk, random-topk, block-gate, "
                    "block-oracle or block-random (default block-gate)")
     p.add_argument("--k", type=POS_INT, default=64, help="k of a token routing")

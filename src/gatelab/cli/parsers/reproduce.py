@@ -14,7 +14,8 @@ SUITES = ("31m", "pretrained")
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the bundled corpus: train a small dense and a soft-gated "
                        "model, evaluate both under several routings, print a table (minutes on CPU)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="the two runs' folder (default runs/demo): finished runs "
+                   "there are reused, interrupted ones resume")
     p.add_argument("--steps", type=POS_INT, default=100, help="training steps per model (default 100)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=f"{COMMANDS}:run_demo")
