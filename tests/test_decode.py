@@ -129,6 +129,9 @@ def test_generate_command_decodes_and_compares_with_dense(tmp_path, monkeypatch,
     assert "steady decoding: " in capsys.readouterr().err
     assert main(base[:6] + [str(tmp_path / "missing.txt"), "--device", "cpu"]) == 2
     assert "gatelab: error: --prompt-file" in capsys.readouterr().err
+    for routing in ("soft-gate", "block-soft", "gate-topk"):  # no decoding step over a cache: refused at once
+        assert main(base + ["--routing", routing]) == 2
+        assert "invalid choice" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["oracle-topk", "random-topk"])

@@ -7,6 +7,8 @@ from gatelab.cli.arguments import (
 from gatelab.config import COMPILE_MODES, DEFAULT_POSITION, DEFAULT_READING, POSITION_HELP, POSITIONS, READINGS
 
 COMMANDS = "gatelab.cli.commands.hf"
+# routings whose decoding steps attend over a KV cache (the gate routings score the whole sequence at once)
+GENERATE_ROUTINGS = ("dense", "oracle-topk", "random-topk", "block-gate", "block-oracle", "block-random")
 
 
 def add_hf_eval(sub) -> None:
@@ -99,8 +101,8 @@ def add_generate(sub) -> None:
     p.add_argument("--gate", help="gates saved by `gatelab hf-distill` (block gates for block-gate)")
     p.add_argument("--prompt-file", required=True, help="a UTF-8 text file holding the prompt")
     p.add_argument("--max-new-tokens", type=POS_INT, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--routing", default="block-gate", help="dense, oracle-topk, random-topk, block-gate, "
-                   "block-oracle or block-random (default block-gate)")
+    p.add_argument("--routing", default="block-gate", choices=GENERATE_ROUTINGS, help="the routings that decode with "
+                   "a KV cache (default block-gate)")
     p.add_argument("--k", type=POS_INT, default=64, help="k of a token routing")
     p.add_argument("--block-size", type=POS_INT, default=None, help="block size (default: the gate's)")
     p.add_argument("--block-k", type=POS_INT, default=4, help="earlier key blocks kept per query block")
