@@ -244,6 +244,20 @@ def test_task_loss_trains_through_the_reading_it_is_given(tmp_path, reading):
                     soft_routing=Routing(mode="gate-topk", k=4))
 
 
+def interrupted(model, forwards: int, call) -> None:
+    """call(model), interrupted (KeyboardInterrupt) in the model's forward number `forwards`."""
+    calls = {"n": 0}
+
+    def die(*_):
+        calls["n"] += 1
+        if calls["n"] == forwards:
+            raise KeyboardInterrupt
+    hook = model.lm_head.register_forward_hook(die)
+    with pytest.raises(KeyboardInterrupt):
+        call(model)
+    hook.remove()
+
+
 def test_train_gates_resumes_exactly_after_an_interruption(tmp_path):
     from gatelab.hf.distill import train_gates
     ids = torch.randint(0, 101, (3000,)).tolist()
@@ -255,17 +269,7 @@ def test_train_gates_resumes_exactly_after_an_interruption(tmp_path):
         set_trainable(model, layers=[])
         return model
     train_gates(fresh(), ids, tmp_path / "full", **kw)
-    model = fresh()
-    calls = {"n": 0}
-
-    def die(*_):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-    hook = model.lm_head.register_forward_hook(die)
-    with pytest.raises(KeyboardInterrupt):
-        train_gates(model, ids, tmp_path / "cut", **kw)
-    hook.remove()
+    interrupted(fresh(), 7, lambda model: train_gates(model, ids, tmp_path / "cut", **kw))
     train_gates(fresh(), ids, tmp_path / "cut", **kw)
     assert _losses(tmp_path / "full") == _losses(tmp_path / "cut")
 
@@ -295,17 +299,7 @@ def test_train_gates_refuses_a_folder_of_a_run_with_other_settings(tmp_path):
         assert ("steps: 6 there, 7 here" in str(err.value)) == (change == dict(steps=7))
     assert "block_size: 16 there, 32 here" in _refusal(lambda: train_gates(blocks(32), ids, tmp_path / "g", **kw))
     # an interrupted run: the same refusal, and the checkpoint is left as it was
-    model = blocks()
-    calls = {"n": 0}
-
-    def die(*_):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-    hook = model.lm_head.register_forward_hook(die)
-    with pytest.raises(KeyboardInterrupt):
-        train_gates(model, ids, tmp_path / "cut", **kw)
-    hook.remove()
+    interrupted(blocks(), 4, lambda model: train_gates(model, ids, tmp_path / "cut", **kw))
     before = (tmp_path / "cut" / "checkpoint.pt").read_bytes()
     assert "block_size" in _refusal(lambda: train_gates(blocks(32), ids, tmp_path / "cut", **kw))
     assert (tmp_path / "cut" / "checkpoint.pt").read_bytes() == before

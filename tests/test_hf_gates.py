@@ -13,7 +13,7 @@ from gatelab.hf.adapter import attach_gates, set_trainable  # noqa: E402
 from gatelab.hf.distill import capture_layers, train_gates
 from gatelab.hf.gate_files import load_gates, read_gate_meta, save_gates
 
-from .test_hf import FAMILIES, T, tiny  # noqa: E402
+from .test_hf import FAMILIES, T, interrupted, tiny  # noqa: E402
 
 
 def _logits_and_cos(model, ids, layer=0, position_ids=None):
@@ -311,17 +311,8 @@ def test_train_gates_until_convergence_resumes_exactly(tmp_path):
     ids = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
     full = _fresh()
     ref = train_gates(full, ids, tmp_path / "full", **CONVERGE)
-    model = _fresh()
-    calls = {"n": 0}
-
-    def die(*_):
-        calls["n"] += 1
-        if calls["n"] == 17:  # training forwards and held-out forwards both count: mid-way, between checkpoints
-            raise KeyboardInterrupt
-    hook = model.lm_head.register_forward_hook(die)
-    with pytest.raises(KeyboardInterrupt):
-        train_gates(model, ids, tmp_path / "cut", **CONVERGE)
-    hook.remove()
+    # training forwards and held-out forwards both count: the 17th is mid-way, between checkpoints
+    interrupted(_fresh(), 17, lambda model: train_gates(model, ids, tmp_path / "cut", **CONVERGE))
     assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "done.json").is_file()
     resumed = _fresh()
     out = train_gates(resumed, ids, tmp_path / "cut", **CONVERGE)
