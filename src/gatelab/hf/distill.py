@@ -16,7 +16,7 @@ from gatelab.config import GatelabError, Routing, TrainConfig, atomic_path, writ
 from gatelab.data import sample_windows
 from gatelab.devices import autocast_for
 from gatelab.diagnostics.probes import gate_f1
-from gatelab.hf.gate_files import save_gates
+from gatelab.hf.gate_files import GATE_META, GATE_WEIGHTS, save_gates
 from gatelab.progress import progress_bar
 from gatelab.training.block_distill import block_gate_objective
 from gatelab.training.distill import bce_oracle, kl_rows
@@ -127,7 +127,7 @@ def _checked_soft_routing(model, loss: str, k: int, context: int, soft_routing: 
 
 
 RUN_FILE = "run.json"  # the settings a gate run was started with; a later call into the same folder must match
-RUN_FILES = ("checkpoint.pt", "done.json", "metrics.jsonl", RUN_FILE, "gate.json", "gate.safetensors")
+RUN_FILES = ("checkpoint.pt", "done.json", "metrics.jsonl", RUN_FILE, GATE_META, GATE_WEIGHTS)
 
 
 def run_settings(model, ids: list[int], **objective) -> dict:
