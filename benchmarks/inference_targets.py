@@ -115,6 +115,17 @@ the gate distilled again: its metrics.jsonl, not committed again, equals results
 byte for byte): 8 x 8K with CUDA graphs, 1.25x at 50% (inside 1.15-1.35;
 run R's default mode gave 1.26x) and 1.74x at 88%, perplexities as in runs R2 and R3 (run R: 27.715 / 30.419). The 1 x 2K rows did not run (no
 device time left).
+Before the real model's 2K and 4K rows with CUDA graphs (COMPILE_MODE=reduce-overhead, batch 1 and 8, block
+sparsity about 50% and the most the context allows: k=4 and k=1 of 16 blocks at 2K, k=9 and k=1 of 32 at 4K; no
+target at these lengths, no criterion changes). Scaled from run R4's profile at 8 x 8K (dense attention about 50 of
+78.5 ms of GPU kernels, the rest of the model about 28.5 ms; the selection 3.65 ms, growing with the tokens): at
+8 x 4K the attention is about a quarter of 8K's per token and the rest half, so about 1.05-1.25x at 50% and
+1.3-1.6x at k=1; at 8 x 2K attention is a small share and flex runs less efficiently on 16 blocks, so about
+0.95-1.15x at 50% and 1.05-1.25x at k=1. At batch 1 the graphed rows approach their GPU kernel times, as in run R3
+(1 x 8K, 1.16x): 1 x 4K about 1.0-1.15x at 50%, 1 x 2K about 0.9-1.1x (as written above). If the GPU is idle
+between kernels at batch 1 even inside a graph, every batch-1 ratio sits near 1. Perplexities: the same gate and
+tokens as the default-mode 4K rows (run R2: 28.330 dense, 28.741 at k=9), so equal to them up to the last digit's
+rounding; the 2K rows have no earlier value.
 """
 from __future__ import annotations
 
