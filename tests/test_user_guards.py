@@ -269,7 +269,7 @@ def test_text_speaks_of_the_project_only():
     bad = {str(p.relative_to(REPO)) for p, t in code.items() if re.search(r"\bSPEC\b|SPEC\.md", t)}
     assert not bad, bad
     # the user tools and the measurement drivers say how to run them, not how they were once run
-    build = re.compile(r"device (tool|calls?)|FILES_AT|carry \[|\.carry\b|[Ii]ssue #?\d+")
+    build = re.compile(r"device (tool|calls?)|FILES[_]AT|carry \[|[.]carry\b|[Ii]ssue #?\d+")
     tools = _text([*sorted((REPO / "scripts").glob("*")), *sorted((REPO / "benchmarks" / "drivers").glob("*"))])
     assert len(tools) > 15
     bad = {str(p.relative_to(REPO)): m.group(0) for p, t in tools.items() for m in [build.search(t)] if m}
