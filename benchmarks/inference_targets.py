@@ -126,6 +126,12 @@ target at these lengths, no criterion changes). Scaled from run R4's profile at 
 between kernels at batch 1 even inside a graph, every batch-1 ratio sits near 1. Perplexities: the same gate and
 tokens as the default-mode 4K rows (run R2: 28.330 dense, 28.741 at k=9), so equal to them up to the last digit's
 rounding; the 2K rows have no earlier value.
+Run R5 (inference-nvidia-h200-real-2k-4k-graphs.*, -real-4k-b8-graphs.*, -real-4k-b1-graphs.*, and
+-real-2k-b1-graphs-repeat.*, four calls on one machine): 8 x 4K 1.06x / 1.31x, 8 x 2K 1.01x / 1.06x, 1 x 4K 1.01x at
+50% (and 1.01x at k=1): inside their ranges, each near the lower end. 1 x 2K 0.69x / 0.87x, and 0.80x / 0.82x in a
+second call: below the range in both. There the block path is slower on the GPU as well (3.13 / 2.88 ms of kernels
+against dense's 2.59 ms in both calls): flex at 16 blocks does not beat SDPA, which the prediction assumed it would.
+Perplexities at 4K as predicted (28.330, 28.741, 46.046); at 2K 28.582 dense, 29.376 at k=4, 42.851 at k=1.
 """
 from __future__ import annotations
 
