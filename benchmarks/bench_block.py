@@ -249,10 +249,8 @@ def load_model(args, dims, device, dtype):
     if args.model:
         from gatelab.hf.gate_files import load_gates, load_pretrained
         model, tok = load_pretrained(args.model, args.gguf, dtype=dtype, device=device)
-        if args.gate:
-            # the gate was trained on the fp32 weights; this is a copy of them in the benchmark's dtype, whose
-            # fingerprint differs by rounding alone (the H100 run of block_gpu.sh bench-model stopped on it)
-            ctl = load_gates(model, args.gate, allow_other_base=dtype != torch.float32)
+        if args.gate:  # gate.json holds the fingerprint of the weights' bf16 copy too
+            ctl = load_gates(model, args.gate)
         else:
             ctl = attach_block_gates(model, d_gate=32, gate="random", block_size=args.block_size)
         return model, tok, ctl

@@ -90,6 +90,26 @@ def test_bench_inference_tiny_runs_on_cpu(tmp_path):
     assert "| decode tokens/s 8x32768 at 87.5% | - | >= 1.5 | not measured |" in md
 
 
+def test_bench_loads_a_gate_distilled_in_float32_onto_the_bf16_copy_of_its_model(tmp_path, capsys):
+    """--model DIR --gate GATES in bf16: the gate's own model, rounded, is neither refused nor warned about."""
+    import argparse
+
+    import torch
+    from gatelab.hf import attach_block_gates, load_pretrained, save_gates
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_hf.py"), str(tmp_path / "m")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, _ = load_pretrained(tmp_path / "m")
+    attach_block_gates(model, d_gate=8, gate="learned", block_size=16)
+    save_gates(model, tmp_path / "g")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_block
+    args = argparse.Namespace(model=str(tmp_path / "m"), gguf=None, gate=str(tmp_path / "g"), block_size=16)
+    model, _, ctl = bench_block.load_model(args, None, torch.device("cpu"), torch.bfloat16)
+    assert ctl.gate_type == "block" and next(model.parameters()).dtype == torch.bfloat16
+    assert "WARNING" not in capsys.readouterr().err
+
+
 def test_inference_targets_read_their_rows_and_judge_them():
     """The committed criteria: each target reads the rows it names and no other, and says not measured without them."""
     sys.path.insert(0, str(REPO / "benchmarks"))

@@ -1,4 +1,6 @@
 """gatelab.hf on tiny random-weight Llama and Qwen3 models built in code (no downloads)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,24 @@ def test_gates_save_load_roundtrip_and_refuse_other_models(tmp_path, capsys):
         load_gates(tiny("llama", seed=1), tmp_path / "g")
     load_gates(tiny("llama", seed=1), tmp_path / "g", allow_other_base=True)
     assert "WARNING" in capsys.readouterr().err  # used anyway, loudly
+
+
+def test_gates_load_onto_a_half_precision_copy_of_their_weights(tmp_path, capsys):
+    model = tiny("llama")
+    attach_gates(model, d_gate=8, seed=3)
+    save_gates(model, tmp_path / "g")
+    for dtype in (torch.bfloat16, torch.float16):  # the same weights, rounded: neither refused nor warned about
+        assert load_gates(tiny("llama").to(dtype), tmp_path / "g").gates is not None
+    assert "WARNING" not in capsys.readouterr().err
+    with pytest.raises(GatelabError, match="other weights"):
+        load_gates(tiny("llama", seed=1).to(torch.bfloat16), tmp_path / "g")
+    meta_path = tmp_path / "g" / "gate.json"  # a gate.json written before the rounded fingerprints were recorded
+    meta = json.loads(meta_path.read_text())
+    del meta["base_sha256_rounded"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(GatelabError, match="or on these weights in float32: its gate.json was written before"):
+        load_gates(tiny("llama").to(torch.bfloat16), tmp_path / "g")
+    load_gates(tiny("llama"), tmp_path / "g")  # float32, as before
 
 
 def test_gate_routing_without_gates_is_a_clear_error():

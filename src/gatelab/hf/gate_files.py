@@ -20,15 +20,25 @@ from gatelab.training.gate_files import check_block_rows
 GATE_WEIGHTS, GATE_META = "gate.safetensors", "gate.json"
 
 
-def model_fingerprint(model) -> str:
-    """sha256 over the base model's parameters (gates excluded): which weights a gate was trained on."""
+ROUNDED_DTYPES = (torch.bfloat16, torch.float16)  # copies a gate's model may be run in
+
+
+def model_fingerprint(model, dtype: torch.dtype | None = None) -> str:
+    """sha256 over the base model's parameters (gates excluded) as float32: which weights a gate was trained on.
+    With `dtype`, over the parameters rounded to it first: the fingerprint of the model's copy in that dtype."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if name.startswith("gatelab_gates"):
             continue
         h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
+        w = p.detach() if dtype is None else p.detach().to(dtype)
+        h.update(w.float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def rounded_fingerprints(model) -> dict[str, str]:
+    """The fingerprints of the model's copies in each of ROUNDED_DTYPES, by dtype name ("bfloat16", "float16")."""
+    return {str(d).removeprefix("torch."): model_fingerprint(model, d) for d in ROUNDED_DTYPES}
 
 
 def save_gates(model, out_dir: str | Path, extra: dict | None = None) -> Path:
@@ -45,6 +55,7 @@ def save_gates(model, out_dir: str | Path, extra: dict | None = None) -> Path:
     cfg = model.config
     write_json(out / GATE_META, dict(format="gatelab-hf-gate-v1", base_model=getattr(cfg, "_name_or_path", ""),
                                      model_type=cfg.model_type, base_sha256=model_fingerprint(model),
+                                     base_sha256_rounded=rounded_fingerprints(model),
                                      n_layer=len(ctl.gates), n_head=cfg.num_attention_heads,
                                      d_model=cfg.hidden_size, d_gate=ctl.d_gate, position=ctl.position,
                                      **getattr(ctl, "gate_meta", {}),
@@ -81,8 +92,11 @@ def load_gates(model, path: str | Path, allow_other_base: bool = False,
     wrong = [f"{k} {meta.get(k)} vs {v}" for k, v in shape.items() if meta.get(k) != v]
     if wrong:
         raise GatelabError(f"gate {path} was made for another model ({', '.join(wrong)} here)")
-    if meta.get("base_sha256") != model_fingerprint(model):
+    if model_fingerprint(model) not in {meta.get("base_sha256"), *meta.get("base_sha256_rounded", {}).values()}:
         msg = f"gate {path} was trained on other weights ({meta.get('base_model')})"
+        if "base_sha256_rounded" not in meta and next(model.parameters()).dtype != torch.float32:
+            msg += (f" or on these weights in float32: its {GATE_META} was written before gate files recorded the "
+                    "fingerprints of bfloat16 and float16 copies")
         if not allow_other_base:
             raise GatelabError(msg + "; pass --allow-other-base (allow_other_base=True in Python) to use it anyway")
         print(f"gatelab: WARNING: {msg}; using it anyway because --allow-other-base was given", file=sys.stderr)
