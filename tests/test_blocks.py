@@ -434,7 +434,8 @@ def test_hf_block_gates_distil_save_and_reload(tmp_path, position):
     assert kl_after < 0.95 * kl_before, (kl_before, kl_after)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     meta = json.loads((tmp_path / "g" / "gate.json").read_text())
-    assert (meta["gate_type"], meta["block_pool"], meta["block_size"], meta["k"]) == ("block", "max-min", BS, 1)
+    assert (meta["gate_type"], meta["block_pool"], meta["block_size"], meta["block_k"]) == ("block", "max-min", BS, 1)
+    assert "k" not in meta and json.loads((tmp_path / "g" / "done.json").read_text())["block_k"] == 1
     assert meta["position"] == position
     x = torch.randint(0, 101, (1, T))
     r = Routing(mode="block-gate", block_size=BS, block_k=1)

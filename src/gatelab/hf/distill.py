@@ -308,12 +308,13 @@ def _save_gate_checkpoint(run: _GateRun) -> None:
 def _finish_gates(run: _GateRun) -> dict:
     """Save the gates (with the steps taken) and done.json; the summary."""
     best, step, steps = run.best, run.step, run.steps
-    summary = dict(loss=run.loss, k=run.k, steps=step, max_steps=steps,
+    kept = {"block_k" if run.model.gatelab.gate_type == "block" else "k": run.k}  # block gates keep blocks
+    summary = dict(loss=run.loss, **kept, steps=step, max_steps=steps,
                    best_step=None if best is None else best["step"],
                    best_val_loss=None if best is None else best["value"], stopped_early=step < steps,
                    train_s=round(run.train_s, 2), final_loss=run.last_loss)
     if run.model.gatelab.gates is not None:
-        save_gates(run.model, run.out, extra=dict(loss=run.loss, k=run.k, steps=step, max_steps=steps,
+        save_gates(run.model, run.out, extra=dict(loss=run.loss, **kept, steps=step, max_steps=steps,
                                                   best_step=summary["best_step"], seed=run.seed, context=run.context,
                                                   **({"routing": asdict(run.soft)} if run.loss == "task" else {})))
     write_json(run.out / "done.json", summary)
