@@ -106,4 +106,8 @@ def test_cli_hf_eval_compile(tmp_path, monkeypatch, capsys):
     assert main(cmd) == 0
     eager = capsys.readouterr().out
     assert main(cmd + ["--compile", "--compile-mode", "reduce-overhead"]) == 0
-    assert capsys.readouterr().out == eager and backend.graphs >= 1 and modes == ["reduce-overhead"]
+    out, err = capsys.readouterr()
+    assert out == eager and backend.graphs >= 1 and modes == ["reduce-overhead"]
+    assert "reduce-overhead replays CUDA graphs, which need a CUDA device" in err  # on CPU: said, not silent
+    assert main(cmd + ["--compile-mode", "max-autotune"]) == 2  # a mode without --compile would be ignored
+    assert "add --compile" in capsys.readouterr().err and modes == ["reduce-overhead"]

@@ -23,6 +23,8 @@ from gatelab.tables import format_table
 
 
 def run_hf_eval(args) -> None:
+    if args.compile_mode and not args.compile:
+        raise GatelabError("--compile-mode sets the mode of --compile; add --compile")
     model, tok = hf_gate_files.load_pretrained(args.model, args.gguf, device=resolve_device(args.device))
     routings = routings_from_args(args, args.context, gate_block_size(args.gate))
     if args.gate:  # before the corpus is tokenised (and its cache written): a refused gate writes nothing
@@ -37,7 +39,11 @@ def run_hf_eval(args) -> None:
         tokens = hf_corpus.encode_corpus(tok, args.corpus, args.split, args.source, context=args.context,
                                        progress=not args.quiet)
     if args.compile:
-        compile_prefill(model, mode=args.compile_mode)
+        mode = args.compile_mode or "default"
+        if mode == "reduce-overhead" and next(model.parameters()).device.type != "cuda":
+            print("gatelab: note: --compile-mode reduce-overhead replays CUDA graphs, which need a CUDA device; "
+                  "on this device it compiles without them", file=sys.stderr)
+        compile_prefill(model, mode=mode)
     rows = []
     for r in routings:
         res = finite_result(_perplexity(model, tokens, r, args), f"{args.model} under {r.label()}")

@@ -31,8 +31,9 @@ def add_hf_eval(sub) -> None:
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--compile", action="store_true", help="run the model's forward through torch.compile (one "
                    "graph per routing; the first window of each routing pays the compile)")
-    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode with --compile (default: default; reduce-overhead: CUDA graphs, on a "
+                   "CUDA device)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     p.add_argument("--quiet", action="store_true")
